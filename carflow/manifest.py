@@ -1,0 +1,169 @@
+"""The manifest: the contract between stages.
+
+A manifest is a Parquet table with one row per photo occurrence: the photo ``image_id``
+(sha256 of the original bytes) as it appears in listing ``listing_id``. The same photo
+in two listings is two rows with the same ``image_id``; that is exactly what the
+dedup and split stages need to see. ``(listing_id, image_id)`` is unique.
+
+Each stage reads a manifest, adds its own columns and writes a new one; it never
+deletes rows. A row a stage drops gets ``status='dropped'`` and a ``reason``.
+
+Every read and write is validated: a missing column or a column of the wrong type
+raises :class:`ManifestError` naming the column.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from carflow.storage import Storage
+
+KEPT = "kept"
+DROPPED = "dropped"
+
+
+class ManifestError(ValueError):
+    """The manifest does not match its schema; the message names the column."""
+
+
+#: manifest version 0, written by ingest
+INGEST_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("listing_id", pa.string(), nullable=False),
+        pa.field("site", pa.string(), nullable=False),
+        pa.field("url", pa.string()),
+        pa.field("photo_index", pa.int32()),
+        pa.field("make", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("year", pa.int32()),
+        pa.field("label", pa.string()),
+        pa.field("make_raw", pa.string()),
+        pa.field("model_raw", pa.string()),
+        pa.field("raw_key", pa.string(), nullable=False),
+        pa.field("bytes", pa.int64(), nullable=False),
+        pa.field("content_type", pa.string()),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("crawl_id", pa.string()),
+        pa.field("first_seen", pa.int64(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("reason", pa.string()),
+    ],
+    metadata={"carflow.manifest": "ingest", "carflow.version": "0"},
+)
+
+#: photos that were referenced by a listing but never became an image (404, HTML, …)
+REJECTS_SCHEMA = pa.schema(
+    [
+        pa.field("listing_id", pa.string(), nullable=False),
+        pa.field("site", pa.string(), nullable=False),
+        pa.field("url", pa.string(), nullable=False),
+        pa.field("photo_index", pa.int32()),
+        pa.field("label", pa.string()),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("crawl_id", pa.string()),
+    ],
+    metadata={"carflow.manifest": "ingest_rejects", "carflow.version": "0"},
+)
+
+
+def _compatible(actual: pa.DataType, expected: pa.DataType) -> bool:
+    if actual.equals(expected):
+        return True
+    if pa.types.is_null(actual):  # an all-null column written by pandas
+        return True
+    if pa.types.is_string(expected) and (pa.types.is_large_string(actual) or pa.types.is_string_view(actual)):
+        return True
+    if pa.types.is_integer(expected) and pa.types.is_integer(actual):
+        return True
+    if pa.types.is_floating(expected) and pa.types.is_floating(actual):
+        return True
+    if pa.types.is_dictionary(actual):
+        return _compatible(actual.value_type, expected)
+    return False
+
+
+def validate(table: pa.Table, schema: pa.Schema, what: str = "manifest") -> None:
+    """Raise :class:`ManifestError` if a column of ``schema`` is missing, mistyped or has
+    nulls where it must not. Extra columns (added by later stages) are allowed."""
+    names = set(table.column_names)
+    for field in schema:
+        if field.name not in names:
+            raise ManifestError(f"{what}: missing column {field.name!r} (expected {field.type})")
+        actual = table.schema.field(field.name).type
+        if not _compatible(actual, field.type):
+            raise ManifestError(f"{what}: column {field.name!r} has type {actual}, expected {field.type}")
+        if not field.nullable and table.column(field.name).null_count:
+            raise ManifestError(
+                f"{what}: column {field.name!r} has {table.column(field.name).null_count} null value(s) "
+                "but must not be null"
+            )
+
+
+def conform(table: pa.Table, schema: pa.Schema, what: str = "manifest") -> pa.Table:
+    """Validate, then cast the schema's columns to their exact types (schema columns
+    first, in order; extra columns kept after them)."""
+    validate(table, schema, what)
+    arrays, fields = [], []
+    for field in schema:
+        col = table.column(field.name)
+        if not col.type.equals(field.type):
+            try:
+                col = col.cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise ManifestError(f"{what}: column {field.name!r} cannot be cast to {field.type}: {exc}") from exc
+        arrays.append(col)
+        fields.append(field)
+    for name in table.column_names:
+        if name not in schema.names:
+            arrays.append(table.column(name))
+            fields.append(table.schema.field(name))
+    meta = dict(table.schema.metadata or {})
+    meta.update(schema.metadata or {})
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=meta))
+
+
+def from_records(records: Iterable[dict], schema: pa.Schema, what: str = "manifest") -> pa.Table:
+    rows = list(records)
+    if not rows:
+        return schema.empty_table()
+    try:
+        table = pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise ManifestError(f"{what}: cannot build a table: {exc}") from exc
+    return conform(table, schema, what)
+
+
+def to_parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def write_manifest(storage: Storage, key: str, table: pa.Table, schema: pa.Schema | None = None) -> str:
+    """Validate and write ``table`` as Parquet under ``key``; returns the storage URI."""
+    if schema is not None:
+        table = conform(table, schema, key)
+    storage.put(key, to_parquet_bytes(table), content_type="application/vnd.apache.parquet")
+    return storage.uri(key)
+
+
+def read_manifest(storage: Storage, key: str, schema: pa.Schema | None = None) -> pa.Table:
+    """Read the Parquet manifest at ``key`` and validate it against ``schema``."""
+    data = storage.get(key)
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except pa.ArrowInvalid as exc:
+        raise ManifestError(f"{storage.uri(key)}: not a Parquet manifest: {exc}") from exc
+    if schema is not None:
+        table = conform(table, schema, storage.uri(key))
+    return table
+
+
+def manifest_key(stage: str, name: str = "manifest", prefix: str = "manifests") -> str:
+    """``manifests/<stage>/<name>.parquet``"""
+    return f"{prefix}/{stage}/{name}.parquet"

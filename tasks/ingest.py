@@ -1,0 +1,320 @@
+"""Ingest: listing feeds (and folder datasets) → image manifest version 0.
+
+Pure functions first, then thin Prefect ``@task`` wrappers.
+
+Two sources end in the same place:
+- the crawl writes listing records to ``listings/<site>/<crawl_id>/part-*.jsonl``;
+- :func:`import_folder_shard` reads an existing dataset laid out as the seeds laid out
+  theirs (``<class folder>/<listing>_<photo>_<uuid>.jpg``, a local path or an ``s3://``
+  prefix), stores every photo content-addressed and emits listing records of the same
+  shape, which :func:`write_listing_records` saves as a feed.
+
+:func:`build_manifest` then turns all listing records into one row per
+(listing, photo), plus a table of photo references that never became an image.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import PurePosixPath
+from typing import Any
+
+import pyarrow as pa
+from prefect import task
+
+from carflow.labels import make_label, normalise_make, normalise_model, normalise_year
+from carflow.manifest import INGEST_SCHEMA, KEPT, REJECTS_SCHEMA, from_records
+from carflow.storage import Storage, image_key, open_storage
+
+STAGE = "ingest"
+VERSION = "1"
+
+CONTENT_TYPES = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".gif": "image/gif",
+    ".webp": "image/webp",
+    ".bmp": "image/bmp",
+}
+
+
+# ---------------------------------------------------------------------------------------
+# listing feeds
+# ---------------------------------------------------------------------------------------
+def feed_keys(storage: Storage, sites: list[str] | None = None) -> list[str]:
+    """Every listing feed part under ``listings/`` (optionally only some sites)."""
+    prefixes = [f"listings/{s}/" for s in sites] if sites else ["listings/"]
+    keys: list[str] = []
+    for prefix in prefixes:
+        keys.extend(k for k in storage.list(prefix) if k.endswith(".jsonl"))
+    return sorted(keys)
+
+
+def read_listing_records(storage: Storage, sites: list[str] | None = None) -> tuple[list[dict], Counter]:
+    """Read every listing record; the latest record of a listing wins.
+
+    A malformed line is counted (``stats['bad_feed_line']``) and skipped, never fatal.
+    """
+    stats: Counter = Counter()
+    latest: dict[str, dict] = {}
+    for key in feed_keys(storage, sites):
+        stats["feed_parts"] += 1
+        for lineno, line in enumerate(storage.get_text(key).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                listing_id = rec["listing_id"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                stats["bad_feed_line"] += 1
+                continue
+            rec.setdefault("_feed", f"{key}:{lineno}")
+            prev = latest.get(listing_id)
+            if prev is None or str(rec.get("crawled_at", "")) >= str(prev.get("crawled_at", "")):
+                latest[listing_id] = rec
+    stats["listings"] = len(latest)
+    return [latest[k] for k in sorted(latest)], stats
+
+
+def _epoch_us(value: Any) -> int:
+    if not value:
+        return 0
+    try:
+        dt = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return 0
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return int(dt.timestamp() * 1_000_000)
+
+
+def build_manifest(records: list[dict]) -> tuple[pa.Table, pa.Table, Counter]:
+    """Listing records → (manifest v0, rejected photo references, counts).
+
+    One row per (listing, image_id): a photo listed twice in one listing (two URLs with
+    the same bytes) is one row; the same photo in two listings is two rows.
+    """
+    rows: list[dict] = []
+    rejects: list[dict] = []
+    stats: Counter = Counter()
+    for rec in records:
+        listing_id = rec["listing_id"]
+        site = rec.get("site") or listing_id.split(":", 1)[0]
+        make = rec.get("make")
+        model = rec.get("model")
+        year = rec.get("year")
+        label = rec.get("label") or make_label(make, model, year)
+        if label is None:
+            stats["listing_missing_label"] += 1
+        seen: set[str] = set()
+        base = _epoch_us(rec.get("crawled_at"))
+        for index, img in enumerate(rec.get("images") or []):
+            image_id = img.get("image_id")
+            if not image_id:
+                stats[f"rejected:{img.get('reason') or 'unknown'}"] += 1
+                rejects.append(
+                    {
+                        "listing_id": listing_id,
+                        "site": site,
+                        "url": img.get("url") or "",
+                        "photo_index": index,
+                        "label": label,
+                        "reason": img.get("reason") or "unknown",
+                        "crawl_id": rec.get("crawl_id"),
+                    }
+                )
+                continue
+            if image_id in seen:
+                stats["same_photo_twice_in_listing"] += 1
+                continue
+            seen.add(image_id)
+            rows.append(
+                {
+                    "image_id": image_id,
+                    "listing_id": listing_id,
+                    "site": site,
+                    "url": img.get("url"),
+                    "photo_index": index,
+                    "make": make,
+                    "model": model,
+                    "year": year,
+                    "label": label,
+                    "make_raw": rec.get("make_raw"),
+                    "model_raw": rec.get("model_raw"),
+                    "raw_key": image_key(image_id),
+                    "bytes": int(img.get("bytes") or 0),
+                    "content_type": img.get("content_type"),
+                    "source": rec.get("source") or "crawl",
+                    "crawl_id": rec.get("crawl_id"),
+                    "first_seen": base + index,
+                    "status": KEPT,
+                    "reason": None,
+                }
+            )
+    stats["rows"] = len(rows)
+    stats["images"] = len({r["image_id"] for r in rows})
+    stats["listings"] = len(records)
+    stats["rejected_refs"] = len(rejects)
+    return from_records(rows, INGEST_SCHEMA, "ingest manifest"), from_records(rejects, REJECTS_SCHEMA, "rejects"), stats
+
+
+# ---------------------------------------------------------------------------------------
+# folder datasets (the seeds' layout)
+# ---------------------------------------------------------------------------------------
+def list_folder_dataset(source: Storage, extensions: list[str]) -> tuple[list[str], Counter]:
+    """Keys ``<class>/<file>`` of image files in a folder dataset (deeper or shallower
+    keys and other extensions are counted and skipped)."""
+    keys, stats = [], Counter()
+    exts = {e.lower() for e in extensions}
+    for key in source.list(""):
+        parts = key.split("/")
+        if len(parts) < 2:
+            stats["skipped_not_in_class_folder"] += 1
+            continue
+        if PurePosixPath(key).suffix.lower() not in exts:
+            stats["skipped_extension"] += 1
+            continue
+        keys.append(key)
+    return keys, stats
+
+
+def parse_folder_key(key: str, site: str, listing_regex: str, label_regex: str) -> dict:
+    """``ford_ranger_2017/L123_2_ab12.jpg`` → listing id, photo index and label fields."""
+    parts = key.split("/")
+    folder, filename = parts[-2], parts[-1]
+    stem = PurePosixPath(filename).stem
+    out: dict[str, Any] = {"folder": folder, "problems": []}
+    m = re.search(listing_regex, stem)
+    if m and m.groupdict().get("listing"):
+        out["site_id"] = m.group("listing")
+        photo = m.groupdict().get("photo")
+        out["photo"] = int(photo) if photo and photo.isdigit() else None
+    else:
+        out["site_id"] = stem
+        out["photo"] = None
+        out["problems"].append("no_listing_id")
+    lm = re.search(label_regex, folder)
+    if lm:
+        g = lm.groupdict()
+        make_raw, model_raw, year_raw = g.get("make"), g.get("model"), g.get("year")
+    else:
+        make_raw = model_raw = year_raw = None
+        out["problems"].append("no_label")
+    make = normalise_make(make_raw)
+    model = normalise_model(model_raw, make)
+    year = normalise_year(year_raw)
+    out.update(
+        listing_id=f"{site}:{out['site_id']}",
+        make_raw=make_raw,
+        model_raw=model_raw,
+        make=make,
+        model=model,
+        year=year,
+        label=make_label(make, model, year),
+    )
+    return out
+
+
+def import_folder_shard(
+    source_uri: str,
+    keys: list[str],
+    dest: Storage,
+    site: str,
+    listing_regex: str,
+    label_regex: str,
+    threads: int = 8,
+) -> tuple[list[dict], Counter]:
+    """Store the photos of one shard content-addressed and return listing records."""
+    source = open_storage(source_uri)
+    stats: Counter = Counter()
+    now = datetime.now(timezone.utc).isoformat()
+
+    def load(key: str) -> tuple[str, dict | None]:
+        try:
+            data = source.get(key)
+        except Exception as exc:  # noqa: BLE001 - a bad file is data, not a crash
+            return key, {"url": source.uri(key), "image_id": None, "status": "rejected", "reason": "read_error",
+                         "error": str(exc)[:300]}
+        if not data:
+            return key, {"url": source.uri(key), "image_id": None, "status": "rejected", "reason": "empty",
+                         "bytes": 0}
+        image_id = dest.put_image(data)
+        return key, {
+            "url": source.uri(key),
+            "image_id": image_id,
+            "status": "stored",
+            "reason": None,
+            "bytes": len(data),
+            "content_type": CONTENT_TYPES.get(PurePosixPath(key).suffix.lower(), "application/octet-stream"),
+        }
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        loaded = dict(pool.map(load, keys))
+
+    by_listing: dict[str, dict] = {}
+    for key in keys:
+        info = parse_folder_key(key, site, listing_regex, label_regex)
+        for p in info["problems"]:
+            stats[p] += 1
+        rec = by_listing.setdefault(
+            info["listing_id"],
+            {
+                "listing_id": info["listing_id"],
+                "site": site,
+                "site_id": info["site_id"],
+                "url": source.uri(key.rsplit("/", 1)[0]),
+                "title": None,
+                "price": None,
+                "make": info["make"],
+                "model": info["model"],
+                "year": info["year"],
+                "label": info["label"],
+                "make_raw": info["make_raw"],
+                "model_raw": info["model_raw"],
+                "attributes": {"folder": info["folder"]},
+                "images": [],
+                "source": "folders",
+                "crawl_id": None,
+                "crawled_at": now,
+                "_order": [],
+            },
+        )
+        img = loaded[key]
+        rec["images"].append(img)
+        rec["_order"].append(info["photo"] if info["photo"] is not None else 10**6 + len(rec["_order"]))
+        stats["stored" if img["image_id"] else f"rejected:{img['reason']}"] += 1
+    records = []
+    for rec in by_listing.values():
+        order = rec.pop("_order")
+        rec["images"] = [img for _, img in sorted(zip(order, rec["images"]), key=lambda t: (t[0], t[1]["url"]))]
+        rec["image_urls"] = [img["url"] for img in rec["images"]]
+        records.append(rec)
+    return records, stats
+
+
+def write_listing_records(storage: Storage, site: str, crawl_id: str, records: list[dict], part: int = 0) -> str:
+    key = f"listings/{site}/{crawl_id}/part-{part:05d}.jsonl"
+    storage.put_text(key, "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in records))
+    return key
+
+
+# ---------------------------------------------------------------------------------------
+# Prefect task wrappers
+# ---------------------------------------------------------------------------------------
+@task(name="read-listing-feeds", retries=2, retry_delay_seconds=5)
+def read_listing_feeds_task(storage_uri: str | None, sites: list[str] | None) -> tuple[list[dict], dict]:
+    records, stats = read_listing_records(open_storage(storage_uri), sites)
+    return records, dict(stats)
+
+
+@task(name="import-folder-shard", retries=2, retry_delay_seconds=5)
+def import_folder_shard_task(
+    source_uri: str, keys: list[str], storage_uri: str | None, site: str, listing_regex: str, label_regex: str
+) -> tuple[list[dict], dict]:
+    records, stats = import_folder_shard(source_uri, keys, open_storage(storage_uri), site, listing_regex, label_regex)
+    return records, dict(stats)
