@@ -56,6 +56,25 @@ INGEST_SCHEMA = pa.schema(
     metadata={"carflow.manifest": "ingest", "carflow.version": "0"},
 )
 
+#: after the clean stage (fix → quality → dedup); ``image_id`` is the kept (possibly
+#: re-encoded) image, ``source_id`` the original bytes' id
+CLEAN_SCHEMA = pa.schema(
+    [
+        *[f for f in INGEST_SCHEMA],
+        pa.field("source_id", pa.string(), nullable=False),
+        pa.field("width", pa.int64()),
+        pa.field("height", pa.int64()),
+        pa.field("fix_actions", pa.list_(pa.string())),
+        pa.field("quality_flags", pa.list_(pa.string())),
+        pa.field("phash", pa.int64()),
+        pa.field("dhash", pa.int64()),
+        pa.field("pixel_hash", pa.string()),
+        pa.field("dup_cluster", pa.string()),
+        pa.field("label_conflict", pa.bool_()),
+    ],
+    metadata={"carflow.manifest": "clean", "carflow.version": "1"},
+)
+
 #: photos that were referenced by a listing but never became an image (404, HTML, …)
 REJECTS_SCHEMA = pa.schema(
     [

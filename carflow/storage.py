@@ -330,6 +330,7 @@ def open_storage(spec: StorageSettings | str | os.PathLike[str] | Storage | None
                 endpoint_url=st.endpoint_url,
                 region=st.region,
                 max_attempts=st.max_attempts,
+                credentials=(st.access_key_id, st.secret_access_key),
             )
         if parsed.scheme == "file":
             return LocalStorage(parsed.path)

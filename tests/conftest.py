@@ -3,7 +3,9 @@ the generated demo marketplace served on loopback, and one Prefect test server."
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Prefect reads these at import time: keep its home out of ~/.prefect, no analytics.
 _PREFECT_HOME = tempfile.mkdtemp(prefix="carflow-prefect-home-")
+atexit.register(shutil.rmtree, _PREFECT_HOME, True)
 os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
