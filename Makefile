@@ -41,7 +41,10 @@ lint: install
 	$(BIN)/ruff check .
 
 bench: install
+	$(BIN)/uv pip install --python $(PYTHON) -e '.[bench]'
 	$(PYTHON) bench/crawl.py
+	$(PYTHON) bench/clean.py --n 2000
+	$(PYTHON) bench/near_dup.py --n 1000000 --radius 8
 
 ## regenerate requirements.lock after editing pyproject.toml dependencies
 lock:

@@ -101,6 +101,8 @@ def _compatible(actual: pa.DataType, expected: pa.DataType) -> bool:
         return True
     if pa.types.is_floating(expected) and pa.types.is_floating(actual):
         return True
+    if pa.types.is_list(expected) and (pa.types.is_list(actual) or pa.types.is_large_list(actual)):
+        return _compatible(actual.value_type, expected.value_type)
     if pa.types.is_dictionary(actual):
         return _compatible(actual.value_type, expected)
     return False
@@ -181,6 +183,21 @@ def read_manifest(storage: Storage, key: str, schema: pa.Schema | None = None) -
     if schema is not None:
         table = conform(table, schema, storage.uri(key))
     return table
+
+
+def to_pandas(table: pa.Table):
+    """``table`` as a DataFrame with nullable integer columns: a plain ``to_pandas`` turns
+    an int column with nulls into float64, which loses the low bits of 64-bit hashes."""
+    import pandas as pd
+
+    mapping = {
+        pa.int8(): pd.Int8Dtype(),
+        pa.int16(): pd.Int16Dtype(),
+        pa.int32(): pd.Int32Dtype(),
+        pa.int64(): pd.Int64Dtype(),
+        pa.bool_(): pd.BooleanDtype(),
+    }
+    return table.to_pandas(types_mapper=mapping.get)
 
 
 def manifest_key(stage: str, name: str = "manifest", prefix: str = "manifests") -> str:

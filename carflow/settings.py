@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -94,24 +102,94 @@ class IngestSettings(_Section):
 
 
 class FixSettings(_Section):
+    """What the fixer keeps, and how it re-encodes."""
+
+    #: smaller files are ``empty`` (0-byte files always are)
     min_bytes: int = Field(100, ge=0)
+    #: declared width*height above this is ``too_large`` (refused from the header)
     max_pixels: int = Field(40_000_000, gt=0)
+    #: shortest side below this is ``too_small``
     min_side: int = Field(64, ge=1)
+    #: a truncated JPEG is kept (cropped, re-encoded) when at least this share of rows decoded
     min_decoded_fraction: float = Field(0.9, ge=0, le=1)
-    jpeg_quality: int = Field(95, ge=50, le=100)
+    #: quality of re-encoded JPEGs
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    #: formats that are decoded; other recognised images are ``unsupported_format``
+    allowed_formats: list[str] = Field(
+        default_factory=lambda: ["jpeg", "png", "webp", "gif", "bmp"]
+    )
+    #: the small decode for checks and hashes (JPEG draft scale 1/2–1/8) keeps the short
+    #: side ≥ this and the long side ≥ twice this: 640x480 decodes at 1/8 (80x60)
+    check_size: int = Field(32, ge=16, le=1024)
+    #: keep progressive JPEGs as they are (they decode everywhere); False re-encodes them baseline
+    keep_progressive: bool = True
+
+    @field_validator("allowed_formats")
+    @classmethod
+    def _known_formats(cls, v: list[str]) -> list[str]:
+        out = [f.strip().lower().lstrip(".") for f in v]
+        out = ["jpeg" if f == "jpg" else "tiff" if f == "tif" else f for f in out]
+        from carflow.imageio import IMAGE_FORMATS
+
+        unknown = sorted(set(out) - IMAGE_FORMATS)
+        if unknown:
+            raise ValueError(f"unknown image format(s) {unknown}; known: {sorted(IMAGE_FORMATS)}")
+        return out
+
+
+#: what a quality check does with an image that fails it
+QualityAction = Literal["flag", "drop", "off"]
 
 
 class QualitySettings(_Section):
-    dark_threshold: float = Field(0.22, ge=0, le=1)
+    """Thresholds (cleanvision defaults) and what to do with an image below them:
+    ``flag`` (default for every check), ``drop`` or ``off``."""
+
+    #: dark: 99th brightness percentile below this
+    dark_threshold: float = Field(0.32, ge=0, le=1)
+    dark_action: QualityAction = "flag"
+    #: light: 1 - 5th brightness percentile below this
     light_threshold: float = Field(0.05, ge=0, le=1)
+    light_action: QualityAction = "flag"
+    #: low_information: normalised entropy below this
     low_information_threshold: float = Field(0.3, ge=0, le=1)
-    blurry_threshold: float = Field(0.3, ge=0, le=1)
-    drop: list[str] = Field(default_factory=list, description="checks that drop instead of only flagging")
+    low_information_normalizing_factor: float = Field(0.1, gt=0)
+    low_information_action: QualityAction = "flag"
+    #: blurry: cleanvision's combined edge/histogram score below this
+    blurry_threshold: float = Field(0.29, ge=0, le=1)
+    blurry_normalizing_factor: float = Field(0.01, gt=0)
+    blurry_color_threshold: float = Field(0.18, ge=0, le=1)
+    blurry_action: QualityAction = "flag"
+    #: grayscale: stored as one grey channel, or colorfulness below this (0 = mode only)
+    grayscale_colorfulness_threshold: float = Field(0.01, ge=0, le=1)
+    grayscale_action: QualityAction = "flag"
+    #: odd_aspect_ratio: min(w/h, h/w) below this
+    odd_aspect_ratio_threshold: float = Field(0.35, ge=0, le=1)
+    odd_aspect_ratio_action: QualityAction = "flag"
+    #: odd_size (set-level): IQR fence factor, and a fixed threshold (None = cleanvision's 0.5/1.0)
+    odd_size_iqr_factor: float = Field(3.0, gt=0)
+    odd_size_threshold: float | None = Field(None, ge=0, le=1)
+    odd_size_action: QualityAction = "flag"
 
 
 class DedupSettings(_Section):
+    """Dedup stage settings."""
+
+    #: pHash Hamming distance at or below which two images are near duplicates
     hamming_radius: int = Field(8, ge=0, le=32)
+    #: also require the dHash distance to be ≤ dhash_radius: on generated car photos this
+    #: cuts false merges of different photos 16× for about 1% fewer edits caught
+    #: (``bench/near_dup.py --tune``)
+    use_dhash: bool = True
+    dhash_radius: int = Field(10, ge=0, le=32)
+    #: a cluster seen in at least this many distinct listings is a placeholder
     placeholder_min_listings: int = Field(5, ge=2)
+    #: how near pairs form clusters: ``single`` = union-find over all pairs (transitive:
+    #: a~b, b~c puts a and c together however far apart they are); ``leader`` = exact
+    #: duplicates are still merged transitively, but a near duplicate only joins a
+    #: cluster whose leader (best image, in representative order) it is within the
+    #: radius of, so chains of false pairs cannot grow one giant cluster
+    linkage: Literal["single", "leader"] = "single"
 
 
 class CarFilterSettings(_Section):
@@ -130,18 +208,38 @@ class CropSettings(_Section):
 
 
 class ClassesSettings(_Section):
+    """Which make/model labels become classes (``tasks/classes.py``)."""
+
+    #: a class with fewer kept images (after dedup/crop drops) is dropped, reason ``rare_class``
     min_images: int = Field(150, ge=1)
+    #: collapse year variants: ``mercedes-benz_v-class_2016`` + ``_2017`` → ``mercedes-benz_v-class``
     merge_years: bool = True
+    #: YAML merge map: ``target: [source, ...]`` (many to one) or ``source: target``
     merge_map: Path | None = None
+    #: labels never to train on (exact labels or shell globs, e.g. ``bmw_*``), reason ``ignored_class``
     ignore: list[str] = Field(default_factory=list)
+    #: dedup ``label_conflict`` clusters: majority vote of the rows' labels (a tie drops
+    #: the cluster), or drop them all; reason ``label_conflict``
     conflict_policy: Literal["majority", "drop"] = "majority"
+    #: storage prefix of the versioned dataset contracts (``<prefix>/<version>/classes.json``)
+    datasets_prefix: str = "datasets"
 
 
 class SplitSettings(_Section):
+    """Grouped, stratified, stable train/val/test assignment (``tasks/split.py``)."""
+
     train: float = Field(0.70, gt=0, lt=1)
     val: float = Field(0.15, ge=0, lt=1)
     test: float = Field(0.15, ge=0, lt=1)
+    #: hashed with each group key: orders new groups inside their class
     seed: str = "carflow-split-v1"
+    #: manifest columns whose shared values join listings into one group (union-find)
+    group_by: list[str] = Field(default_factory=lambda: ["dup_cluster", "image_id", "source_id"])
+    #: persisted listing → split assignments; an assigned listing never moves
+    assignments_key: str = "datasets/assignments.parquet"
+    #: export the ``<split>/<class>/<image_id>.jpg`` folder layout here (local path or
+    #: ``s3://`` URI); None = manifest only
+    export_uri: str | None = None
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> SplitSettings:

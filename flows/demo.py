@@ -1,5 +1,6 @@
 """The demo job (`make demo`): generate the demo marketplace, serve it on loopback, crawl
-it into storage, build manifest v0, and check the counts against the ground truth.
+it into storage, build manifest v0 (checked against the ground truth), then clean it
+(fix → quality → dedup).
 
     python -m flows.demo [--listings 60] [--classes 6] [--seed 0] [--storage PATH|s3://…]
 """
@@ -17,6 +18,7 @@ from prefect import flow, get_run_logger, task
 
 from carflow.demo_site.truth import compare, expected_ingest, load_ground_truth
 from carflow.storage import open_storage
+from flows.clean import clean
 from flows.crawl import crawl
 from flows.ingest import ingest
 
@@ -54,6 +56,7 @@ def demo(
         logger.info("demo marketplace at %s", site.url)
         crawl_stats = crawl(site="demo", storage=storage, base_url=site.url)
     summary = ingest(storage=storage, sites=["demo"])
+    cleaned = clean(storage=storage)
     expected = expected_ingest(load_ground_truth(site_dir))
     mismatches = compare(expected, summary)
     result = {
@@ -66,6 +69,10 @@ def demo(
         "rejected_by_reason": summary["rejected_by_reason"],
         "crawl_id": crawl_stats.get("crawl_id"),
         "downloaded_photos": crawl_stats.get("carflow/photo/stored", 0),
+        "clean_manifest": cleaned["manifest"],
+        "clean_kept": cleaned["kept"],
+        "clean_dropped_by_reason": cleaned["dropped_by_reason"],
+        "contact_sheets": cleaned["contact_sheets"],
         "matches_ground_truth": not mismatches,
         "mismatches": {k: {"expected": e, "observed": o} for k, (e, o) in mismatches.items()},
     }
@@ -89,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rows={result['rows']} images={result['images']} listings={result['listings']} "
           f"rejected={sum(result['rejected_by_reason'].values())} "
           f"ground truth: {'MATCH' if result['matches_ground_truth'] else 'MISMATCH'}")
+    print(f"clean manifest: {result['clean_manifest']}")
+    print(f"kept={result['clean_kept']} dropped={result['clean_dropped_by_reason']}")
     return 0 if result["matches_ground_truth"] else 1
 
 

@@ -15,7 +15,12 @@ from PIL import Image
 
 from carflow.manifest import INGEST_SCHEMA, read_manifest
 from carflow.storage import LocalStorage, open_storage
-from tasks.ingest import build_manifest, parse_folder_key, read_listing_records, write_listing_records
+from tasks.ingest import (
+    build_manifest,
+    parse_folder_key,
+    read_listing_records,
+    write_listing_records,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,154 @@
+"""Clean flow: fix → quality → dedup over manifest v0.
+
+    python -m flows.clean [--storage URI]
+
+Shards of a few thousand images are inspected by cached tasks (one decode per image:
+fixer, quality scores and hashes); cross-shard dedup is one reduce step over the small
+hash table. Publishes a table artifact of counts per reason and contact sheets of a
+sample of dropped images per reason (PNG beside the manifest, linked from a markdown
+artifact).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from typing import Any
+
+import pandas as pd
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from carflow.manifest import (
+    CLEAN_SCHEMA,
+    DROPPED,
+    INGEST_SCHEMA,
+    manifest_key,
+    read_manifest,
+    to_pandas,
+    write_manifest,
+)
+from carflow.settings import get_settings
+from carflow.storage import open_storage
+from tasks.clean import inspect_shard_task, load_shard_results, merge_inspection, plan_shards
+from tasks.dedup import dedup_manifest
+from tasks.quality import flag_odd_size
+from tasks.report import contact_sheet
+
+
+@task(name="dedup-reduce", retries=1)
+def dedup_task(df: pd.DataFrame, config: dict[str, Any]) -> pd.DataFrame:
+    from carflow.settings import DedupSettings
+
+    return dedup_manifest(df, DedupSettings(**config))
+
+
+def apply_odd_size(df: pd.DataFrame, quality_cfg) -> pd.DataFrame:
+    """odd_size is a set-level check (cleanvision's IQR rule) over the kept images."""
+    kept = (df["status"] != DROPPED) & df["width"].notna()
+    if not kept.any() or quality_cfg.odd_size_action == "off":
+        return df
+    sizes = (df.loc[kept, "width"].astype(float) * df.loc[kept, "height"].astype(float)) ** 0.5
+    odd = pd.Series(flag_odd_size(sizes.to_numpy(), quality_cfg), index=sizes.index)
+    for idx in odd[odd].index:
+        current = df.at[idx, "quality_flags"]
+        df.at[idx, "quality_flags"] = [*(list(current) if current is not None else []), "odd_size"]
+        if quality_cfg.odd_size_action == "drop":
+            df.at[idx, "status"] = DROPPED
+            df.at[idx, "reason"] = "odd_size"
+    return df
+
+
+def publish_report(store, df: pd.DataFrame, prefix: str, per_reason: int = 12) -> dict[str, str]:
+    """Contact sheets of up to ``per_reason`` dropped images per reason (originals, so
+    a person sees what was served), stored beside the manifest."""
+    sheets: dict[str, str] = {}
+    dropped = df[df["status"] == DROPPED]
+    for reason, group in sorted(dropped.groupby("reason")):
+        sample = group.drop_duplicates("source_id").sort_values("source_id").head(per_reason)
+        items = []
+        for row in sample.itertuples():
+            try:
+                data = store.get_image(row.source_id)
+            except KeyError:
+                data = None
+            items.append((data, f"{row.source_id[:10]}"))
+        key = f"{prefix}/clean/contact_sheets/{reason}.png"
+        store.put(key, contact_sheet(items, title=f"dropped: {reason} ({len(group)} rows)"), content_type="image/png")
+        sheets[reason] = store.uri(key)
+    return sheets
+
+
+@flow(name="clean", log_prints=True)
+def clean(storage: str | None = None, shard_size: int | None = None) -> dict[str, Any]:
+    """Manifest v0 → ``manifests/clean/manifest.parquet`` (every row kept or dropped with a reason)."""
+    logger = get_run_logger()
+    cfg = get_settings()
+    store = open_storage(storage)
+    prefix = cfg.runtime.manifests_prefix
+    df = to_pandas(read_manifest(store, manifest_key("ingest", prefix=prefix), INGEST_SCHEMA))
+    shards = plan_shards(df, shard_size or cfg.ingest.shard_size)
+    config = {"fix": cfg.fix.model_dump(mode="json"), "quality": cfg.quality.model_dump(mode="json")}
+    futures = [inspect_shard_task.submit(storage, ids, config) for ids in shards]
+    results = [f.result() for f in futures]
+    fresh = [ids for ids, f in zip(shards, futures, strict=True) if f.state.name != "Cached"]
+    cached = len(shards) - len(fresh)
+    inspected_images = sum(len(ids) for ids in fresh)
+    logger.info("%d shards: %d from cache, %d images decoded", len(shards), cached, inspected_images)
+
+    inspected = load_shard_results(store, [r["key"] for r in results])
+    df = merge_inspection(df, inspected)
+    df = apply_odd_size(df, cfg.quality)
+    df = dedup_task(df, cfg.dedup.model_dump(mode="json"))
+
+    uri = write_manifest(store, manifest_key("clean", prefix=prefix), _to_table(df), CLEAN_SCHEMA)
+    reasons = Counter(df.loc[df["status"] == DROPPED, "reason"].tolist())
+    flags = Counter(f for fl in df["quality_flags"].dropna() for f in fl)
+    sheets = publish_report(store, df, prefix)
+    create_table_artifact(
+        key="clean-counts",
+        table=[{"reason": "kept", "rows": int((df["status"] != DROPPED).sum())}]
+        + [{"reason": r, "rows": n} for r, n in sorted(reasons.items())]
+        + [{"reason": f"flag:{f}", "rows": n} for f, n in sorted(flags.items())],
+        description="Clean stage: rows per status/reason and quality flags",
+    )
+    create_markdown_artifact(
+        key="clean-dropped-samples",
+        markdown="## Dropped images, sampled per reason\n\n"
+        + "\n".join(f"- **{r}** ({reasons[r]} rows): [{u}]({u})" for r, u in sheets.items())
+        + f"\n\nManifest: `{uri}`",
+    )
+    summary = {
+        "manifest": uri,
+        "rows": len(df),
+        "kept": int((df["status"] != DROPPED).sum()),
+        "dropped_by_reason": dict(sorted(reasons.items())),
+        "flags": dict(sorted(flags.items())),
+        "shards": len(shards),
+        "cached_shards": cached,
+        "inspected_images": inspected_images,
+        "contact_sheets": sheets,
+    }
+    logger.info("clean manifest %s: %s", uri, {k: summary[k] for k in ("rows", "kept", "dropped_by_reason")})
+    return summary
+
+
+def _to_table(df: pd.DataFrame):
+    import pyarrow as pa
+
+    return pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.clean", description=clean.__doc__)
+    parser.add_argument("--storage", help="storage URI (default: settings storage)")
+    parser.add_argument("--shard-size", type=int, help="images per shard task (default: ingest.shard_size)")
+    a = parser.parse_args(argv)
+    print(json.dumps(clean(a.storage, a.shard_size), indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

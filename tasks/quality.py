@@ -1,0 +1,317 @@
+"""Quality checks, scored from the small decode that ``tasks.fix`` already made.
+
+The scores use cleanvision's definitions (``cleanvision/issue_managers/image_property.py``,
+cleanvision 0.3.7) and its default parameters, so a carflow score and a cleanvision
+score of the same image can be compared directly. An image has an issue when its score
+is *below* the threshold, as in cleanvision.
+
+| check | score (cleanvision) | default threshold |
+|---|---|---|
+| dark | 99th percentile of per-pixel brightness ``sqrt(.241 R² + .691 G² + .068 B²)/255`` | 0.32 |
+| light | 1 − 5th percentile of that brightness | 0.05 |
+| low_information | ``min(0.1 · Image.entropy(), 1)`` | 0.3 |
+| blurry | image resized to longest side 64 (bicubic), grey, ``FIND_EDGES``; ``min(1−e^(−0.01·std(edges)) + s, 1)`` where ``s = 1−e^(−0.01·std(grey histogram))`` counts only above 0.18 | 0.29 |
+| grayscale | 0 when the source image is stored as ``L`` (one grey channel), else 1 | score == 0 |
+| odd_aspect_ratio | ``min(w/h, h/w)`` | 0.35 |
+| odd_size | set-level: distance of ``sqrt(w·h)`` from the middle of the IQR fences (``iqr_factor`` 3), see :func:`odd_size_scores` | 0.5 (1.0 when all sizes are equal) |
+
+Where our numbers can differ from cleanvision's:
+
+- **Small decode.** cleanvision computes brightness and entropy on the full-size image
+  and blurriness on a bicubic resize of it. We compute all of them on the draft-mode
+  decode (JPEG DCT scaling to 1/2–1/8, other formats box-reduced) of the *output* image.
+  Brightness percentiles move a little; entropy is lower on the smaller image (box
+  averaging removes pixel noise), so low_information errs towards flagging; blurriness
+  resizes from the small decode to the same 64-pixel target, so it agrees closely.
+  Measured on the test images (``test_close_to_cleanvision``), max |ours − cleanvision|:
+  dark 0.02, light 0.04, blurry 0.03, low_information 0.09; grayscale and aspect ratio
+  exact. Note that cleanvision's blurry score has a step: the
+  grey-histogram term (≈0.18) counts only above ``color_threshold``, so an image right
+  at that edge can differ by ~0.18 when the small decode moves it across.
+  ``tests/test_quality.py`` measures the agreement.
+- **Output, not source.** We score the fixed image: RGB, EXIF orientation applied, alpha
+  composited on white. cleanvision scores the file as Pillow opens it, so for palette,
+  RGBA, LA or CMYK files its brightness/entropy are computed on other channels
+  (palette indices, four bands…). For RGB and ``L`` sources the definitions coincide;
+  for ``L`` sources we score the grey channel, exactly as cleanvision does.
+- **grayscale.** cleanvision only looks at the stored mode. We keep that score, and also
+  report ``colorfulness`` (mean over the pixels of the 64-pixel blur resize of
+  ``(max(R,G,B) − min(R,G,B)) / 255``);
+  the grayscale check also fires when colorfulness is below
+  ``grayscale_colorfulness_threshold`` (default 0.01: a black-and-white photo saved as
+  RGB). Set it to 0 for cleanvision's behaviour.
+- **odd_size** needs the whole set's size distribution; a per-image score does not
+  exist. :func:`quality_scores` returns the raw ``sqrt_area`` (cleanvision's ``size``,
+  ``sqrt(w·h)``); the stage computes :func:`odd_size_scores` (or :func:`flag_odd_size`)
+  over all kept images of the manifest and adds ``odd_size`` to their flags.
+
+Defaults: every check only *flags* (the image stays ``kept`` and the check is listed
+in ``quality_flags``); set ``<check>_action: drop`` to drop instead, or ``off`` to skip.
+Flag-only keeps every decision reversible: a dataset builder can filter on the flags
+later without re-running the stage, while unusable images (empty, not an image,
+truncated, tiny, bombs) are already dropped by the fixer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from carflow.settings import QualitySettings
+
+#: checks in the order they are applied (the first ``drop`` check names the reason)
+CHECKS = ("dark", "light", "low_information", "blurry", "grayscale", "odd_aspect_ratio", "odd_size")
+
+#: cleanvision's MAX_RESOLUTION_FOR_BLURRY_DETECTION
+BLUR_MAX_RESOLUTION = 64
+
+
+# ---------------------------------------------------------------------------------------
+# scores
+# ---------------------------------------------------------------------------------------
+_BRIGHT_W = np.array([241, 691, 68], dtype=np.int32)  # cleanvision's weights × 1000
+
+
+def brightness(arr: np.ndarray) -> np.ndarray:
+    """cleanvision's per-pixel perceived brightness in [0, 1]:
+    ``sqrt(0.241 R² + 0.691 G² + 0.068 B²) / 255`` (grey images: ``v / 255``)."""
+    if arr.ndim == 2:
+        return arr / 255.0
+    return np.sqrt(_brightness_key(arr) / 1000.0) / 255.0
+
+
+def _brightness_key(arr: np.ndarray) -> np.ndarray:
+    """``1000 × (255 · brightness)²`` as exact integers: same order as the brightness."""
+    a = arr.reshape(-1, arr.shape[-1])[:, :3].astype(np.int32)
+    return (a * a) @ _BRIGHT_W
+
+
+def brightness_percentiles(arr: np.ndarray, qs: tuple[float, ...]) -> list[float]:
+    """``np.percentile(brightness(arr), qs)``, computed on the integer keys (a monotone
+    transform), with only the few order statistics needed taken through the sqrt."""
+    if arr.ndim == 2:
+        return [v / 255.0 for v in percentiles(arr.ravel(), qs)]
+    key = _brightness_key(arr)
+    n = key.size
+    pos = [(n - 1) * q / 100.0 for q in qs]
+    kth = sorted({int(p) for p in pos} | {min(int(p) + 1, n - 1) for p in pos})
+    part = np.partition(key, kth)
+    out = []
+    for p in pos:
+        lo = int(p)
+        hi = min(lo + 1, n - 1)
+        v_lo = math.sqrt(part[lo] / 1000.0) / 255.0
+        v_hi = math.sqrt(part[hi] / 1000.0) / 255.0
+        out.append(v_lo + (v_hi - v_lo) * (p - lo))
+    return out
+
+
+def percentiles(values: np.ndarray, qs: tuple[float, ...]) -> list[float]:
+    """``np.percentile(values, qs)`` (linear interpolation) via one partial sort."""
+    n = values.size
+    pos = [(n - 1) * q / 100.0 for q in qs]
+    kth = sorted(
+        {int(math.floor(p)) for p in pos} | {min(int(math.floor(p)) + 1, n - 1) for p in pos}
+    )
+    part = np.partition(values, kth)
+    out = []
+    for p in pos:
+        lo = int(math.floor(p))
+        hi = min(lo + 1, n - 1)
+        frac = p - lo
+        out.append(float(part[lo] + (part[hi] - part[lo]) * frac))
+    return out
+
+
+def _colorfulness(arr: np.ndarray) -> float:
+    """Mean of ``(max(R,G,B) - min(R,G,B)) / 255`` over the pixels (0 for grey)."""
+    if arr.ndim != 3:
+        return 0.0
+    r, g, b = arr[..., 0], arr[..., 1], arr[..., 2]
+    spread = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
+    return float(spread.mean()) / 255.0
+
+
+_LEVELS = np.arange(256, dtype=np.float64)
+
+
+def _hist_mean_var(hist: list[int]) -> tuple[float, float]:
+    """Mean and (population) variance of an 8-bit image from its histogram, as
+    ``ImageStat.Stat`` computes them."""
+    h = np.asarray(hist, dtype=np.float64)
+    n = h.sum()
+    mean = float(h @ _LEVELS) / n
+    return mean, float(h @ (_LEVELS * _LEVELS)) / n - mean * mean
+
+
+def blur_target(width: int, height: int) -> tuple[int, int]:
+    """The size cleanvision resizes a ``width × height`` image to before the blur test."""
+    ratio = max(width, height) / BLUR_MAX_RESOLUTION
+    if ratio <= 1:
+        return width, height
+    return max(int(width // ratio), 1), max(int(height // ratio), 1)
+
+
+def quality_scores(
+    small_rgb: np.ndarray | Image.Image,
+    width: int,
+    height: int,
+    *,
+    src_mode: str | None = None,
+    cfg: QualitySettings | None = None,
+) -> dict[str, Any]:
+    """Per-image quality scores from the small decode of an image whose full size is
+    ``width × height``. ``src_mode`` is the Pillow mode of the source file (only
+    ``"L"`` changes anything: grey sources are scored on one channel, as cleanvision
+    does). Keys: ``width height aspect_ratio sqrt_area dark_score light_score entropy
+    low_information_score blurriness blurry_score grayscale_score colorfulness
+    odd_aspect_ratio_score``."""
+    cfg = cfg or QualitySettings()
+    img = (
+        small_rgb if isinstance(small_rgb, Image.Image) else Image.fromarray(np.asarray(small_rgb))
+    )
+    if img.mode not in ("RGB", "L"):
+        img = img.convert("RGB")
+    grey_source = src_mode in ("L", "1", "I", "I;16", "I;16B", "I;16L", "F")
+    if grey_source and img.mode != "L":
+        img = img.convert("L")  # equal channels: exact
+    arr = np.asarray(img)
+
+    # brightness (dark / light)
+    p5, p99 = brightness_percentiles(arr, (5, 99))
+    # entropy (low information)
+    entropy = float(img.entropy())
+    low_info = min(cfg.low_information_normalizing_factor * entropy, 1.0)
+    # blurriness on the 64-pixel resize, with the target taken from the full size
+    # resize first, then grey, as cleanvision does: grey-then-resize is cheaper but moves
+    # the grey-histogram spread, and the blurry score jumps by ~0.18 where that spread
+    # crosses cleanvision's color_threshold
+    small = (
+        img.resize(blur_target(width, height), Image.Resampling.BICUBIC)
+        if max(width, height) > BLUR_MAX_RESOLUTION
+        else img
+    )
+    grey = small if small.mode == "L" else small.convert("L")
+    blurriness = math.sqrt(
+        max(_hist_mean_var(grey.filter(ImageFilter.FIND_EDGES).histogram())[1], 0.0)
+    )
+    hist = np.asarray(grey.histogram(), dtype=np.float64)
+    hist_std = math.sqrt(max(float(hist @ hist) / hist.size - (hist.sum() / hist.size) ** 2, 0.0))
+    nf = cfg.blurry_normalizing_factor
+    blur = 1 - math.exp(-blurriness * nf)
+    std_score = 1 - math.exp(-hist_std * nf)
+    if std_score <= cfg.blurry_color_threshold:
+        std_score = 0.0
+    # colour, on the 64-pixel resize too (it is our own score; fewer pixels)
+    colorfulness = _colorfulness(np.asarray(small)) if small.mode == "RGB" else 0.0
+    aspect = min(width / height, height / width) if width and height else 0.0
+    return {
+        "width": int(width),
+        "height": int(height),
+        "aspect_ratio": float(aspect),
+        "odd_aspect_ratio_score": float(aspect),
+        "sqrt_area": math.sqrt(width) * math.sqrt(height),
+        "dark_score": float(p99),
+        "light_score": float(1 - p5),
+        "entropy": entropy,
+        "low_information_score": float(low_info),
+        "blurriness": float(blurriness),
+        "blurry_score": float(min(blur + std_score, 1.0)),
+        "grayscale_score": 0 if src_mode == "L" else 1,
+        "colorfulness": colorfulness,
+    }
+
+
+def odd_size_scores(sizes: Any, iqr_factor: float = 3.0) -> tuple[np.ndarray, float]:
+    """cleanvision's set-level odd-size scores for ``sizes`` (``sqrt(w·h)`` of each
+    image) and the threshold that goes with them (0.5, or 1.0 when every size is the
+    same). An image is odd-sized when its score is below the threshold."""
+    size = np.asarray(sizes, dtype=np.float64)
+    if size.size == 0:
+        return size, 0.5
+    q1, q3 = np.percentile(size, [25, 75])
+    iqr = q3 - q1
+    lo, hi = q1 - iqr_factor * iqr, q3 + iqr_factor * iqr
+    mid, gap = (lo + hi) / 2, hi - lo
+    if gap > 0:
+        norm, threshold = gap, 0.5
+    else:
+        norm, threshold = mid, 1.0
+    if norm == 0:
+        return np.ones_like(size), threshold
+    return 1 - np.clip(np.abs(size - mid) / norm, 0, 1), threshold
+
+
+def flag_odd_size(sizes: Any, cfg: QualitySettings | None = None) -> np.ndarray:
+    """Boolean mask of odd-sized images in a set (the stage calls this over the manifest)."""
+    cfg = cfg or QualitySettings()
+    scores, threshold = odd_size_scores(sizes, cfg.odd_size_iqr_factor)
+    if cfg.odd_size_threshold is not None:
+        threshold = cfg.odd_size_threshold
+    return scores < threshold
+
+
+# ---------------------------------------------------------------------------------------
+# decisions
+# ---------------------------------------------------------------------------------------
+def _is_issue(check: str, s: dict[str, Any], cfg: QualitySettings) -> bool:
+    def below(key: str, threshold: float) -> bool:
+        v = s.get(key)
+        return v is not None and v < threshold
+
+    if check == "dark":
+        return below("dark_score", cfg.dark_threshold)
+    if check == "light":
+        return below("light_score", cfg.light_threshold)
+    if check == "low_information":
+        return below("low_information_score", cfg.low_information_threshold)
+    if check == "blurry":
+        return below("blurry_score", cfg.blurry_threshold)
+    if check == "grayscale":
+        return s.get("grayscale_score") == 0 or below(
+            "colorfulness", cfg.grayscale_colorfulness_threshold
+        )
+    if check == "odd_aspect_ratio":
+        return below("aspect_ratio", cfg.odd_aspect_ratio_threshold)
+    if check == "odd_size":
+        threshold = cfg.odd_size_threshold
+        if threshold is None:
+            threshold = s.get("odd_size_threshold", 0.5)
+        return below("odd_size_score", threshold)
+    raise ValueError(f"unknown quality check {check!r}")
+
+
+def apply_quality(
+    scores: dict[str, Any], cfg: QualitySettings | None = None
+) -> tuple[list[str], str | None]:
+    """``(flags, drop_reason)``: every check the image fails (whose action is not
+    ``off``), and the first failed check whose action is ``drop`` (else ``None``).
+    ``odd_size`` is only judged when ``scores`` has an ``odd_size_score``."""
+    cfg = cfg or QualitySettings()
+    flags: list[str] = []
+    drop: str | None = None
+    for check in CHECKS:
+        action = getattr(cfg, f"{check}_action")
+        if action == "off" or not _is_issue(check, scores, cfg):
+            continue
+        flags.append(check)
+        if action == "drop" and drop is None:
+            drop = check
+    return flags, drop
+
+
+__all__ = [
+    "CHECKS",
+    "QualitySettings",
+    "apply_quality",
+    "blur_target",
+    "brightness",
+    "brightness_percentiles",
+    "flag_odd_size",
+    "odd_size_scores",
+    "percentiles",
+    "quality_scores",
+]

@@ -1,0 +1,213 @@
+"""The clean stage (fix → quality → dedup) on the demo marketplace, scored against its
+ground truth, through the real Prefect flow with content-keyed caching."""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from itertools import combinations
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from carflow.demo_site.truth import load_ground_truth
+from carflow.manifest import INGEST_SCHEMA, from_records, manifest_key, to_pandas, write_manifest
+from carflow.settings import FixSettings, load_settings
+from carflow.storage import open_storage
+from tasks.fix import inspect_image
+from tasks.ingest import build_manifest, read_listing_records
+
+pytestmark = pytest.mark.integration
+
+FAST = {"AUTOTHROTTLE_ENABLED": False, "DOWNLOAD_DELAY": 0, "CONCURRENT_REQUESTS_PER_DOMAIN": 8}
+
+
+@pytest.fixture(scope="module")
+def crawled(demo_site, tmp_path_factory) -> str:
+    """The demo marketplace crawled into a local storage, with manifest v0 written."""
+    from spiders.run import run_crawl
+
+    uri = str(tmp_path_factory.mktemp("clean-store"))
+    run_crawl("demo", storage=uri, overrides=FAST, base_url=demo_site.url)
+    store = open_storage(uri)
+    records, _ = read_listing_records(store)
+    manifest, _, _ = build_manifest(records)
+    write_manifest(store, manifest_key("ingest"), manifest, INGEST_SCHEMA)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def cleaned(crawled, prefect_server) -> tuple[dict, pd.DataFrame]:
+    from flows.clean import clean
+
+    summary = clean(storage=crawled, shard_size=40)
+    store = open_storage(crawled)
+    import pyarrow.parquet as pq
+
+    df = to_pandas(pq.read_table(io.BytesIO(store.get(manifest_key("clean")))))
+    return summary, df
+
+
+def _truth(demo_site_dir: Path) -> dict[tuple[str, str], dict]:
+    """(listing_id, sha256 of the served bytes) → ground-truth photo."""
+    gt = load_ground_truth(demo_site_dir)
+    return {(lst["listing_id"], p["sha256"]): p for lst in gt["listings"] for p in lst["photos"] if p["sha256"]}
+
+
+def test_planted_files_get_the_right_reason(demo_site_dir):
+    """Every planted problem file of the site, straight through the fixer."""
+    cfg = FixSettings()
+    gt = load_ground_truth(demo_site_dir)
+    expected = {"empty": "empty", "html_as_jpg": "not_image", "tiny": "too_small", "bomb": "too_large"}
+    fixed = {"cmyk", "palette", "rgba", "exif_rotated", "animated"}
+    seen = set()
+    for listing in gt["listings"]:
+        for photo in listing["photos"]:
+            problem = photo["problem"]
+            if photo["sha256"] is None:
+                continue
+            data = (demo_site_dir / photo["url"].lstrip("/")).read_bytes()
+            row = inspect_image(data, cfg)
+            if problem in expected:
+                assert (row["status"], row["reason"]) == ("dropped", expected[problem]), problem
+                seen.add(problem)
+            elif problem == "truncated":
+                want = "kept" if row["decoded_fraction"] and row["decoded_fraction"] >= cfg.min_decoded_fraction else "dropped"
+                assert row["status"] == want
+                if photo["kept_fraction"] < 0.5:
+                    assert row["reason"] == "truncated"
+                seen.add(problem)
+            elif problem in fixed:
+                assert row["status"] == "kept", problem
+                assert row["out_bytes"] is not None, f"{problem} must be re-encoded"
+                with Image.open(io.BytesIO(row["out_bytes"])) as im:
+                    assert (im.format, im.mode) == ("JPEG", "RGB")
+                seen.add(problem)
+    assert seen >= set(expected) | fixed | {"truncated"}
+
+
+def test_every_kept_image_decodes_as_rgb_jpeg(cleaned, crawled):
+    _, df = cleaned
+    store = open_storage(crawled)
+    kept = df[df["status"] == "kept"]
+    assert len(kept) > 100
+    for image_id in kept["image_id"].unique():
+        with Image.open(io.BytesIO(store.get_image(image_id))) as im:
+            im.load()
+            assert (im.format, im.mode) == ("JPEG", "RGB")
+    assert (df.loc[df["image_id"] != df["source_id"], "status"] == "kept").all()
+
+
+def test_broken_files_have_reasons_in_the_manifest(cleaned, demo_site_dir):
+    _, df = cleaned
+    truth = _truth(demo_site_dir)
+    by_problem = defaultdict(set)
+    for row in df.itertuples():
+        photo = truth[(row.listing_id, row.source_id)]
+        by_problem[photo["problem"]].add((row.status, row.reason))
+    assert by_problem["bomb"] == {("dropped", "too_large")}
+    assert by_problem["tiny"] == {("dropped", "too_small")}
+    assert ("dropped", "truncated") in by_problem["truncated"]
+    for fixed in ("cmyk", "palette", "rgba", "exif_rotated", "animated"):
+        assert {s for s, _ in by_problem[fixed]} == {"kept"} or by_problem[fixed] == {("dropped", "duplicate")}
+
+
+def test_exact_duplicates_and_placeholders_are_found(cleaned, demo_site_dir):
+    _, df = cleaned
+    truth = _truth(demo_site_dir)
+    df = df.assign(problem=[truth[(r.listing_id, r.source_id)]["problem"] for r in df.itertuples()])
+    banner = df[df["problem"] == "dealer_banner"]
+    assert len(banner) >= 6 and set(banner["reason"]) == {"placeholder"}
+    for row in df[df["problem"] == "exact_duplicate"].itertuples():
+        same = df[df["source_id"] == row.source_id]
+        assert len(same) >= 2 and same["dup_cluster"].nunique() == 1
+        assert (same["status"] == "kept").sum() == 1
+
+
+def test_near_duplicates_recall_and_false_merges(cleaned, demo_site_dir):
+    _, df = cleaned
+    truth = _truth(demo_site_dir)
+    photo_of = {sha: p for (_, sha), p in truth.items()}
+    inspected = df[df["dup_cluster"].notna()]
+    cluster_of = dict(zip(inspected["source_id"], inspected["dup_cluster"]))
+    near = [p for p in photo_of.values() if p["problem"] == "near_duplicate"]
+    found = sum(1 for p in near if p["sha256"] in cluster_of and cluster_of[p["sha256"]] == cluster_of.get(p["duplicate_of"]))
+    assert near and found / len(near) >= 0.95
+
+    def origin(sha: str) -> str:
+        return photo_of[sha].get("duplicate_of") or sha
+
+    # a false merge: two different ground-truth photos (not copies of each other) in one cluster
+    members = defaultdict(set)
+    for sha, cluster in cluster_of.items():
+        members[cluster].add(sha)
+    pairs = false = 0
+    for group in members.values():
+        for a, b in combinations(sorted(group), 2):
+            pairs += 1
+            false += origin(a) != origin(b)
+    images = len(cluster_of)
+    falsely_merged = {s for g in members.values() for s in g if len({origin(x) for x in g}) > 1 and
+                      sum(origin(x) == origin(s) for x in g) < len(g)}
+    assert len(falsely_merged) / images <= 0.01, sorted(photo_of[s]["kind"] for s in falsely_merged)
+
+
+def test_rerun_is_cached_and_new_listings_redo_only_their_shards(crawled, cleaned, prefect_server):
+    from flows.clean import clean
+
+    summary, _ = cleaned
+    again = clean(storage=crawled, shard_size=40)
+    assert again["cached_shards"] == again["shards"] == summary["shards"]
+    assert again["inspected_images"] == 0
+
+    # a later crawl adds listings: simulate by holding back ~10% and appending them later
+    store = open_storage(crawled)
+    import pyarrow.parquet as pq
+
+    full = to_pandas(pq.read_table(io.BytesIO(store.get(manifest_key("ingest"))))).copy()
+    later = sorted(full["listing_id"].unique())[-3:]
+    old = full[~full["listing_id"].isin(later)]
+    store2 = str(Path(crawled.removeprefix("file://")).parent / "incremental")
+    dest = open_storage(store2)
+    for image_id in full["image_id"].unique():
+        dest.put_image(store.get_image(image_id))
+    write_manifest(dest, manifest_key("ingest"), pa.Table.from_pandas(old, preserve_index=False), INGEST_SCHEMA)
+    first = clean(storage=store2, shard_size=40)
+    new = full[full["listing_id"].isin(later)].copy()
+    new["first_seen"] = new["first_seen"] + 10**12  # crawled later
+    grown = pd.concat([old, new], ignore_index=True)
+    write_manifest(dest, manifest_key("ingest"), pa.Table.from_pandas(grown, preserve_index=False), INGEST_SCHEMA)
+    second = clean(storage=store2, shard_size=40)
+    new_images = len(set(new["image_id"]) - set(old["image_id"]))
+    assert second["rows"] == len(grown)
+    # only the tail shard (partly old images) and the new shards are decoded again
+    assert second["inspected_images"] <= new_images + 40
+    assert second["cached_shards"] >= first["shards"] - 1
+
+
+def test_a_shard_of_only_broken_files_completes(tmp_path, prefect_server):
+    from flows.clean import clean
+
+    store = open_storage(str(tmp_path))
+    blobs = [b"", b"<html>nope</html>" * 20, b"\xff\xd8\xff\xe0" + b"\x00" * 300, b"GIF89a" + b"\x01" * 200]
+    rows = []
+    for i, data in enumerate(blobs):
+        image_id = store.put_image(data)
+        rows.append({"image_id": image_id, "listing_id": f"x:{i}", "site": "x", "url": None, "photo_index": 0,
+                     "make": None, "model": None, "year": None, "label": None, "make_raw": None, "model_raw": None,
+                     "raw_key": f"raw/{image_id[:2]}/{image_id}", "bytes": len(data), "content_type": None,
+                     "source": "folders", "crawl_id": None, "first_seen": i, "status": "kept", "reason": None})
+    write_manifest(store, manifest_key("ingest"), from_records(rows, INGEST_SCHEMA), INGEST_SCHEMA)
+    summary = clean(storage=str(tmp_path))
+    assert summary["kept"] == 0 and sum(summary["dropped_by_reason"].values()) == 4
+    assert set(summary["dropped_by_reason"]) <= {"empty", "not_image", "truncated", "decode_error", "unsupported_format"}
+
+
+def test_settings_reach_the_stage(monkeypatch):
+    monkeypatch.setenv("CARFLOW_DEDUP__HAMMING_RADIUS", "4")
+    monkeypatch.setenv("CARFLOW_QUALITY__DARK_ACTION", "drop")
+    s = load_settings()
+    assert s.dedup.hamming_radius == 4 and s.quality.dark_action == "drop"
