@@ -45,6 +45,7 @@ bench: install
 	$(PYTHON) bench/crawl.py
 	$(PYTHON) bench/clean.py --n 2000
 	$(PYTHON) bench/near_dup.py --n 1000000 --radius 8
+	$(PYTHON) bench/split.py
 
 ## regenerate requirements.lock after editing pyproject.toml dependencies
 lock:

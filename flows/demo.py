@@ -1,6 +1,6 @@
 """The demo job (`make demo`): generate the demo marketplace, serve it on loopback, crawl
-it into storage, build manifest v0 (checked against the ground truth), then clean it
-(fix → quality → dedup).
+it into storage, build manifest v0 (checked against the ground truth), clean it
+(fix → quality → dedup), then build the dataset (classes → grouped split).
 
     python -m flows.demo [--listings 60] [--classes 6] [--seed 0] [--storage PATH|s3://…]
 """
@@ -20,6 +20,7 @@ from carflow.demo_site.truth import compare, expected_ingest, load_ground_truth
 from carflow.storage import open_storage
 from flows.clean import clean
 from flows.crawl import crawl
+from flows.dataset import dataset
 from flows.ingest import ingest
 
 
@@ -44,6 +45,7 @@ def demo(
     classes: int = 6,
     storage: str | None = None,
     port: int = 8765,
+    min_images: int = 20,
 ) -> dict[str, Any]:
     """Demo marketplace → crawl → manifest v0, checked against the ground truth."""
     from carflow.demo_site.server import DemoSite
@@ -57,6 +59,8 @@ def demo(
         crawl_stats = crawl(site="demo", storage=storage, base_url=site.url)
     summary = ingest(storage=storage, sites=["demo"])
     cleaned = clean(storage=storage)
+    # the demo site is small: a class needs min_images kept photos (the seeds used 150)
+    data = dataset(storage=storage, min_images=min_images)
     expected = expected_ingest(load_ground_truth(site_dir))
     mismatches = compare(expected, summary)
     result = {
@@ -73,6 +77,11 @@ def demo(
         "clean_kept": cleaned["kept"],
         "clean_dropped_by_reason": cleaned["dropped_by_reason"],
         "contact_sheets": cleaned["contact_sheets"],
+        "dataset_manifest": data["manifest"],
+        "classes_json": data["classes_json"],
+        "classes": data["classes"],
+        "per_split": data["per_split"],
+        "split_chart": data["chart"],
         "matches_ground_truth": not mismatches,
         "mismatches": {k: {"expected": e, "observed": o} for k, (e, o) in mismatches.items()},
     }
@@ -98,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
           f"ground truth: {'MATCH' if result['matches_ground_truth'] else 'MISMATCH'}")
     print(f"clean manifest: {result['clean_manifest']}")
     print(f"kept={result['clean_kept']} dropped={result['clean_dropped_by_reason']}")
+    print(f"dataset manifest: {result['dataset_manifest']}")
+    print(f"classes ({len(result['classes'])}): {', '.join(result['classes'])}; per split: {result['per_split']}")
     return 0 if result["matches_ground_truth"] else 1
 
 

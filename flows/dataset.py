@@ -1,0 +1,204 @@
+"""Dataset flow: classes → split → leakage check → export.
+
+    python -m flows.dataset [--storage URI] [--min-images N] [--merge-map YAML]
+                            [--ignore LABEL ...] [--conflict-policy majority|drop]
+                            [--export URI]
+
+Reads ``manifests/crop/manifest.parquet`` if it exists, else
+``manifests/clean/manifest.parquet``; writes ``datasets/<version>/classes.json`` (the
+contract with training), updates ``datasets/assignments.parquet`` (listing → split;
+an assigned listing never moves) and writes ``manifests/dataset/manifest.parquet``
+(every row, with ``class_label`` and ``split``). The leakage check fails the flow
+before anything is written. Publishes per-class counts per split as a
+table artifact and a bar chart PNG beside the manifest (linked from a markdown
+artifact); on request exports the seeds' folder layout ``<split>/<class>/<image_id>.jpg``
+to a local folder or ``s3://`` prefix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from datetime import datetime, timezone
+from typing import Any
+
+import pandas as pd
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from carflow.manifest import (
+    DROPPED,
+    INGEST_SCHEMA,
+    manifest_key,
+    read_manifest,
+    to_pandas,
+    write_manifest,
+)
+from carflow.settings import ClassesSettings, SplitSettings, get_settings
+from carflow.storage import open_storage
+from tasks.classes import assign_classes_task, classes_document, write_classes
+from tasks.split import (
+    SPLITS,
+    assign_splits_task,
+    check_leakage_task,
+    export_folders_task,
+    read_assignments,
+    write_assignments,
+)
+
+
+def input_key(store, prefix: str = "manifests") -> str:
+    """The crop manifest if the crop stage has run, else the clean one."""
+    crop = manifest_key("crop", prefix=prefix)
+    return crop if store.exists(crop) else manifest_key("clean", prefix=prefix)
+
+
+def bar_chart(report: pd.DataFrame, title: str = "images per class and split") -> bytes:
+    """Grouped bar chart (PNG bytes) of the per-class counts per split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    classes = list(report.index)
+    x = np.arange(len(classes))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(classes) + 2), 4.5), dpi=100)
+    width = 0.27
+    for i, s in enumerate(SPLITS):
+        ax.bar(x + (i - 1) * width, report[s].to_numpy() if len(report) else [], width, label=s)
+    ax.set_xticks(x, classes, rotation=45 if len(classes) > 4 else 0, ha="right" if len(classes) > 4 else "center")
+    ax.set_ylabel("images")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+@task(name="publish-dataset-report", retries=1)
+def publish_report(storage: str | None, report: pd.DataFrame, prefix: str) -> str:
+    store = open_storage(storage)
+    key = f"{prefix}/dataset/split_counts.png"
+    store.put(key, bar_chart(report), content_type="image/png")
+    return store.uri(key)
+
+
+def _to_table(df: pd.DataFrame):
+    import pyarrow as pa
+
+    return pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
+
+
+@flow(name="dataset", log_prints=True)
+def dataset(
+    storage: str | None = None,
+    min_images: int | None = None,
+    merge_map: str | None = None,
+    ignore: list[str] | None = None,
+    conflict_policy: str | None = None,
+    export_uri: str | None = None,
+    run: str | None = None,
+) -> dict[str, Any]:
+    """Cleaned/cropped manifest → classes.json, split assignments and the dataset manifest."""
+    logger = get_run_logger()
+    cfg = get_settings()
+    store = open_storage(storage)
+    prefix = cfg.runtime.manifests_prefix
+    overrides = {
+        k: v
+        for k, v in {"min_images": min_images, "merge_map": merge_map, "ignore": ignore, "conflict_policy": conflict_policy}.items()
+        if v is not None
+    }
+    classes_cfg = ClassesSettings(**{**cfg.classes.model_dump(), **overrides})
+    split_cfg: SplitSettings = cfg.split
+    export_uri = export_uri or split_cfg.export_uri
+    run = run or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+    source = input_key(store, prefix)
+    df = to_pandas(read_manifest(store, source, INGEST_SCHEMA))
+    logger.info("dataset input %s: %d rows", store.uri(source), len(df))
+
+    df, class_info = assign_classes_task(df, classes_cfg.model_dump(mode="json"))
+    doc = classes_document(class_info, classes_cfg)
+
+    previous = read_assignments(store, split_cfg.assignments_key)
+    df, assignments, split_info = assign_splits_task(df, previous, split_cfg.model_dump(mode="json"), run)
+    # raises LeakageError (fails the flow) before the assignments or the manifest are written
+    report = check_leakage_task(df, list(split_cfg.group_by))
+
+    classes_uri = write_classes(store, doc, classes_cfg.datasets_prefix)
+    assignments_uri = write_assignments(store, split_cfg.assignments_key, assignments)
+    df["classes_version"] = doc["version"]
+    manifest_uri = write_manifest(store, manifest_key("dataset", prefix=prefix), _to_table(df))
+    chart_uri = publish_report(storage, report, prefix)
+
+    exported = None
+    if export_uri:
+        exported = export_folders_task(df, storage, export_uri, cfg.runtime.max_workers)
+        exported["uri"] = open_storage(export_uri).uri()
+
+    table = [
+        {"class": str(c), **{s: int(report.at[c, s]) for s in SPLITS}, "total": int(report.at[c, "total"]),
+         **{f"{s}_frac": float(report.at[c, f"{s}_frac"]) for s in SPLITS}}
+        for c in report.index
+    ]
+    create_table_artifact(key="dataset-split-counts", table=table, description="Images per class and split")
+    conflicts = split_info["conflicts"]
+    create_markdown_artifact(
+        key="dataset-summary",
+        markdown=(
+            f"## Dataset {doc['version']}\n\n"
+            f"- classes ({doc['num_classes']}): {', '.join(doc['classes'])}\n"
+            f"- classes.json: `{classes_uri}`\n- manifest: `{manifest_uri}`\n"
+            f"- assignments: `{assignments_uri}`\n"
+            f"- rare classes dropped: {doc['dropped_classes']}\n"
+            f"- split conflicts: {len(conflicts)} ({split_info['split_conflict_rows']} rows dropped)\n\n"
+            f"![images per class and split]({chart_uri})\n\n[bar chart]({chart_uri})\n"
+        ),
+    )
+    dropped = df.loc[df["status"] == DROPPED, "reason"].value_counts()
+    summary = {
+        "input": store.uri(source),
+        "manifest": manifest_uri,
+        "classes_json": classes_uri,
+        "version": doc["version"],
+        "classes": doc["classes"],
+        "class_counts": doc["counts"],
+        "rare_classes": doc["dropped_classes"],
+        "merges_applied": doc["merges_applied"],
+        "rows": len(df),
+        "dataset_rows": int(df["split"].notna().sum()),
+        "per_split": {s: int((df["split"] == s).sum()) for s in SPLITS},
+        "per_class_split": {r["class"]: {s: r[s] for s in SPLITS} for r in table},
+        "dropped_by_reason": {str(k): int(v) for k, v in sorted(dropped.items())},
+        "assignments": assignments_uri,
+        "new_listings_assigned": split_info["new_listings_assigned"],
+        "split_conflicts": conflicts,
+        "chart": chart_uri,
+        "export": exported,
+    }
+    logger.info("dataset %s: %s", doc["version"], {k: summary[k] for k in ("classes", "per_split", "dropped_by_reason")})
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.dataset", description=dataset.__doc__)
+    parser.add_argument("--storage", help="storage URI (default: settings storage)")
+    parser.add_argument("--min-images", type=int, help="classes.min_images")
+    parser.add_argument("--merge-map", help="classes.merge_map (YAML)")
+    parser.add_argument("--ignore", nargs="*", help="classes.ignore labels/globs")
+    parser.add_argument("--conflict-policy", choices=["majority", "drop"])
+    parser.add_argument("--export", help="export <split>/<class>/<image_id>.jpg here (path or s3:// URI)")
+    a = parser.parse_args(argv)
+    out = dataset(a.storage, a.min_images, a.merge_map, a.ignore, a.conflict_policy, a.export)
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

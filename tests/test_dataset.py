@@ -1,0 +1,135 @@
+"""The dataset flow (classes → split → leakage check → export) on the demo marketplace,
+after the real crawl → ingest → clean, through Prefect."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from prefect import task
+
+from carflow.manifest import INGEST_SCHEMA, manifest_key, read_manifest, to_pandas, write_manifest
+from carflow.settings import ClassesSettings
+from carflow.storage import open_storage
+from tasks.classes import assign_classes
+from tasks.ingest import build_manifest, read_listing_records
+from tasks.split import SPLITS, LeakageError, check_leakage
+
+pytestmark = pytest.mark.integration
+
+FAST = {"AUTOTHROTTLE_ENABLED": False, "DOWNLOAD_DELAY": 0, "CONCURRENT_REQUESTS_PER_DOMAIN": 8}
+
+
+@pytest.fixture(scope="module")
+def cleaned(demo_site, tmp_path_factory, prefect_server) -> str:
+    from flows.clean import clean
+    from spiders.run import run_crawl
+
+    uri = str(tmp_path_factory.mktemp("dataset-store"))
+    run_crawl("demo", storage=uri, overrides=FAST, base_url=demo_site.url)
+    store = open_storage(uri)
+    records, _ = read_listing_records(store)
+    manifest, _, _ = build_manifest(records)
+    write_manifest(store, manifest_key("ingest"), manifest, INGEST_SCHEMA)
+    clean(storage=uri, shard_size=40)
+    return uri
+
+
+def _read(uri: str, key: str) -> pd.DataFrame:
+    return to_pandas(pq.read_table(io.BytesIO(open_storage(uri).get(key))))
+
+
+@pytest.fixture(scope="module")
+def first_run(cleaned, tmp_path_factory):
+    """Merge bmw_3-series into volkswagen_golf, ignore ford_*, and pick min_images so
+    that mercedes-benz_v-class is rare."""
+    from flows.dataset import dataset
+
+    clean_df = to_pandas(read_manifest(open_storage(cleaned), manifest_key("clean")))
+    _, info = assign_classes(clean_df, ClassesSettings(min_images=1))
+    counts = info["counts"]
+    assert set(counts) == {"volkswagen_golf", "mercedes-benz_v-class", "ford_ranger", "bmw_3-series"}
+    min_images = counts["mercedes-benz_v-class"] + 1
+    assert counts["volkswagen_golf"] + counts["bmw_3-series"] >= min_images
+    merge = tmp_path_factory.mktemp("cfg") / "merge.yaml"
+    merge.write_text("volkswagen_golf:\n  - bmw_3-series\n")
+    summary = dataset(storage=cleaned, min_images=min_images, merge_map=str(merge), ignore=["ford_*"], run="run1")
+    return summary, _read(cleaned, manifest_key("dataset")), counts
+
+
+def test_classes_merge_ignore_rare(first_run, cleaned):
+    summary, df, counts = first_run
+    assert summary["classes"] == ["volkswagen_golf"]
+    assert summary["class_counts"] == {"volkswagen_golf": counts["volkswagen_golf"] + counts["bmw_3-series"]}
+    assert summary["rare_classes"] == {"mercedes-benz_v-class": counts["mercedes-benz_v-class"]}
+    assert summary["merges_applied"] == {"bmw_3-series": "volkswagen_golf"}
+    # year variants collapsed: several year labels, one class
+    golf = df[df["make"] == "volkswagen"]
+    assert golf["label"].nunique() >= 2 and set(golf["class_label"]) == {"volkswagen_golf"}
+    assert set(df.loc[df["make"] == "ford", "reason"].dropna()) <= {"ignored_class", "duplicate", "placeholder", "truncated", "too_small", "too_large"}
+    assert (df.loc[df["class_label"] == "ford_ranger", "split"].isna()).all()
+    assert "ignored_class" in summary["dropped_by_reason"] and "rare_class" in summary["dropped_by_reason"]
+    # classes.json is the versioned contract
+    store = open_storage(cleaned)
+    doc = json.loads(store.get(f"datasets/{summary['version']}/classes.json"))
+    assert doc["classes"] == summary["classes"] and doc["merges"] == {"bmw_3-series": "volkswagen_golf"}
+    assert json.loads(store.get("datasets/latest.json"))["version"] == summary["version"]
+    assert store.exists("manifests/dataset/split_counts.png")
+
+
+def test_split_has_no_leak_on_real_data(first_run):
+    summary, df, _ = first_run
+    report = check_leakage(df)
+    assert report["total"].sum() == summary["dataset_rows"] > 20
+    assert set(df["split"].dropna()) <= set(SPLITS)
+    assert (df.loc[df["split"].notna(), "status"] == "kept").all()
+    assert summary["split_conflicts"] == []
+
+
+def test_planted_leak_fails_check_and_flow(first_run, cleaned, monkeypatch):
+    _, df, _ = first_run
+    leak = df.copy()
+    multi = leak[leak["split"].notna()].groupby("listing_id").size()
+    lid = multi[multi > 1].index[0]
+    row = leak.index[(leak["listing_id"] == lid) & leak["split"].notna()][0]
+    leak.loc[row, "split"] = "test" if leak.loc[row, "split"] != "test" else "train"
+    with pytest.raises(LeakageError):
+        check_leakage(leak)
+
+    import flows.dataset as mod
+    from tasks.split import assign_splits
+
+    @task(name="assign-splits-leaky")
+    def leaky(df, previous, config, run=""):
+        out, asg, info = assign_splits(df, previous)
+        rows = out.index[out["split"].notna()]
+        out.loc[rows[0], "split"] = "val" if out.loc[rows[0], "split"] != "val" else "train"
+        return out, asg, info
+
+    store = open_storage(cleaned)
+    before = store.get("datasets/assignments.parquet")
+    monkeypatch.setattr(mod, "assign_splits_task", leaky)
+    with pytest.raises(LeakageError):
+        mod.dataset(storage=cleaned, min_images=1, run="leaky")
+    assert store.get("datasets/assignments.parquet") == before  # nothing persisted
+
+
+def test_second_run_keeps_assignments_and_exports(first_run, cleaned, s3_uri):
+    from flows.dataset import dataset
+
+    _, df1, _ = first_run
+    summary = dataset(storage=cleaned, min_images=5, export_uri=s3_uri, run="run2")
+    df2 = _read(cleaned, manifest_key("dataset"))
+    assert len(summary["classes"]) == 4
+    old = df1.dropna(subset=["split"]).set_index(["listing_id", "image_id"])["split"]
+    new = df2.set_index(["listing_id", "image_id"])["split"].reindex(old.index)
+    assert (new == old).all()
+    check_leakage(df2)
+    assert summary["export"]["written"] == df2["split"].notna().sum()
+    keys = list(open_storage(s3_uri).list())
+    assert len(keys) == summary["export"]["written"]
+    sample = df2.dropna(subset=["split"]).iloc[0]
+    assert f"{sample['split']}/{sample['class_label']}/{sample['image_id']}.jpg" in keys
