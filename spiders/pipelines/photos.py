@@ -40,6 +40,7 @@ from scrapy.http import Request
 from scrapy.pipelines.media import MediaPipeline
 from twisted.python.failure import Failure
 
+from carflow.imageio import IMAGE_FORMATS, sniff
 from carflow.storage import image_key, sha256_hex
 from spiders.items import ListingItem
 
@@ -60,30 +61,11 @@ except ImportError:  # pragma: no cover - Scrapy < 2.15
 
 logger = logging.getLogger(__name__)
 
-IMAGE_MAGIC: tuple[tuple[int, bytes, str], ...] = (
-    (0, b"\xff\xd8\xff", "jpeg"),
-    (0, b"\x89PNG\r\n\x1a\n", "png"),
-    (0, b"GIF87a", "gif"),
-    (0, b"GIF89a", "gif"),
-    (0, b"BM", "bmp"),
-    (0, b"II*\x00", "tiff"),
-    (0, b"MM\x00*", "tiff"),
-)
-
-
 def sniff_image(body: bytes) -> str | None:
-    """The image format from the first bytes, or None when it is not an image."""
-    head = body[:32]
-    for offset, magic, fmt in IMAGE_MAGIC:
-        if head[offset : offset + len(magic)] == magic:
-            if fmt == "bmp" and len(body) < 26:  # "BM" alone is too weak a signature
-                return None
-            return fmt
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1"):
-        return "avif" if head[8:12].startswith(b"avi") else "heic"
-    return None
+    """The image format from the magic bytes (``carflow.imageio.sniff``), or None when the
+    body is not an image (HTML, text, PDF, unknown)."""
+    fmt = sniff(body)
+    return fmt if fmt in IMAGE_FORMATS else None
 
 
 class PhotoRejected(_QuietFailure):
