@@ -35,14 +35,28 @@ def content_key(stage: str, version: str, image_ids: Iterable[str], config: Any 
 
 
 def shard_cache_key_fn(
-    stage: str, version: str, ids_param: str = "image_ids", config_param: str = "config"
+    stage: str,
+    version: str,
+    ids_param: str = "image_ids",
+    config_param: str = "config",
+    storage_param: str | None = "storage_uri",
 ) -> Callable[[Any, dict[str, Any]], str]:
     """A Prefect ``cache_key_fn`` for a task whose parameters hold the shard's image ids
-    (``ids_param``) and its config (``config_param``); every other parameter (storage,
-    clients, paths) is ignored on purpose."""
+    (``ids_param``) and its config (``config_param``).
+
+    The one other thing in the key is the *output* storage (``storage_param``, resolved to
+    its absolute URI): a shard task writes its results and re-encoded images there, so the
+    same images processed into another bucket must run again, or the cached result would
+    point at objects that do not exist in that bucket. Input paths, clients and workers
+    are never part of the key."""
 
     def key(_context: Any, parameters: dict[str, Any]) -> str:
-        return content_key(stage, version, parameters[ids_param], parameters.get(config_param))
+        config: Any = parameters.get(config_param)
+        if storage_param is not None:
+            from carflow.storage import open_storage
+
+            config = {"config": _config_json(config), "output": open_storage(parameters.get(storage_param)).uri()}
+        return content_key(stage, version, parameters[ids_param], config)
 
     key.__name__ = f"{stage}_cache_key"
     return key

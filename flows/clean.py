@@ -93,6 +93,12 @@ def clean(storage: str | None = None, shard_size: int | None = None) -> dict[str
     config = {"fix": cfg.fix.model_dump(mode="json"), "quality": cfg.quality.model_dump(mode="json")}
     futures = [inspect_shard_task.submit(storage, ids, config) for ids in shards]
     results = [f.result() for f in futures]
+    # a cached result whose shard file has since been deleted from storage: run it again
+    for i, (ids, res) in enumerate(zip(shards, results, strict=True)):
+        if not store.exists(res["key"]):
+            logger.warning("shard %d: cached result %s is missing from storage; recomputing", i, res["key"])
+            futures[i] = inspect_shard_task.with_options(refresh_cache=True).submit(storage, ids, config)
+            results[i] = futures[i].result()
     fresh = [ids for ids, f in zip(shards, futures, strict=True) if f.state.name != "Cached"]
     cached = len(shards) - len(fresh)
     inspected_images = sum(len(ids) for ids in fresh)

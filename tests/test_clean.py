@@ -211,3 +211,24 @@ def test_settings_reach_the_stage(monkeypatch):
     monkeypatch.setenv("CARFLOW_QUALITY__DARK_ACTION", "drop")
     s = load_settings()
     assert s.dedup.hamming_radius == 4 and s.quality.dark_action == "drop"
+
+
+def test_cache_is_per_output_storage_and_survives_deleted_outputs(crawled, cleaned, tmp_path, prefect_server):
+    """The same images cleaned into another storage are processed there (their shard
+    files and re-encoded images must exist in that storage); a cached shard whose file
+    was deleted is recomputed instead of failing the flow."""
+    from flows.clean import clean
+
+    summary, _ = cleaned
+    src = open_storage(crawled)
+    other_uri = str(tmp_path / "other")
+    other = open_storage(other_uri)
+    for key in list(src.list("raw/")) + [manifest_key("ingest")]:
+        other.put(key, src.get(key))
+    first = clean(storage=other_uri, shard_size=40)
+    assert first["cached_shards"] == 0 and first["kept"] == summary["kept"]
+    for key in list(other.list("work/inspect/")):
+        other.delete(key)
+    again = clean(storage=other_uri, shard_size=40)
+    assert again["kept"] == summary["kept"] and again["rows"] == summary["rows"]
+    assert list(other.list("work/inspect/"))
