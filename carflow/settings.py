@@ -177,11 +177,18 @@ class DedupSettings(_Section):
 
     #: pHash Hamming distance at or below which two images are near duplicates
     hamming_radius: int = Field(8, ge=0, le=32)
-    #: also require the dHash distance to be ≤ dhash_radius: on generated car photos this
-    #: cuts false merges of different photos 16× for about 1% fewer edits caught
-    #: (``bench/near_dup.py --tune``)
+    #: also require the dHash distance to be ≤ dhash_radius. Measured with
+    #: ``bench/near_dup.py --tune`` (pHash ≤ 8): dHash ≤ 10 catches 90% of all edits
+    #: (re-encodes, resizes, blur, brightness, 3% crops, watermarks) with 3 false pairs in
+    #: 320k; ≤ 7 still catches every re-encode/resize but fewer crops and watermarks
+    #: (86% of all edits) with 1 false pair, and on the demo marketplace it keeps
+    #: different dashboards and cars apart that ≤ 10 merged. A false merge silently
+    #: deletes a distinct photo, so the default is the tighter one.
     use_dhash: bool = True
-    dhash_radius: int = Field(10, ge=0, le=32)
+    dhash_radius: int = Field(7, ge=0, le=32)
+    #: when two pHashes are identical, the dHash may differ by up to this instead: on the
+    #: demo marketplace a 0.8× resize re-encoded at q88 keeps pHash 0 but moves dHash by 10
+    dhash_radius_same_phash: int = Field(12, ge=0, le=32)
     #: a cluster seen in at least this many distinct listings is a placeholder
     placeholder_min_listings: int = Field(5, ge=2)
     #: how near pairs form clusters: ``single`` = union-find over all pairs (transitive:
@@ -193,18 +200,56 @@ class DedupSettings(_Section):
 
 
 class CarFilterSettings(_Section):
+    """The car/no-car filter (``models/car_filter.py``, ``tasks/car_filter.py``)."""
+
+    #: backbone weights: ``imagenet``, a local path or ``s3://`` URI of a ``.keras`` /
+    #: ``.weights.h5`` file, or ``none`` (random init: tests, offline demo)
     weights: str = "imagenet"
+    #: images with ``p_car`` below this are dropped with reason ``no_car``
     threshold: float = Field(0.7, ge=0, le=1)
     image_size: int = Field(224, ge=32)
     batch_size: int = Field(64, ge=1)
+    #: MobileNetV2 width multiplier (ImageNet weights exist for 0.35/0.5/0.75/1.0/1.3/1.4)
+    alpha: float = Field(1.0, gt=0)
+    #: model to score with (``.../models/car_filter/<version>/`` or its ``model.keras``);
+    #: ``None`` = the latest trained version under ``models_prefix`` in storage
+    model: str | None = None
+    models_prefix: str = "models/car_filter"
+    #: unique images per scoring shard task
+    shard_size: int = Field(2000, ge=1)
+    epochs: int = Field(10, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    #: early stopping patience (epochs without a better validation loss)
+    patience: int = Field(3, ge=1)
+    seed: int = 0
 
 
 class CropSettings(_Section):
+    """YOLO vehicle crops (``tasks/crop.py``, ``models/detector.py``)."""
+
+    #: hub name (``yolov5su.pt``, needs the network once), a .pt path, an ``s3://`` URI,
+    #: or ``none`` / a model ``.yaml`` for random weights (tests, offline demo)
     weights: str = "yolov5su.pt"
     conf: float = Field(0.25, ge=0, le=1)
+    #: padding around the detected box, as a fraction of the box's width/height
     margin: float = Field(0.05, ge=0, le=1)
+    #: a padded crop whose shorter side is below this is dropped, reason ``too_small``
     min_side: int = Field(64, ge=1)
+    #: images per ``model.predict`` call (one batched forward pass)
     batch_size: int = Field(16, ge=1)
+    #: letterbox size of the detector input (ultralytics ``imgsz``)
+    imgsz: int = Field(640, ge=32)
+    #: COCO classes that count as a vehicle (car=2, truck=7; merged into one class)
+    keep_classes: list[int] = Field(default_factory=lambda: [2, 7])
+    #: torch device for inference ("" = ultralytics' choice: first GPU, else CPU)
+    device: str = ""
+    #: threads decoding images / encoding crops
+    decode_workers: int = Field(4, ge=1, le=64)
+    #: JPEG quality of stored crops
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    #: Prefect global concurrency limit held around inference (a missing limit is not an error)
+    gpu_limit: str = "gpu"
 
 
 class ClassesSettings(_Section):

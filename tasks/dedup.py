@@ -51,7 +51,8 @@ int64, or Python ints in an object column. A ``float64`` column (what
 ``pyarrow.Table.to_pandas()`` makes of an int64 column with nulls) has lost the low bits
 of every hash and is rejected with a message saying how to read it instead.
 
-Choice of radius: ``hamming_radius=8`` with ``use_dhash`` (dHash ≤ 10), measured with
+Choice of radius: ``hamming_radius=8`` with ``use_dhash`` (the table used dHash ≤ 10; the
+default is now ≤ 7, see ``DedupSettings.dhash_radius`` for why), measured with
 ``bench/near_dup.py --tune --photos 300 --negatives 3000`` on generated car photos hashed
 as the pipeline hashes them (draft decode → grey → Lanczos 32×32):
 
@@ -265,7 +266,11 @@ def near_duplicate_edges(
     t0 = time.perf_counter()
     i, j = hamming_pairs(u_ph, cfg.hamming_radius)
     if u_dh is not None and i.size:
-        ok = popcount64(u_dh[i] ^ u_dh[j]) <= cfg.dhash_radius
+        dh_dist = popcount64(u_dh[i] ^ u_dh[j])
+        ok = dh_dist <= cfg.dhash_radius
+        # identical pHashes are strong evidence on their own: allow more dHash drift
+        # (a resize shifts the coarse 9×8 dHash gradients more than the pHash DCT)
+        ok |= (u_ph[i] == u_ph[j]) & (dh_dist <= cfg.dhash_radius_same_phash)
         i, j = i[ok], j[ok]
     log.info(
         "dedup: %d distinct hashes, %d near pairs within radius %d (%.2fs)",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 from collections import defaultdict
-from itertools import combinations
 from pathlib import Path
 
 import pandas as pd
@@ -140,18 +139,16 @@ def test_near_duplicates_recall_and_false_merges(cleaned, demo_site_dir):
     def origin(sha: str) -> str:
         return photo_of[sha].get("duplicate_of") or sha
 
-    # a false merge: two different ground-truth photos (not copies of each other) in one cluster
+    # a false merge: an image in a cluster that also holds a different ground-truth photo
+    # (not a copy of it, not its original)
     members = defaultdict(set)
     for sha, cluster in cluster_of.items():
         members[cluster].add(sha)
-    pairs = false = 0
-    for group in members.values():
-        for a, b in combinations(sorted(group), 2):
-            pairs += 1
-            false += origin(a) != origin(b)
+    falsely_merged = {
+        sha for group in members.values() for sha in group if any(origin(x) != origin(sha) for x in group)
+    }
     images = len(cluster_of)
-    falsely_merged = {s for g in members.values() for s in g if len({origin(x) for x in g}) > 1 and
-                      sum(origin(x) == origin(s) for x in g) < len(g)}
+    assert images > 100
     assert len(falsely_merged) / images <= 0.01, sorted(photo_of[s]["kind"] for s in falsely_merged)
 
 
