@@ -229,3 +229,50 @@ def test_cache_is_per_output_storage_and_survives_deleted_outputs(crawled, clean
     again = clean(storage=other_uri, shard_size=40)
     assert again["kept"] == summary["kept"] and again["rows"] == summary["rows"]
     assert list(other.list("work/inspect/"))
+
+
+def test_dedup_on_the_full_demo_site(tmp_path):
+    """The 60-listing `make demo` marketplace through the pure fix → dedup functions:
+    every near duplicate found, at most 1% of images in a cluster with a different photo,
+    every exact duplicate and the banner found."""
+    from carflow.demo_site.generate import generate_site
+    from carflow.settings import DedupSettings
+    from tasks.dedup import dedup_manifest
+
+    gt = generate_site(tmp_path, seed=0, n_listings=60, n_classes=6)
+    rows, inspected = [], {}
+    for n, listing in enumerate(gt["listings"]):
+        for k, photo in enumerate(listing["photos"]):
+            sha = photo["sha256"]
+            if sha is None or photo["problem"] in ("empty", "html_as_jpg", "oversized"):
+                continue
+            if sha not in inspected:
+                inspected[sha] = inspect_image((tmp_path / photo["url"].lstrip("/")).read_bytes())
+            r = inspected[sha]
+            rows.append({"image_id": sha, "source_id": sha, "listing_id": listing["listing_id"],
+                         "label": listing["label"], "first_seen": n * 10 + k, "status": r["status"],
+                         "reason": r["reason"], "width": r["width"], "height": r["height"],
+                         "phash": r["phash"], "dhash": r["dhash"], "pixel_hash": r["pixel_hash"]})
+    df = pd.DataFrame(rows).astype({"phash": "Int64", "dhash": "Int64"})
+    out = dedup_manifest(df, DedupSettings())
+    photo_of = {p["sha256"]: p for lst in gt["listings"] for p in lst["photos"] if p["sha256"]}
+    clustered = out[out["dup_cluster"].notna()]
+    cluster_of = dict(zip(clustered["source_id"], clustered["dup_cluster"]))
+
+    def origin(sha: str) -> str:
+        return photo_of[sha].get("duplicate_of") or sha
+
+    near = [p for p in photo_of.values() if p["problem"] == "near_duplicate"]
+    assert len(near) >= 4
+    assert all(cluster_of[p["sha256"]] == cluster_of[p["duplicate_of"]] for p in near)
+    members = defaultdict(set)
+    for sha, cluster in cluster_of.items():
+        members[cluster].add(sha)
+    mixed = {s for g in members.values() for s in g if any(origin(x) != origin(s) for x in g)}
+    assert len(mixed) / len(cluster_of) <= 0.01, sorted(photo_of[s]["kind"] for s in mixed)
+    for p in photo_of.values():
+        if p["problem"] == "exact_duplicate":
+            same = out[out["source_id"] == p["sha256"]]
+            assert len(same) >= 2 and (same["status"] == "kept").sum() == 1
+    banner = out[out["source_id"].map(lambda s: photo_of[s]["problem"] == "dealer_banner")]
+    assert len(banner) >= 6 and set(banner["reason"]) == {"placeholder"}
