@@ -46,6 +46,8 @@ bench: install
 	$(PYTHON) bench/clean.py --n 2000
 	$(PYTHON) bench/near_dup.py --n 1000000 --radius 8
 	$(PYTHON) bench/split.py
+	$(PYTHON) bench/car_filter.py
+	$(PYTHON) -m bench.detect
 
 ## regenerate requirements.lock after editing pyproject.toml dependencies
 lock:

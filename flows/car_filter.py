@@ -1,0 +1,188 @@
+"""Car filter flows: train a car/no-car model from labels, score the clean manifest.
+
+    python -m flows.car_filter kit   [--n 500] [--out labelling/car_filter] [--seed 0]
+    python -m flows.car_filter train --labels <labels.csv | folder with car/ no_car/> [--epochs N] [--weights none]
+    python -m flows.car_filter score [--model URI] [--threshold 0.7]
+
+``score`` reads ``manifests/clean/manifest.parquet`` and writes
+``manifests/car_filter/manifest.parquet``: every row gets ``p_car``; kept rows below
+``car_filter.threshold`` are dropped with reason ``no_car``. Shards are cached on
+(stage, model version, sorted image ids, config): a rerun does no inference, a new model
+version rescores everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from carflow.manifest import (
+    CLEAN_SCHEMA,
+    DROPPED,
+    manifest_key,
+    read_manifest,
+    to_pandas,
+    write_manifest,
+)
+from carflow.settings import get_settings
+from carflow.storage import open_storage
+from tasks.car_filter import (
+    REASON,
+    STAGE,
+    apply_threshold,
+    import_labels,
+    load_scores,
+    resolve_model,
+    sample_for_labelling,
+    score_shard_task,
+    train_task,
+    write_labelling_kit,
+)
+from tasks.clean import plan_shards
+
+
+def _cfg(**overrides: Any):
+    cfg = get_settings().car_filter
+    update = {k: v for k, v in overrides.items() if v is not None}
+    return cfg.model_copy(update=update) if update else cfg
+
+
+@flow(name="car-filter-kit", log_prints=True)
+def labelling_kit(
+    storage: str | None = None, n: int = 500, out: str = "labelling/car_filter", seed: int = 0
+) -> dict[str, Any]:
+    """A stratified sample of kept images as a labelling kit (CSV + thumbnails + sheets)."""
+    store = open_storage(storage)
+    prefix = get_settings().runtime.manifests_prefix
+    df = to_pandas(read_manifest(store, manifest_key("clean", prefix=prefix), CLEAN_SCHEMA))
+    return write_labelling_kit(store, sample_for_labelling(df, n, seed), out)
+
+
+@flow(name="car-filter-train", log_prints=True)
+def train(
+    labels: str,
+    storage: str | None = None,
+    epochs: int | None = None,
+    weights: str | None = None,
+    image_size: int | None = None,
+    alpha: float | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Labels (CSV or car/no_car folders) → a new model version under ``car_filter.models_prefix``."""
+    logger = get_run_logger()
+    cfg = _cfg(weights=weights, image_size=image_size, alpha=alpha)
+    labels_df = import_labels(labels)
+    logger.info("%d labels: %s", len(labels_df), labels_df["label"].value_counts().to_dict())
+    result = train_task(storage, labels_df, cfg.model_dump(mode="json"), epochs=epochs, command=command)
+    m = result["metrics"]
+    create_markdown_artifact(
+        key="car-filter-model",
+        markdown=f"## Car filter {result['version']}\n\n- model: `{result['model']}`\n"
+        f"- val accuracy {m['accuracy']:.3f} at threshold {m['threshold']}, car precision "
+        f"{m['precision']:.3f}, car recall {m['recall']:.3f}, no_car recall {m['no_car_recall']:.3f}\n"
+        f"- data: {result['counts']}\n",
+    )
+    logger.info("car filter %s: %s", result["version"], m)
+    return result
+
+
+@flow(name="car-filter-score", log_prints=True)
+def score(
+    storage: str | None = None,
+    model: str | None = None,
+    shard_size: int | None = None,
+    threshold: float | None = None,
+) -> dict[str, Any]:
+    """Clean manifest → ``manifests/car_filter/manifest.parquet`` with ``p_car``."""
+    logger = get_run_logger()
+    cfg = _cfg(threshold=threshold)
+    store = open_storage(storage)
+    prefix = get_settings().runtime.manifests_prefix
+    df = to_pandas(read_manifest(store, manifest_key("clean", prefix=prefix), CLEAN_SCHEMA))
+    chosen = resolve_model(store, cfg, model)
+    shards = plan_shards(df, shard_size or cfg.shard_size)
+    config = {"alpha": chosen["alpha"], "image_size": chosen["image_size"], "batch_size": cfg.batch_size}
+    futures = [
+        score_shard_task.submit(storage, ids, chosen["model"], chosen["version"], config) for ids in shards
+    ]
+    results = [f.result() for f in futures]
+    # a cached result whose shard file has since been deleted from storage: run it again
+    for i, (ids, res) in enumerate(zip(shards, results, strict=True)):
+        if not store.exists(res["key"]):
+            logger.warning("shard %d: cached result %s is missing from storage; rescoring", i, res["key"])
+            futures[i] = score_shard_task.with_options(refresh_cache=True).submit(
+                storage, ids, chosen["model"], chosen["version"], config
+            )
+            results[i] = futures[i].result()
+    fresh = [ids for ids, f in zip(shards, futures, strict=True) if f.state.name != "Cached"]
+    scored = sum(len(ids) for ids in fresh)
+    logger.info("%d shards: %d from cache, %d images scored", len(shards), len(shards) - len(fresh), scored)
+
+    out = apply_threshold(df, load_scores(store, [r["key"] for r in results]), cfg.threshold)
+    table = pa.Table.from_pandas(out.reset_index(drop=True), preserve_index=False)
+    uri = write_manifest(store, manifest_key(STAGE, prefix=prefix), table, CLEAN_SCHEMA)
+    reasons = Counter(out.loc[out["status"] == DROPPED, "reason"].tolist())
+    kept = int((out["status"] != DROPPED).sum())
+    create_table_artifact(
+        key="car-filter-counts",
+        table=[{"reason": "kept", "rows": kept}] + [{"reason": r, "rows": n} for r, n in sorted(reasons.items())],
+        description=f"Car filter {chosen['version']} at threshold {cfg.threshold}",
+    )
+    summary = {
+        "manifest": uri,
+        "model": chosen["model"],
+        "model_version": chosen["version"],
+        "threshold": cfg.threshold,
+        "rows": len(out),
+        "kept": kept,
+        "no_car": int(reasons.get(REASON, 0)),
+        "dropped_by_reason": dict(sorted(reasons.items())),
+        "shards": len(shards),
+        "cached_shards": len(shards) - len(fresh),
+        "scored_images": scored,
+    }
+    logger.info("car filter manifest %s: kept %d, no_car %d", uri, kept, summary["no_car"])
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.car_filter", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--storage", help="storage URI (default: settings storage)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    k = sub.add_parser("kit", help="write a labelling kit from the clean manifest")
+    k.add_argument("--n", type=int, default=500)
+    k.add_argument("--out", default="labelling/car_filter", help="storage prefix of the kit")
+    k.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("train", help="train a new model version from labels")
+    t.add_argument("--labels", required=True, help="labels.csv, or a folder/s3:// prefix with car/ and no_car/")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--weights", help="imagenet | none | path or s3:// URI (car_filter.weights)")
+    t.add_argument("--image-size", type=int)
+    t.add_argument("--alpha", type=float)
+    s = sub.add_parser("score", help="score the clean manifest")
+    s.add_argument("--model", help="model version folder or model.keras URI (default: latest)")
+    s.add_argument("--shard-size", type=int)
+    s.add_argument("--threshold", type=float)
+    a = parser.parse_args(argv)
+    if a.command == "kit":
+        result = labelling_kit(a.storage, a.n, a.out, a.seed)
+    elif a.command == "train":
+        cmd = shlex.join(["python", "-m", "flows.car_filter", *(sys.argv[1:] if argv is None else argv)])
+        result = train(a.labels, a.storage, a.epochs, a.weights, a.image_size, a.alpha, command=cmd)
+    else:
+        result = score(a.storage, a.model, a.shard_size, a.threshold)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

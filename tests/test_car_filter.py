@@ -1,0 +1,337 @@
+"""The car/no-car filter: labelling kit, training from scratch on the demo marketplace
+(labels from its ground truth through the kit's CSV import), scoring against the ground
+truth, content-keyed caching of scoring shards, and weight resolution errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from carflow.manifest import INGEST_SCHEMA, manifest_key, to_pandas, write_manifest
+from carflow.settings import CarFilterSettings, reset_settings
+from carflow.storage import open_storage
+from models.car_filter import WeightsError, build_car_filter
+from tasks.car_filter import (
+    _at,
+    apply_threshold,
+    import_labels,
+    sample_for_labelling,
+    save_model_version,
+    split_train_val,
+    threshold_table,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = {"AUTOTHROTTLE_ENABLED": False, "DOWNLOAD_DELAY": 0, "CONCURRENT_REQUESTS_PER_DOMAIN": 8}
+NON_CAR = ("interior", "dashboard", "wheel", "text_banner")
+#: small and quick on 2 CPU cores; MobileNetV2 from scratch (weights=none)
+TRAIN_ENV = {
+    "CARFLOW_CAR_FILTER__IMAGE_SIZE": "64",
+    "CARFLOW_CAR_FILTER__ALPHA": "0.35",
+    "CARFLOW_CAR_FILTER__BATCH_SIZE": "32",
+    "CARFLOW_CAR_FILTER__PATIENCE": "5",
+    "CARFLOW_CAR_FILTER__WEIGHTS": "none",
+}
+EPOCHS = 15
+
+
+# ---------------------------------------------------------------- unit tests
+
+
+def test_importing_loads_no_tensorflow():
+    code = (
+        "import sys, models.car_filter, tasks.car_filter, flows.car_filter\n"
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TF imported eagerly'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
+def test_sample_is_stratified_by_site_and_label():
+    rows = []
+    for site, label, n in (("a", "x", 600), ("a", "y", 300), ("b", "x", 90), ("b", None, 10)):
+        rows += [{"image_id": f"{site}{label}{i:04d}", "site": site, "label": label, "status": "kept",
+                  "first_seen": i} for i in range(n)]
+    rows += [{"image_id": "dropped", "site": "a", "label": "x", "status": "dropped", "first_seen": 0}]
+    df = pd.DataFrame(rows)
+    s = sample_for_labelling(df, 100, seed=3)
+    assert len(s) == 100 and s["image_id"].is_unique and "dropped" not in set(s["image_id"])
+    counts = s.groupby(["site", s["label"].fillna("-")]).size().to_dict()
+    assert abs(counts[("a", "x")] - 60) <= 1 and abs(counts[("a", "y")] - 30) <= 1
+    assert abs(counts[("b", "x")] - 9) <= 1 and counts[("b", "-")] >= 1
+    assert s.equals(sample_for_labelling(df, 100, seed=3))  # seeded
+    assert not s.equals(sample_for_labelling(df, 100, seed=4))
+
+
+def test_import_labels_from_csv(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("image_id,label,site\nA,car,x\nB,no_car,x\nC,,x\nD, No-Car ,x\n")
+    df = import_labels(str(path))
+    assert df.to_dict("records") == [
+        {"image_id": "A", "label": "car"}, {"image_id": "B", "label": "no_car"},
+        {"image_id": "D", "label": "no_car"},
+    ]
+    path.write_text("image_id,label\nA,truck\n")
+    with pytest.raises(ValueError, match="truck"):
+        import_labels(str(path))
+    path.write_text("image_id,label\nA,car\nA,no_car\n")
+    with pytest.raises(ValueError, match="both"):
+        import_labels(str(path))
+
+
+@pytest.mark.integration  # the s3 case talks to the moto server
+def test_import_labels_from_folders(storage):
+    for key in ("car/aaa.jpg", "car/bbb.jpeg", "no_car/ccc.jpg", "no_car/notes.txt", "other/ddd.jpg"):
+        storage.put(key, b"x")
+    df = import_labels(storage.uri())
+    assert df.to_dict("records") == [
+        {"image_id": "aaa", "label": "car"}, {"image_id": "bbb", "label": "car"},
+        {"image_id": "ccc", "label": "no_car"},
+    ]
+
+
+@pytest.mark.integration
+def test_missing_weight_file_names_the_setting(tmp_path, s3_uri):
+    for spec in (str(tmp_path / "nope.keras"), f"{s3_uri}/weights/nope.weights.h5"):
+        with pytest.raises(WeightsError) as err:
+            build_car_filter(spec, 64)
+        assert "car_filter.weights" in str(err.value)
+        assert "CARFLOW_CAR_FILTER__WEIGHTS" in str(err.value)
+    with pytest.raises(WeightsError, match="car_filter.weights"):
+        build_car_filter("imagenet21k", 64)
+
+
+@pytest.mark.integration
+def test_weight_files_round_trip(tmp_path, s3_uri):
+    model = build_car_filter("none", 32, alpha=0.35)
+    assert model.output_shape == (None, 1)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    want = model.predict(x, verbose=0)
+    assert ((want > 0) & (want < 1)).all()
+    weights = tmp_path / "cf.weights.h5"
+    model.save_weights(weights)
+    np.testing.assert_allclose(build_car_filter(str(weights), 32, alpha=0.35).predict(x, verbose=0), want, rtol=1e-5)
+    store = open_storage(s3_uri)
+    model.save(tmp_path / "cf.keras")
+    store.put("m/cf.keras", (tmp_path / "cf.keras").read_bytes())
+    got = build_car_filter(store.uri("m/cf.keras"), 32).predict(x, verbose=0)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    with pytest.raises(WeightsError, match="image_size"):
+        build_car_filter(store.uri("m/cf.keras"), 64)
+
+
+def test_threshold_metrics_and_apply():
+    y = np.array([1, 1, 1, 0, 0])
+    p = np.array([0.9, 0.8, 0.4, 0.2, 0.75])
+    at = _at(y, p, 0.7)
+    assert at["precision"] == pytest.approx(2 / 3) and at["recall"] == pytest.approx(2 / 3)
+    assert at["no_car_recall"] == pytest.approx(0.5) and at["accuracy"] == pytest.approx(0.6)
+    table = threshold_table(y, p)
+    assert [r["threshold"] for r in table][:2] == [0.05, 0.1] and table[-1]["threshold"] == 0.95
+    df = pd.DataFrame({"image_id": ["a", "b", "c", "d"], "status": ["kept", "kept", "dropped", "kept"],
+                       "reason": [None, None, "duplicate", None]})
+    scores = pd.DataFrame({"image_id": ["a", "b", "c"], "p_car": [0.9, 0.1, 0.1]})
+    out = apply_threshold(df, scores, 0.7)
+    assert out["status"].tolist() == ["kept", "dropped", "dropped", "dropped"]
+    assert out["reason"].fillna("-").tolist() == ["-", "no_car", "duplicate", "not_scored"]
+
+
+def test_split_is_stratified():
+    labels = pd.DataFrame({"image_id": [f"i{i}" for i in range(100)], "label": ["car"] * 90 + ["no_car"] * 10})
+    split = split_train_val(labels, 0.2, seed=0)
+    assert (split[labels["label"] == "car"] == "val").sum() == 18
+    assert (split[labels["label"] == "no_car"] == "val").sum() == 2
+
+
+# ---------------------------------------------------------------- the demo marketplace
+
+
+# Training MobileNetV2 from scratch (weights=none) on the demo's ~25 non-car photos takes
+# 1-2 min and its accuracy varies run to run (0.93-0.98 seen), so the tests that need a
+# trained model are in the slow tier (`make test-slow`), not CI's default run.
+@pytest.fixture(scope="module")
+def site_dir(tmp_path_factory) -> Path:
+    """A bigger marketplace than the session's: 120 listings → 40 planted non-car photos."""
+    from carflow.demo_site.generate import generate_site
+
+    out = tmp_path_factory.mktemp("car-filter-site")
+    generate_site(out, seed=1, n_listings=120)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cleaned(site_dir, prefect_server, tmp_path_factory) -> str:
+    from carflow.demo_site.server import DemoSite
+    from flows.clean import clean
+    from spiders.run import run_crawl
+    from tasks.ingest import build_manifest, read_listing_records
+
+    uri = str(tmp_path_factory.mktemp("car-filter-store"))
+    with DemoSite(site_dir) as site:
+        run_crawl("demo", storage=uri, overrides=FAST, base_url=site.url)
+    store = open_storage(uri)
+    records, _ = read_listing_records(store)
+    manifest, _, _ = build_manifest(records)
+    write_manifest(store, manifest_key("ingest"), manifest, INGEST_SCHEMA)
+    clean(storage=uri, shard_size=1000)
+    return uri
+
+
+def _read(store, key) -> pd.DataFrame:
+    return to_pandas(pq.read_table(io.BytesIO(store.get(key))))
+
+
+def _truth(site_dir: Path) -> dict[str, dict]:
+    from carflow.demo_site.truth import load_ground_truth
+
+    gt = load_ground_truth(site_dir)
+    return {p["sha256"]: p for lst in gt["listings"] for p in lst["photos"] if p["sha256"]}
+
+
+@pytest.fixture(scope="module")
+def train_env():
+    saved = {k: os.environ.get(k) for k in TRAIN_ENV}
+    os.environ.update(TRAIN_ENV)
+    reset_settings()
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    reset_settings()
+
+
+@pytest.fixture(scope="module")
+def labels_csv(cleaned, site_dir, tmp_path_factory) -> Path:
+    """The labelling kit over every kept image, 'labelled' from the ground truth."""
+    from tasks.car_filter import write_labelling_kit
+
+    store = open_storage(cleaned)
+    df = _read(store, manifest_key("clean"))
+    sample = sample_for_labelling(df, 100_000, seed=0)
+    kit = write_labelling_kit(store, sample, "labelling/kit")
+    assert kit["images"] == len(sample) == kit["thumbs"] and kit["contact_sheets"]
+    assert store.exists(f"labelling/kit/thumbs/{sample['image_id'].iloc[0]}.jpg")
+    truth = _truth(site_dir)
+    source = dict(zip(df["image_id"], df["source_id"]))
+    rows = list(csv.DictReader(io.StringIO(store.get_text("labelling/kit/labels.csv"))))
+    assert rows and all(r["label"] == "" for r in rows)
+    for r in rows:
+        r["label"] = "car" if truth[source[r["image_id"]]]["is_car"] else "no_car"
+    path = tmp_path_factory.mktemp("labels") / "labels.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(cleaned, labels_csv, train_env) -> dict:
+    from flows.car_filter import train
+
+    return train(labels=str(labels_csv), storage=cleaned, epochs=EPOCHS)
+
+
+@pytest.fixture(scope="module")
+def scored(trained, cleaned) -> tuple[dict, pd.DataFrame]:
+    from flows.car_filter import score
+
+    summary = score(storage=cleaned, shard_size=250)
+    return summary, _read(open_storage(cleaned), manifest_key("car_filter"))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_model_export_has_config_and_metrics(trained, cleaned):
+    store = open_storage(cleaned)
+    prefix = f"models/car_filter/{trained['version']}"
+    for name in ("model.keras", "config.json", "metrics.json", "split.csv"):
+        assert store.exists(f"{prefix}/{name}"), name
+    config = json.loads(store.get_text(f"{prefix}/config.json"))
+    assert config["settings"]["weights"] == "none" and config["image_size"] == 64
+    assert config["class_balance"]["train"]["no_car"] > 0 and config["data_counts"]["val"] > 0
+    assert "command" in config
+    metrics = json.loads(store.get_text(f"{prefix}/metrics.json"))
+    assert len(metrics["thresholds"]) == 19 and {"precision", "recall", "accuracy"} <= set(metrics)
+    latest = json.loads(store.get_text("models/car_filter/latest.json"))
+    assert latest["version"] == trained["version"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_trained_filter_reaches_095_val_accuracy(trained, scored, cleaned, site_dir):
+    """Validation accuracy against the ground truth, at the threshold, ≥ 0.95."""
+    _, df = scored
+    store = open_storage(cleaned)
+    split = pd.read_csv(io.StringIO(store.get_text(f"models/car_filter/{trained['version']}/split.csv")))
+    truth = _truth(site_dir)
+    val_ids = set(split.loc[split["split"] == "val", "image_id"])
+    rows = df[df["image_id"].isin(val_ids)].drop_duplicates("image_id")
+    is_car = rows["source_id"].map(lambda s: truth[s]["is_car"]).to_numpy(bool)
+    p = rows["p_car"].to_numpy(float)
+    acc = float(((p >= 0.7) == is_car).mean())
+    print(f"\nval: {len(rows)} images ({(~is_car).sum()} no_car), accuracy {acc:.3f} at 0.7; "
+          f"train-time metrics {trained['metrics']}")
+    assert len(rows) == trained["counts"]["val"]
+    assert acc >= 0.95
+    assert trained["metrics"]["accuracy"] >= 0.95
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_scoring_drops_planted_non_car_photos(scored, site_dir):
+    summary, df = scored
+    truth = _truth(site_dir)
+    kind = df["source_id"].map(lambda s: truth[s]["kind"])
+    assert df.loc[df["status"] == "kept", "p_car"].notna().all()
+    # rows the clean stage kept are exactly the rows this stage scored
+    scored_rows = df[df["p_car"].notna()]
+    planted = scored_rows[kind[scored_rows.index].isin(NON_CAR)]
+    cars = scored_rows[kind[scored_rows.index] == "car"]
+    recall = float((planted["reason"] == "no_car").mean())
+    false_drop = float((cars["reason"] == "no_car").mean())
+    by_kind = planted.assign(kind=kind).groupby("kind")["reason"].apply(lambda r: float((r == "no_car").mean()))
+    print(f"\nall scored rows: non-car recall {recall:.3f} ({len(planted)} rows; {by_kind.to_dict()}), "
+          f"car false drops {false_drop:.3f} ({len(cars)} rows); {summary}")
+    assert len(planted) >= 30
+    # from-scratch training on ~25 non-car images is noisy run to run (CPU thread order):
+    # observed recall 0.84-1.0 and car false drops 0.4-4.7% over 4 runs
+    assert recall >= 0.8
+    assert false_drop <= 0.06
+    assert summary["no_car"] == int((df["reason"] == "no_car").sum())
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_rescoring_is_cached_until_the_model_changes(scored, cleaned, train_env):
+    from flows.car_filter import score
+
+    first, _ = scored
+    assert first["shards"] >= 2 and first["scored_images"] > 0
+    again = score(storage=cleaned, shard_size=250)
+    assert again["cached_shards"] == again["shards"] == first["shards"]
+    assert again["scored_images"] == 0
+    store = open_storage(cleaned)
+    # a cached shard whose file was deleted from storage is scored again (only that one)
+    shard_files = [k for k in store.list("work/car_filter/") if k.endswith(".parquet")]
+    assert len(shard_files) == first["shards"]
+    store.delete(shard_files[0])
+    healed = score(storage=cleaned, shard_size=250)
+    assert healed["cached_shards"] == first["shards"] - 1 and 0 < healed["scored_images"] <= 250
+    assert store.exists(shard_files[0])
+    cfg = CarFilterSettings(weights="none", image_size=64, alpha=0.35)
+    new_version = save_model_version(store, build_car_filter("none", 64, 0.35), "test-v2", cfg, set_latest=False)
+    fresh = score(storage=cleaned, model=new_version, shard_size=250)
+    assert fresh["model_version"] == "test-v2"
+    assert fresh["cached_shards"] == 0 and fresh["scored_images"] == first["scored_images"]
