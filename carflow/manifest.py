@@ -185,6 +185,11 @@ def read_manifest(storage: Storage, key: str, schema: pa.Schema | None = None) -
     return table
 
 
+def from_pandas(df) -> pa.Table:
+    """A DataFrame (fresh index) as an Arrow table, ready for :func:`write_manifest`."""
+    return pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
+
+
 def to_pandas(table: pa.Table):
     """``table`` as a DataFrame with nullable integer columns: a plain ``to_pandas`` turns
     an int column with nulls into float64, which loses the low bits of 64-bit hashes."""

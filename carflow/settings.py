@@ -401,6 +401,18 @@ def _explain(exc: ValidationError) -> SettingsError:
     return SettingsError("invalid carflow settings:\n  " + "\n  ".join(lines))
 
 
+def as_settings(model: type[BaseModel], cfg: Any) -> Any:
+    """``cfg`` as an instance of ``model``: None → defaults; a dict or another pydantic
+    model (e.g. a section of the global settings object) is validated field by field,
+    so an unknown or invalid field raises here, once, rather than per image."""
+    if cfg is None:
+        return model()
+    if isinstance(cfg, model):
+        return cfg
+    data = cfg.model_dump() if isinstance(cfg, BaseModel) else dict(cfg)
+    return model.model_validate(data)
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Build settings from overrides, the environment and the YAML file."""
     try:

@@ -20,13 +20,13 @@ import sys
 from collections import Counter
 from typing import Any
 
-import pyarrow as pa
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from carflow.manifest import (
     CLEAN_SCHEMA,
     DROPPED,
+    from_pandas,
     manifest_key,
     read_manifest,
     to_pandas,
@@ -46,7 +46,7 @@ from tasks.car_filter import (
     train_task,
     write_labelling_kit,
 )
-from tasks.clean import plan_shards
+from tasks.shards import plan_shards, run_shards
 
 
 def _cfg(**overrides: Any):
@@ -110,24 +110,18 @@ def score(
     chosen = resolve_model(store, cfg, model)
     shards = plan_shards(df, shard_size or cfg.shard_size)
     config = {"alpha": chosen["alpha"], "image_size": chosen["image_size"], "batch_size": cfg.batch_size}
-    futures = [
-        score_shard_task.submit(storage, ids, chosen["model"], chosen["version"], config) for ids in shards
-    ]
-    results = [f.result() for f in futures]
-    # a cached result whose shard file has since been deleted from storage: run it again
-    for i, (ids, res) in enumerate(zip(shards, results, strict=True)):
-        if not store.exists(res["key"]):
-            logger.warning("shard %d: cached result %s is missing from storage; rescoring", i, res["key"])
-            futures[i] = score_shard_task.with_options(refresh_cache=True).submit(
-                storage, ids, chosen["model"], chosen["version"], config
-            )
-            results[i] = futures[i].result()
-    fresh = [ids for ids, f in zip(shards, futures, strict=True) if f.state.name != "Cached"]
+    results, fresh = run_shards(
+        score_shard_task,
+        shards,
+        store,
+        lambda ids: {"storage_uri": storage, "image_ids": ids, "model_uri": chosen["model"],
+                     "model_version": chosen["version"], "config": config},
+    )
     scored = sum(len(ids) for ids in fresh)
     logger.info("%d shards: %d from cache, %d images scored", len(shards), len(shards) - len(fresh), scored)
 
     out = apply_threshold(df, load_scores(store, [r["key"] for r in results]), cfg.threshold)
-    table = pa.Table.from_pandas(out.reset_index(drop=True), preserve_index=False)
+    table = from_pandas(out)
     uri = write_manifest(store, manifest_key(STAGE, prefix=prefix), table, CLEAN_SCHEMA)
     reasons = Counter(out.loc[out["status"] == DROPPED, "reason"].tolist())
     kept = int((out["status"] != DROPPED).sum())

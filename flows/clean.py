@@ -25,6 +25,7 @@ from carflow.manifest import (
     CLEAN_SCHEMA,
     DROPPED,
     INGEST_SCHEMA,
+    from_pandas,
     manifest_key,
     read_manifest,
     to_pandas,
@@ -32,10 +33,11 @@ from carflow.manifest import (
 )
 from carflow.settings import get_settings
 from carflow.storage import open_storage
-from tasks.clean import inspect_shard_task, load_shard_results, merge_inspection, plan_shards
+from tasks.clean import inspect_shard_task, merge_inspection
 from tasks.dedup import dedup_manifest
 from tasks.quality import flag_odd_size
 from tasks.report import contact_sheet
+from tasks.shards import load_shard_results, plan_shards, run_shards
 
 
 @task(name="dedup-reduce", retries=1)
@@ -91,15 +93,9 @@ def clean(storage: str | None = None, shard_size: int | None = None) -> dict[str
     df = to_pandas(read_manifest(store, manifest_key("ingest", prefix=prefix), INGEST_SCHEMA))
     shards = plan_shards(df, shard_size or cfg.ingest.shard_size)
     config = {"fix": cfg.fix.model_dump(mode="json"), "quality": cfg.quality.model_dump(mode="json")}
-    futures = [inspect_shard_task.submit(storage, ids, config) for ids in shards]
-    results = [f.result() for f in futures]
-    # a cached result whose shard file has since been deleted from storage: run it again
-    for i, (ids, res) in enumerate(zip(shards, results, strict=True)):
-        if not store.exists(res["key"]):
-            logger.warning("shard %d: cached result %s is missing from storage; recomputing", i, res["key"])
-            futures[i] = inspect_shard_task.with_options(refresh_cache=True).submit(storage, ids, config)
-            results[i] = futures[i].result()
-    fresh = [ids for ids, f in zip(shards, futures, strict=True) if f.state.name != "Cached"]
+    results, fresh = run_shards(
+        inspect_shard_task, shards, store, lambda ids: {"storage_uri": storage, "image_ids": ids, "config": config}
+    )
     cached = len(shards) - len(fresh)
     inspected_images = sum(len(ids) for ids in fresh)
     logger.info("%d shards: %d from cache, %d images decoded", len(shards), cached, inspected_images)
@@ -109,7 +105,7 @@ def clean(storage: str | None = None, shard_size: int | None = None) -> dict[str
     df = apply_odd_size(df, cfg.quality)
     df = dedup_task(df, cfg.dedup.model_dump(mode="json"))
 
-    uri = write_manifest(store, manifest_key("clean", prefix=prefix), _to_table(df), CLEAN_SCHEMA)
+    uri = write_manifest(store, manifest_key("clean", prefix=prefix), from_pandas(df), CLEAN_SCHEMA)
     reasons = Counter(df.loc[df["status"] == DROPPED, "reason"].tolist())
     flags = Counter(f for fl in df["quality_flags"].dropna() for f in fl)
     sheets = publish_report(store, df, prefix)
@@ -139,12 +135,6 @@ def clean(storage: str | None = None, shard_size: int | None = None) -> dict[str
     }
     logger.info("clean manifest %s: %s", uri, {k: summary[k] for k in ("rows", "kept", "dropped_by_reason")})
     return summary
-
-
-def _to_table(df: pd.DataFrame):
-    import pyarrow as pa
-
-    return pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
 
 
 def main(argv: list[str] | None = None) -> int:

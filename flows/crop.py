@@ -23,7 +23,6 @@ from collections import Counter
 from typing import Any
 
 import pandas as pd
-import pyarrow as pa
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
@@ -31,6 +30,7 @@ from carflow.manifest import (
     CLEAN_SCHEMA,
     DROPPED,
     KEPT,
+    from_pandas,
     manifest_key,
     read_manifest,
     to_pandas,
@@ -38,8 +38,8 @@ from carflow.manifest import (
 )
 from carflow.settings import get_settings
 from carflow.storage import open_storage
-from tasks.clean import load_shard_results, plan_shards
 from tasks.crop import crop_config, crop_shard_task
+from tasks.shards import load_shard_results, plan_shards, run_shards
 
 CROP_COLUMNS = ["bbox", "det_class", "det_conf", "crop_id"]
 
@@ -81,26 +81,18 @@ def crop(storage: str | None = None, shard_size: int | None = None) -> dict[str,
     df = to_pandas(read_manifest(store, source))
     shards = plan_shards(df, shard_size or cfg.ingest.shard_size)
     config = crop_config(cfg.crop)
-    futures = [
-        crop_shard_task.submit(storage, ids, config, gpu_limit=cfg.crop.gpu_limit,
-                               decode_workers=cfg.crop.decode_workers)
-        for ids in shards
-    ]
-    results = [f.result() for f in futures]
-    # a cached result whose shard file has since been deleted from storage: run it again
-    for i, (ids, res) in enumerate(zip(shards, results, strict=True)):
-        if not store.exists(res["key"]):
-            logger.warning("shard %d: cached result %s is missing from storage; recomputing", i, res["key"])
-            futures[i] = crop_shard_task.with_options(refresh_cache=True).submit(
-                storage, ids, config, gpu_limit=cfg.crop.gpu_limit, decode_workers=cfg.crop.decode_workers)
-            results[i] = futures[i].result()
-    fresh = [ids for ids, f, r in zip(shards, futures, results, strict=True)
-             if f.state.name != "Cached" and not r.get("reused")]
+    results, fresh = run_shards(
+        crop_shard_task,
+        shards,
+        store,
+        lambda ids: {"storage_uri": storage, "image_ids": ids, "config": config,
+                     "gpu_limit": cfg.crop.gpu_limit, "decode_workers": cfg.crop.decode_workers},
+    )
     cropped = load_shard_results(store, [r["key"] for r in results])
     if cropped.empty:
         cropped = pd.DataFrame({c: pd.Series(dtype=object) for c in ["image_id", "status", "reason", *CROP_COLUMNS]})
     df = merge_crops(df, cropped)
-    table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
+    table = from_pandas(df)
     # the input (clean, or car_filter = clean + its columns) keeps its contract
     uri = write_manifest(store, manifest_key("crop", prefix=prefix), table, CLEAN_SCHEMA)
     reasons = Counter(df.loc[df["status"] == DROPPED, "reason"].tolist())

@@ -31,6 +31,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from carflow.manifest import (
     DROPPED,
     INGEST_SCHEMA,
+    from_pandas,
     manifest_key,
     read_manifest,
     to_pandas,
@@ -88,12 +89,6 @@ def publish_report(storage: str | None, report: pd.DataFrame, prefix: str) -> st
     return store.uri(key)
 
 
-def _to_table(df: pd.DataFrame):
-    import pyarrow as pa
-
-    return pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
-
-
 @flow(name="dataset", log_prints=True)
 def dataset(
     storage: str | None = None,
@@ -134,7 +129,7 @@ def dataset(
     classes_uri = write_classes(store, doc, classes_cfg.datasets_prefix)
     assignments_uri = write_assignments(store, split_cfg.assignments_key, assignments)
     df["classes_version"] = doc["version"]
-    manifest_uri = write_manifest(store, manifest_key("dataset", prefix=prefix), _to_table(df))
+    manifest_uri = write_manifest(store, manifest_key("dataset", prefix=prefix), from_pandas(df))
     chart_uri = publish_report(storage, report, prefix)
 
     exported = None

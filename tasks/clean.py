@@ -4,9 +4,7 @@ per-image results back onto the manifest rows.
 The per-image logic lives in :mod:`tasks.fix` (fixer + quality + hashes from one decode)
 and :mod:`tasks.dedup` (one reduce step over the small hash table).
 
-Sharding is stable as data grows: unique images are ordered by when they were first
-seen, then cut into fixed-size shards. New listings append images at the end, so only
-the tail shard and the new shards get new cache keys — adding 1% new listings redoes
+Sharding (:mod:`tasks.shards`) is stable as data grows, so adding 1% new listings redoes
 about 1% of the decoding.
 """
 
@@ -24,25 +22,15 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from carflow.caching import content_key, shard_cache_key_fn
-from carflow.manifest import DROPPED, KEPT, to_pandas
+from carflow.manifest import DROPPED, KEPT
 from carflow.settings import FixSettings, QualitySettings
 from carflow.storage import Storage, open_storage
 from tasks.fix import inspect_schema, inspect_shard, shard_stats
+from tasks.shards import load_shard_results, plan_shards  # noqa: F401 - re-exported
 
 STAGE = "inspect"
 #: bump when fix/quality/hash code changes in a way that changes results
 VERSION = "1"
-
-
-def plan_shards(manifest: pd.DataFrame, shard_size: int) -> list[list[str]]:
-    """Unique kept image ids, ordered by first appearance (then id), in shards."""
-    kept = manifest[manifest["status"] == KEPT]
-    if kept.empty:
-        return []
-    order = kept.groupby("image_id", sort=False)["first_seen"].min().reset_index()
-    order = order.sort_values(["first_seen", "image_id"], kind="stable")
-    ids = order["image_id"].tolist()
-    return [ids[i : i + shard_size] for i in range(0, len(ids), shard_size)]
 
 
 def _config(fix_cfg: FixSettings, quality_cfg: QualitySettings) -> dict[str, Any]:
@@ -105,14 +93,6 @@ def inspect_shard_task(
         QualitySettings(**config["quality"]),
         workers=workers,
     )
-
-
-def load_shard_results(storage: Storage, keys: list[str]) -> pd.DataFrame:
-    frames = [to_pandas(pq.read_table(io.BytesIO(storage.get(k)))) for k in keys]
-    frames = [f for f in frames if not f.empty]
-    if not frames:
-        return pd.DataFrame({"image_id": pd.Series(dtype="string")})
-    return pd.concat(frames, ignore_index=True).drop_duplicates("image_id", keep="last")
 
 
 def merge_inspection(manifest: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:

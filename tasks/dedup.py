@@ -91,11 +91,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel
 
+from carflow.graph import connected_components
 from carflow.imagehash import hamming_pairs, popcount64
 from carflow.manifest import DROPPED, KEPT
-from carflow.settings import DedupSettings
+from carflow.settings import DedupSettings, as_settings
 
 log = logging.getLogger(__name__)
 
@@ -107,49 +107,13 @@ LARGE_CLUSTER = 1000
 
 
 def as_dedup_settings(cfg: Any = None) -> DedupSettings:
-    """``cfg`` as :class:`DedupSettings`: None → defaults; a dict is validated strictly;
-    another pydantic model (``carflow.settings.DedupSettings``) contributes the fields
-    this stage knows."""
-    if cfg is None:
-        return DedupSettings()
-    if isinstance(cfg, DedupSettings):
-        return cfg
-    if isinstance(cfg, BaseModel):
-        data = cfg.model_dump()
-        return DedupSettings.model_validate(
-            {k: v for k, v in data.items() if k in DedupSettings.model_fields}
-        )
-    return DedupSettings.model_validate(dict(cfg))
+    """``cfg`` (None, a dict or a settings model) as :class:`DedupSettings`."""
+    return as_settings(DedupSettings, cfg)
 
 
 # ---------------------------------------------------------------------------------------
 # building blocks
 # ---------------------------------------------------------------------------------------
-def connected_components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Component label of each of ``n`` nodes = the smallest node index in its component.
-
-    Array-based union-find: every round hooks the larger root of each edge under the
-    smaller one (``np.minimum.at``), then compresses every path fully (pointer jumping);
-    edges already inside one component are dropped. Pointers only go to smaller indices,
-    so there are no cycles; rounds are few (about log of the longest chain)."""
-    parent = np.arange(n, dtype=np.int64)
-    u = np.asarray(u, dtype=np.int64).ravel()
-    v = np.asarray(v, dtype=np.int64).ravel()
-    while u.size:
-        pu, pv = parent[u], parent[v]
-        open_ = pu != pv
-        if not open_.any():
-            break
-        u, v, pu, pv = u[open_], v[open_], pu[open_], pv[open_]
-        np.minimum.at(parent, np.maximum(pu, pv), np.minimum(pu, pv))
-        while True:
-            grand = parent[parent]
-            if np.array_equal(grand, parent):
-                break
-            parent = grand
-    return parent
-
-
 def leader_clusters(group: np.ndarray, u: np.ndarray, v: np.ndarray, rank: np.ndarray) -> np.ndarray:
     """Greedy leader ("star") clustering of groups linked by near pairs ``(u, v)``.
 

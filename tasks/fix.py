@@ -65,8 +65,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel
 
+from carflow.imagehash import to_int64
 from carflow.imageio import (
     NOT_IMAGE_FORMATS,
     ImageTooLarge,
@@ -80,7 +80,7 @@ from carflow.imageio import (
     sniff,
 )
 from carflow.manifest import DROPPED, KEPT
-from carflow.settings import FixSettings, QualitySettings
+from carflow.settings import FixSettings, QualitySettings, as_settings
 from tasks.quality import apply_quality, quality_scores
 
 STAGE = "fix"
@@ -143,18 +143,6 @@ class FixResult:
     @property
     def small_rgb(self) -> np.ndarray | None:
         return None if self.small is None else np.asarray(self.small)
-
-
-def as_settings(model: type[BaseModel], cfg: Any) -> Any:
-    """``cfg`` as an instance of ``model``: None → defaults; a dict or another pydantic
-    model (e.g. a section of the global settings object) is validated field by field,
-    so an unknown or invalid field raises here, once, rather than per image."""
-    if cfg is None:
-        return model()
-    if isinstance(cfg, model):
-        return cfg
-    data = cfg.model_dump() if isinstance(cfg, BaseModel) else dict(cfg)
-    return model.model_validate(data)
 
 
 def _orientation(im: Image.Image) -> int | None:
@@ -419,12 +407,6 @@ def inspect_schema(with_out_bytes: bool = True):
     if not with_out_bytes:
         names.remove("out_bytes")
     return pa.schema([pa.field(n, types[n]) for n in names])
-
-
-def to_int64(value: int) -> int:
-    """A 64-bit hash as a signed int64 (same bits; Parquet/pandas friendly)."""
-    value &= (1 << 64) - 1
-    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def _hashers():

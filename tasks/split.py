@@ -57,6 +57,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
+from carflow.graph import connected_components as union_find
 from carflow.manifest import DROPPED, KEPT
 from carflow.settings import SplitSettings
 
@@ -74,32 +75,6 @@ class LeakageError(AssertionError):
 # ---------------------------------------------------------------------------------------
 # union-find over arrays
 # ---------------------------------------------------------------------------------------
-def union_find(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Component of each of ``n`` nodes = the smallest node index in it.
-
-    Every round hooks the larger root of each open edge under the smaller one
-    (``np.minimum.at``) and compresses paths fully (pointer jumping); edges inside one
-    component are dropped. Pointers only go down, so no cycles; few rounds."""
-    parent = np.arange(n, dtype=np.int64)
-    u = np.asarray(u, dtype=np.int64).ravel()
-    v = np.asarray(v, dtype=np.int64).ravel()
-    keep = u != v
-    u, v = u[keep], v[keep]
-    while u.size:
-        pu, pv = parent[u], parent[v]
-        open_ = pu != pv
-        if not open_.any():
-            break
-        u, v, pu, pv = u[open_], v[open_], pu[open_], pv[open_]
-        np.minimum.at(parent, np.maximum(pu, pv), np.minimum(pu, pv))
-        while True:
-            grand = parent[parent]
-            if np.array_equal(grand, parent):
-                break
-            parent = grand
-    return parent
-
-
 def _key_edges(listing_codes: np.ndarray, values: pd.Series, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Edges (listing, smallest listing sharing the value) for one group_by column."""
     sel = mask & values.notna().to_numpy()

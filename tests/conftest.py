@@ -139,6 +139,30 @@ def demo_site(demo_site_dir):
         yield site
 
 
+#: loopback: no need for politeness delays in tests (the defaults stay polite)
+FAST_CRAWL = {"AUTOTHROTTLE_ENABLED": False, "DOWNLOAD_DELAY": 0, "CONCURRENT_REQUESTS_PER_DOMAIN": 8}
+
+
+@pytest.fixture(scope="session")
+def crawl_to_manifest():
+    """A function ``(base_url, storage_uri) -> storage_uri``: crawl a demo site there
+    (a real ``scrapy crawl`` subprocess) and write manifest v0 from its listing feeds."""
+    from carflow.manifest import INGEST_SCHEMA, manifest_key, write_manifest
+    from carflow.storage import open_storage
+    from spiders.run import run_crawl
+    from tasks.ingest import build_manifest, read_listing_records
+
+    def run(base_url: str, uri: str) -> str:
+        run_crawl("demo", storage=uri, overrides=FAST_CRAWL, base_url=base_url)
+        store = open_storage(uri)
+        records, _ = read_listing_records(store)
+        manifest, _, _ = build_manifest(records)
+        write_manifest(store, manifest_key("ingest"), manifest, INGEST_SCHEMA)
+        return uri
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """One Prefect test server (temporary database) for the whole session."""

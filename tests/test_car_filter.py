@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from carflow.manifest import INGEST_SCHEMA, manifest_key, to_pandas, write_manifest
+from carflow.manifest import manifest_key, to_pandas
 from carflow.settings import CarFilterSettings, reset_settings
 from carflow.storage import open_storage
 from models.car_filter import WeightsError, build_car_filter
@@ -32,7 +32,6 @@ from tasks.car_filter import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = {"AUTOTHROTTLE_ENABLED": False, "DOWNLOAD_DELAY": 0, "CONCURRENT_REQUESTS_PER_DOMAIN": 8}
 NON_CAR = ("interior", "dashboard", "wheel", "text_banner")
 #: small and quick on 2 CPU cores; MobileNetV2 from scratch (weights=none)
 TRAIN_ENV = {
@@ -169,19 +168,12 @@ def site_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cleaned(site_dir, prefect_server, tmp_path_factory) -> str:
+def cleaned(site_dir, prefect_server, tmp_path_factory, crawl_to_manifest) -> str:
     from carflow.demo_site.server import DemoSite
     from flows.clean import clean
-    from spiders.run import run_crawl
-    from tasks.ingest import build_manifest, read_listing_records
 
-    uri = str(tmp_path_factory.mktemp("car-filter-store"))
     with DemoSite(site_dir) as site:
-        run_crawl("demo", storage=uri, overrides=FAST, base_url=site.url)
-    store = open_storage(uri)
-    records, _ = read_listing_records(store)
-    manifest, _, _ = build_manifest(records)
-    write_manifest(store, manifest_key("ingest"), manifest, INGEST_SCHEMA)
+        uri = crawl_to_manifest(site.url, str(tmp_path_factory.mktemp("car-filter-store")))
     clean(storage=uri, shard_size=1000)
     return uri
 

@@ -17,25 +17,13 @@ from carflow.manifest import INGEST_SCHEMA, from_records, manifest_key, to_panda
 from carflow.settings import FixSettings, load_settings
 from carflow.storage import open_storage
 from tasks.fix import inspect_image
-from tasks.ingest import build_manifest, read_listing_records
 
 pytestmark = pytest.mark.integration
 
-FAST = {"AUTOTHROTTLE_ENABLED": False, "DOWNLOAD_DELAY": 0, "CONCURRENT_REQUESTS_PER_DOMAIN": 8}
-
-
 @pytest.fixture(scope="module")
-def crawled(demo_site, tmp_path_factory) -> str:
+def crawled(demo_site, tmp_path_factory, crawl_to_manifest) -> str:
     """The demo marketplace crawled into a local storage, with manifest v0 written."""
-    from spiders.run import run_crawl
-
-    uri = str(tmp_path_factory.mktemp("clean-store"))
-    run_crawl("demo", storage=uri, overrides=FAST, base_url=demo_site.url)
-    store = open_storage(uri)
-    records, _ = read_listing_records(store)
-    manifest, _, _ = build_manifest(records)
-    write_manifest(store, manifest_key("ingest"), manifest, INGEST_SCHEMA)
-    return uri
+    return crawl_to_manifest(demo_site.url, str(tmp_path_factory.mktemp("clean-store")))
 
 
 @pytest.fixture(scope="module")

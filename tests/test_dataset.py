@@ -11,29 +11,19 @@ import pyarrow.parquet as pq
 import pytest
 from prefect import task
 
-from carflow.manifest import INGEST_SCHEMA, manifest_key, read_manifest, to_pandas, write_manifest
+from carflow.manifest import manifest_key, read_manifest, to_pandas
 from carflow.settings import ClassesSettings
 from carflow.storage import open_storage
 from tasks.classes import assign_classes
-from tasks.ingest import build_manifest, read_listing_records
 from tasks.split import SPLITS, LeakageError, check_leakage
 
 pytestmark = pytest.mark.integration
 
-FAST = {"AUTOTHROTTLE_ENABLED": False, "DOWNLOAD_DELAY": 0, "CONCURRENT_REQUESTS_PER_DOMAIN": 8}
-
-
 @pytest.fixture(scope="module")
-def cleaned(demo_site, tmp_path_factory, prefect_server) -> str:
+def cleaned(demo_site, tmp_path_factory, prefect_server, crawl_to_manifest) -> str:
     from flows.clean import clean
-    from spiders.run import run_crawl
 
-    uri = str(tmp_path_factory.mktemp("dataset-store"))
-    run_crawl("demo", storage=uri, overrides=FAST, base_url=demo_site.url)
-    store = open_storage(uri)
-    records, _ = read_listing_records(store)
-    manifest, _, _ = build_manifest(records)
-    write_manifest(store, manifest_key("ingest"), manifest, INGEST_SCHEMA)
+    uri = crawl_to_manifest(demo_site.url, str(tmp_path_factory.mktemp("dataset-store")))
     clean(storage=uri, shard_size=40)
     return uri
 

@@ -1,0 +1,64 @@
+"""Shards, shared by every per-image stage (clean, car filter, crop).
+
+Sharding is stable as data grows: unique kept images are ordered by when they were first
+seen, then cut into fixed-size shards. New listings append images at the end, so only the
+tail shard and the new shards get new cache keys.
+
+:func:`run_shards` submits one cached Prefect task per shard. Each shard task writes its
+rows to storage and returns ``{"key": ...}``; a cached result whose file has since been
+deleted from storage is run again (``refresh_cache``) instead of failing the flow.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from carflow.manifest import KEPT, to_pandas
+from carflow.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+def plan_shards(manifest: pd.DataFrame, shard_size: int) -> list[list[str]]:
+    """Unique kept image ids, ordered by first appearance (then id), in shards."""
+    kept = manifest[manifest["status"] == KEPT]
+    if kept.empty:
+        return []
+    order = kept.groupby("image_id", sort=False)["first_seen"].min().reset_index()
+    order = order.sort_values(["first_seen", "image_id"], kind="stable")
+    ids = order["image_id"].tolist()
+    return [ids[i : i + shard_size] for i in range(0, len(ids), shard_size)]
+
+
+def load_shard_results(storage: Storage, keys: list[str]) -> pd.DataFrame:
+    frames = [to_pandas(pq.read_table(io.BytesIO(storage.get(k)))) for k in keys]
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return pd.DataFrame({"image_id": pd.Series(dtype="string")})
+    return pd.concat(frames, ignore_index=True).drop_duplicates("image_id", keep="last")
+
+
+def run_shards(
+    task: Any, shards: list[list[str]], store: Storage, arguments: Callable[[list[str]], dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[list[str]]]:
+    """Submit ``task(**arguments(ids))`` for every shard; returns the results and the
+    shards that really ran (not served from Prefect's cache, not reused from storage)."""
+    futures = [task.submit(**arguments(ids)) for ids in shards]
+    results = [f.result() for f in futures]
+    for i, ids in enumerate(shards):
+        if not store.exists(results[i]["key"]):
+            log.warning("shard %d: cached result %s is missing from storage; recomputing", i, results[i]["key"])
+            futures[i] = task.with_options(refresh_cache=True).submit(**arguments(ids))
+            results[i] = futures[i].result()
+    fresh = [
+        ids
+        for ids, f, r in zip(shards, futures, results, strict=True)
+        if f.state.name != "Cached" and not r.get("reused")
+    ]
+    return results, fresh
