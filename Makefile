@@ -48,6 +48,7 @@ bench: install
 	$(PYTHON) bench/split.py
 	$(PYTHON) bench/car_filter.py
 	$(PYTHON) -m bench.detect
+	$(PYTHON) -m bench.dataset_read --n 1500
 
 ## regenerate requirements.lock after editing pyproject.toml dependencies
 lock:

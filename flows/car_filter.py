@@ -43,6 +43,7 @@ from tasks.car_filter import (
     resolve_model,
     sample_for_labelling,
     score_shard_task,
+    scoring_config,
     train_task,
     write_labelling_kit,
 )
@@ -75,10 +76,12 @@ def train(
     image_size: int | None = None,
     alpha: float | None = None,
     command: str | None = None,
+    batch_size: int | None = None,
+    patience: int | None = None,
 ) -> dict[str, Any]:
     """Labels (CSV or car/no_car folders) → a new model version under ``car_filter.models_prefix``."""
     logger = get_run_logger()
-    cfg = _cfg(weights=weights, image_size=image_size, alpha=alpha)
+    cfg = _cfg(weights=weights, image_size=image_size, alpha=alpha, batch_size=batch_size, patience=patience)
     labels_df = import_labels(labels)
     logger.info("%d labels: %s", len(labels_df), labels_df["label"].value_counts().to_dict())
     result = train_task(storage, labels_df, cfg.model_dump(mode="json"), epochs=epochs, command=command)
@@ -109,7 +112,7 @@ def score(
     df = to_pandas(read_manifest(store, manifest_key("clean", prefix=prefix), CLEAN_SCHEMA))
     chosen = resolve_model(store, cfg, model)
     shards = plan_shards(df, shard_size or cfg.shard_size)
-    config = {"alpha": chosen["alpha"], "image_size": chosen["image_size"], "batch_size": cfg.batch_size}
+    config = scoring_config(cfg, chosen)
     results, fresh = run_shards(
         score_shard_task,
         shards,
@@ -162,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--weights", help="imagenet | none | path or s3:// URI (car_filter.weights)")
     t.add_argument("--image-size", type=int)
     t.add_argument("--alpha", type=float)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--patience", type=int, help="early stopping patience in epochs")
     s = sub.add_parser("score", help="score the clean manifest")
     s.add_argument("--model", help="model version folder or model.keras URI (default: latest)")
     s.add_argument("--shard-size", type=int)
@@ -171,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         result = labelling_kit(a.storage, a.n, a.out, a.seed)
     elif a.command == "train":
         cmd = shlex.join(["python", "-m", "flows.car_filter", *(sys.argv[1:] if argv is None else argv)])
-        result = train(a.labels, a.storage, a.epochs, a.weights, a.image_size, a.alpha, command=cmd)
+        result = train(a.labels, a.storage, a.epochs, a.weights, a.image_size, a.alpha, command=cmd,
+                       batch_size=a.batch_size, patience=a.patience)
     else:
         result = score(a.storage, a.model, a.shard_size, a.threshold)
     print(json.dumps(result, indent=2, default=str))

@@ -1,9 +1,15 @@
-"""Crop flow: the largest vehicle of each kept image, as a new content-addressed JPEG.
+"""Crop flow: the largest vehicle of each kept image, as a new content-addressed JPEG;
+and the detector fine-tune that makes weights for it.
 
-    python -m flows.crop [--storage URI] [--shard-size N]
+    python -m flows.crop [--storage URI] [--shard-size N] [--source clean|car_filter]
+                         [--weights PATH|URI] [--imgsz N] [--conf P]
+    python -m flows.crop train --data data.yaml [--epochs N] [--imgsz N] [--batch N]
+                               [--model yolov5nu.yaml|PATH] [--force]
 
-Reads ``manifests/car_filter/manifest.parquet`` when the car filter has run, else
-``manifests/clean/manifest.parquet``; writes ``manifests/crop/manifest.parquet`` with
+``crop`` reads the manifest of ``source`` (a stage name or a manifest key) when given —
+the nightly and demo DAGs always pass it — else ``manifests/car_filter/manifest.parquet``
+when the car filter has run, else ``manifests/clean/manifest.parquet``; it writes
+``manifests/crop/manifest.parquet`` with
 the input's columns plus ``bbox`` (padded crop box ``[x0, y0, x1, y1]``, x1/y1
 exclusive, in the image's pixels), ``det_class`` (``vehicle``), ``det_conf`` and
 ``crop_id`` (the crop's image id; ``image_id`` stays the uncropped photo). Kept rows the
@@ -12,12 +18,19 @@ detector rejects are dropped with reason ``no_vehicle``, ``too_small`` or
 the crop config (including the weights spec and, for a local file, its sha256); each
 holds one slot of the Prefect global concurrency limit ``crop.gpu_limit`` (``gpu``)
 while it runs inference — a limit that does not exist is only a warning.
+
+``train`` fine-tunes a YOLO model on an ultralytics ``data.yaml`` dataset
+(``tasks/detector_train.py``) and stores ``models/detector/<version>/weights.pt`` +
+``config.json``; the version hashes the dataset content and the training parameters, so
+the same data and parameters reuse the stored weights. Point ``crop.weights`` at the
+printed ``weights``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections import Counter
 from typing import Any
@@ -39,13 +52,21 @@ from carflow.manifest import (
 from carflow.settings import get_settings
 from carflow.storage import open_storage
 from tasks.crop import crop_config, crop_shard_task
+from tasks.detector_train import DEFAULT_PREFIX, finetune_task
 from tasks.shards import load_shard_results, plan_shards, run_shards
 
 CROP_COLUMNS = ["bbox", "det_class", "det_conf", "crop_id"]
 
 
-def input_key(store, prefix: str) -> str:
-    """The car-filter manifest if that stage has run, else the clean one."""
+def input_key(store, prefix: str, source: str | None = None) -> str:
+    """The manifest to crop: ``source`` (a stage name such as ``car_filter`` or a manifest
+    key) when given, else the car-filter manifest if that stage has run, else the clean
+    one. An explicit source that does not exist is an error, never a silent fallback."""
+    if source:
+        key = source if source.endswith(".parquet") else manifest_key(source, prefix=prefix)
+        if not store.exists(key):
+            raise FileNotFoundError(f"crop input {store.uri(key)} does not exist (run the {source} stage first)")
+        return key
     car = manifest_key("car_filter", prefix=prefix)
     return car if store.exists(car) else manifest_key("clean", prefix=prefix)
 
@@ -71,22 +92,32 @@ def merge_crops(manifest: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
 
 
 @flow(name="crop", log_prints=True)
-def crop(storage: str | None = None, shard_size: int | None = None) -> dict[str, Any]:
-    """Clean / car-filter manifest → ``manifests/crop/manifest.parquet``."""
+def crop(
+    storage: str | None = None,
+    shard_size: int | None = None,
+    source: str | None = None,
+    weights: str | None = None,
+    imgsz: int | None = None,
+    conf: float | None = None,
+) -> dict[str, Any]:
+    """Clean / car-filter manifest → ``manifests/crop/manifest.parquet``. ``weights``,
+    ``imgsz`` and ``conf`` override ``crop.weights`` / ``crop.imgsz`` / ``crop.conf``."""
     logger = get_run_logger()
     cfg = get_settings()
     store = open_storage(storage)
     prefix = cfg.runtime.manifests_prefix
-    source = input_key(store, prefix)
+    overrides = {"weights": weights, "imgsz": imgsz, "conf": conf}
+    crop_cfg = cfg.crop.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    source = input_key(store, prefix, source)
     df = to_pandas(read_manifest(store, source))
     shards = plan_shards(df, shard_size or cfg.ingest.shard_size)
-    config = crop_config(cfg.crop)
+    config = crop_config(crop_cfg)
     results, fresh = run_shards(
         crop_shard_task,
         shards,
         store,
         lambda ids: {"storage_uri": storage, "image_ids": ids, "config": config,
-                     "gpu_limit": cfg.crop.gpu_limit, "decode_workers": cfg.crop.decode_workers},
+                     "gpu_limit": crop_cfg.gpu_limit, "decode_workers": crop_cfg.decode_workers},
     )
     cropped = load_shard_results(store, [r["key"] for r in results])
     if cropped.empty:
@@ -106,7 +137,9 @@ def crop(storage: str | None = None, shard_size: int | None = None) -> dict[str,
         "shards": len(shards),
         "cached_shards": len(shards) - len(fresh),
         "inferred_images": sum(len(ids) for ids in fresh),
-        "weights": cfg.crop.weights,
+        "weights": crop_cfg.weights,
+        "imgsz": crop_cfg.imgsz,
+        "conf": crop_cfg.conf,
     }
     create_table_artifact(
         key="crop-counts",
@@ -117,12 +150,67 @@ def crop(storage: str | None = None, shard_size: int | None = None) -> dict[str,
     return summary
 
 
+@flow(name="detector-train", log_prints=True)
+def train_detector(
+    data: str,
+    storage: str | None = None,
+    epochs: int | None = None,
+    imgsz: int | None = None,
+    batch: int | None = None,
+    model: str | None = None,
+    device: str | None = None,
+    force: bool = False,
+    prefix: str = DEFAULT_PREFIX,
+    command: str | None = None,
+    params: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune the detector on a YOLO ``data.yaml`` → ``<prefix>/<version>/weights.pt``
+    (reused when the same data and parameters were trained before, unless ``force``).
+    ``params`` are more ultralytics ``train`` arguments (``lr0``, ``warmup_epochs``…) over
+    ``tasks.detector_train.TRAIN_DEFAULTS``; the named arguments win over them."""
+    logger = get_run_logger()
+    named = {"epochs": epochs, "imgsz": imgsz, "batch": batch, "model": model, "device": device}
+    merged = {**(params or {}), **{k: v for k, v in named.items() if v is not None}}
+    result = finetune_task(storage, data, merged, prefix, force, command)
+    create_table_artifact(
+        key="detector-train",
+        table=[{"version": result["version"], "weights": result["uri"], "cached": result["cached"],
+                "train_seconds": result.get("train_seconds"), **{k: result["params"].get(k) for k in
+                                                                  ("model", "epochs", "imgsz", "batch")}}],
+        description="Detector fine-tune (crop.weights)",
+    )
+    logger.info("detector %s (%s): crop.weights=%s", result["version"],
+                "reused" if result["cached"] else f"trained in {result.get('train_seconds')}s", result["weights"])
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.crop", description=crop.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m flows.crop", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--storage", help="storage URI (default: settings storage)")
     parser.add_argument("--shard-size", type=int, help="images per shard task (default: ingest.shard_size)")
+    parser.add_argument("--source", help="input stage (clean, car_filter) or manifest key (default: car_filter "
+                                         "if it has run, else clean)")
+    parser.add_argument("--weights", help="crop.weights: .pt path, s3:// URI, hub name, or none")
+    parser.add_argument("--imgsz", type=int, help="crop.imgsz")
+    parser.add_argument("--conf", type=float, help="crop.conf")
+    sub = parser.add_subparsers(dest="command")
+    t = sub.add_parser("train", help="fine-tune the detector on a YOLO data.yaml")
+    t.add_argument("--data", required=True, help="ultralytics data.yaml (images/ + labels/, COCO names)")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--imgsz", type=int, dest="train_imgsz")
+    t.add_argument("--batch", type=int)
+    t.add_argument("--model", help="architecture .yaml (random init) or .pt to start from (default yolov5nu.yaml)")
+    t.add_argument("--device", help="torch device (default: ultralytics' choice)")
+    t.add_argument("--force", action="store_true", help="train even when this version is stored")
     a = parser.parse_args(argv)
-    print(json.dumps(crop(a.storage, a.shard_size), indent=2, default=str))
+    if a.command == "train":
+        cmd = shlex.join(["python", "-m", "flows.crop", *(sys.argv[1:] if argv is None else argv)])
+        result = train_detector(a.data, a.storage, a.epochs, a.train_imgsz, a.batch, a.model, a.device, a.force,
+                                command=cmd)
+    else:
+        result = crop(a.storage, a.shard_size, a.source, a.weights, a.imgsz, a.conf)
+    print(json.dumps(result, indent=2, default=str))
     return 0
 
 

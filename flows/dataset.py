@@ -1,18 +1,32 @@
-"""Dataset flow: classes → split → leakage check → export.
+"""Dataset flow: classes → split → leakage check → exports.
 
     python -m flows.dataset [--storage URI] [--min-images N] [--merge-map YAML]
                             [--ignore LABEL ...] [--conflict-policy majority|drop]
-                            [--export URI]
+                            [--export URI] [--tfrecord [URI]] [--tfrecord-size N]
 
 Reads ``manifests/crop/manifest.parquet`` if it exists, else
-``manifests/clean/manifest.parquet``; writes ``datasets/<version>/classes.json`` (the
-contract with training), updates ``datasets/assignments.parquet`` (listing → split;
-an assigned listing never moves) and writes ``manifests/dataset/manifest.parquet``
-(every row, with ``class_label`` and ``split``). The leakage check fails the flow
-before anything is written. Publishes per-class counts per split as a
-table artifact and a bar chart PNG beside the manifest (linked from a markdown
-artifact); on request exports the seeds' folder layout ``<split>/<class>/<image_id>.jpg``
-to a local folder or ``s3://`` prefix.
+``manifests/clean/manifest.parquet``. Every row gets ``train_image_id``, the image it
+trains on: the crop (``crop_id``) from the crop manifest, else the photo (``image_id``);
+a kept crop-manifest row without a crop is dropped as ``not_cropped``, never exported
+uncropped. Writes ``datasets/<version>/classes.json`` (the contract with training),
+updates ``datasets/assignments.parquet`` (listing → split; an assigned listing never
+moves) and writes ``manifests/dataset/manifest.parquet`` (every row, with
+``class_label``, ``split`` and ``train_image_id``). The leakage check fails the flow
+before anything is written. Publishes per-class counts per split as a table artifact
+and a bar chart PNG beside the manifest (linked from a markdown artifact).
+
+Exports, each on request (``tasks/export.py``):
+
+- folders (``--export URI`` / ``split.export_uri``): the seeds' layout
+  ``<split>/<class>/<train_image_id>.jpg`` in a local folder or ``s3://`` prefix;
+- TFRecord (``--tfrecord`` / ``split.tfrecord``), the training format: shards
+  ``<split>/<split>-00000-of-000NN.tfrecord`` of JPEGs resized to
+  ``split.tfrecord_size`` (default ``train.image_size``; ``split.tfrecord_fit``:
+  size×size, or a shorter side of size) plus ``meta.json``, under
+  ``datasets/<version>/tfrecord/`` of the storage unless ``split.tfrecord_uri`` / a URI
+  is given; not rewritten when the same content is already there.
+
+The summary's ``exports`` holds, per export, its URI and the images per split.
 """
 
 from __future__ import annotations
@@ -40,11 +54,11 @@ from carflow.manifest import (
 from carflow.settings import ClassesSettings, SplitSettings, get_settings
 from carflow.storage import open_storage
 from tasks.classes import assign_classes_task, classes_document, write_classes
+from tasks.export import export_folders_task, export_tfrecords_task, with_train_image_id
 from tasks.split import (
     SPLITS,
     assign_splits_task,
     check_leakage_task,
-    export_folders_task,
     read_assignments,
     write_assignments,
 )
@@ -98,8 +112,12 @@ def dataset(
     conflict_policy: str | None = None,
     export_uri: str | None = None,
     run: str | None = None,
+    tfrecord: bool | None = None,
+    tfrecord_uri: str | None = None,
+    tfrecord_size: int | None = None,
 ) -> dict[str, Any]:
-    """Cleaned/cropped manifest → classes.json, split assignments and the dataset manifest."""
+    """Cleaned/cropped manifest → classes.json, split assignments, the dataset manifest
+    and the requested exports (folders with ``export_uri``, TFRecord with ``tfrecord``)."""
     logger = get_run_logger()
     cfg = get_settings()
     store = open_storage(storage)
@@ -112,11 +130,16 @@ def dataset(
     classes_cfg = ClassesSettings(**{**cfg.classes.model_dump(), **overrides})
     split_cfg: SplitSettings = cfg.split
     export_uri = export_uri or split_cfg.export_uri
+    tfrecord = split_cfg.tfrecord if tfrecord is None else tfrecord
+    tfrecord_size = tfrecord_size or split_cfg.tfrecord_size or cfg.train.image_size
     run = run or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
     source = input_key(store, prefix)
     df = to_pandas(read_manifest(store, source, INGEST_SCHEMA))
     logger.info("dataset input %s: %d rows", store.uri(source), len(df))
+    df, not_cropped = with_train_image_id(df)
+    if not_cropped:
+        logger.warning("%d kept row(s) of %s have no crop_id: dropped as not_cropped", not_cropped, source)
 
     df, class_info = assign_classes_task(df, classes_cfg.model_dump(mode="json"))
     doc = classes_document(class_info, classes_cfg)
@@ -132,10 +155,28 @@ def dataset(
     manifest_uri = write_manifest(store, manifest_key("dataset", prefix=prefix), from_pandas(df))
     chart_uri = publish_report(storage, report, prefix)
 
-    exported = None
+    exports: dict[str, Any] = {}
     if export_uri:
-        exported = export_folders_task(df, storage, export_uri, cfg.runtime.max_workers)
-        exported["uri"] = open_storage(export_uri).uri()
+        folders = export_folders_task(df, storage, export_uri, cfg.runtime.max_workers)
+        exports["folders"] = {"uri": open_storage(export_uri).uri(), **folders}
+    if tfrecord:
+        dest = tfrecord_uri or split_cfg.tfrecord_uri or store.uri(f"{classes_cfg.datasets_prefix}/{doc['version']}/tfrecord")
+        meta = export_tfrecords_task(
+            df, storage, dest, doc, tfrecord_size, split_cfg.tfrecord_shard_images, split_cfg.tfrecord_quality,
+            split_cfg.tfrecord_fit, cfg.runtime.max_workers,
+        )
+        exports["tfrecord"] = {
+            "uri": open_storage(dest).uri(),
+            "meta": open_storage(dest).uri("meta.json"),
+            "image_size": meta["image_size"],
+            "fit": meta["fit"],
+            "per_split": {s: int(meta["splits"].get(s, {}).get("count", 0)) for s in SPLITS},
+            "shards": {s: len(meta["splits"].get(s, {}).get("shards", [])) for s in SPLITS},
+            "written": meta["written"],
+            "skipped": meta["skipped"],
+            "missing": meta["missing"],
+            "undecodable": meta["undecodable"],
+        }
 
     table = [
         {"class": str(c), **{s: int(report.at[c, s]) for s in SPLITS}, "total": int(report.at[c, "total"]),
@@ -152,8 +193,9 @@ def dataset(
             f"- classes.json: `{classes_uri}`\n- manifest: `{manifest_uri}`\n"
             f"- assignments: `{assignments_uri}`\n"
             f"- rare classes dropped: {doc['dropped_classes']}\n"
-            f"- split conflicts: {len(conflicts)} ({split_info['split_conflict_rows']} rows dropped)\n\n"
-            f"![images per class and split]({chart_uri})\n\n[bar chart]({chart_uri})\n"
+            f"- split conflicts: {len(conflicts)} ({split_info['split_conflict_rows']} rows dropped)\n"
+            + "".join(f"- export {k}: `{v['uri']}` {v['per_split']}\n" for k, v in exports.items())
+            + f"\n![images per class and split]({chart_uri})\n\n[bar chart]({chart_uri})\n"
         ),
     )
     dropped = df.loc[df["status"] == DROPPED, "reason"].value_counts()
@@ -175,7 +217,9 @@ def dataset(
         "new_listings_assigned": split_info["new_listings_assigned"],
         "split_conflicts": conflicts,
         "chart": chart_uri,
-        "export": exported,
+        "train_images": "crop_id" if "crop_id" in df.columns else "image_id",
+        "not_cropped": not_cropped,
+        "exports": exports,
     }
     logger.info("dataset %s: %s", doc["version"], {k: summary[k] for k in ("classes", "per_split", "dropped_by_reason")})
     return summary
@@ -188,9 +232,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge-map", help="classes.merge_map (YAML)")
     parser.add_argument("--ignore", nargs="*", help="classes.ignore labels/globs")
     parser.add_argument("--conflict-policy", choices=["majority", "drop"])
-    parser.add_argument("--export", help="export <split>/<class>/<image_id>.jpg here (path or s3:// URI)")
+    parser.add_argument("--export", help="export <split>/<class>/<train_image_id>.jpg here (path or s3:// URI)")
+    parser.add_argument(
+        "--tfrecord", nargs="?", const="", default=None, metavar="URI",
+        help="export TFRecord shards (default place: <storage>/datasets/<version>/tfrecord)",
+    )
+    parser.add_argument("--tfrecord-size", type=int, help="size of the exported JPEGs (split.tfrecord_size)")
     a = parser.parse_args(argv)
-    out = dataset(a.storage, a.min_images, a.merge_map, a.ignore, a.conflict_policy, a.export)
+    out = dataset(
+        a.storage, a.min_images, a.merge_map, a.ignore, a.conflict_policy, a.export,
+        tfrecord=True if a.tfrecord is not None else None, tfrecord_uri=a.tfrecord or None, tfrecord_size=a.tfrecord_size,
+    )
     print(json.dumps(out, indent=2, default=str))
     return 0
 

@@ -8,7 +8,7 @@
   ``metrics.json`` + ``split.csv`` and points ``<models_prefix>/latest.json`` at it.
 - Scoring: :func:`score_shard_to_storage` runs batch inference over one shard (bytes read
   in a thread pool, parallel decode at a reduced JPEG scale, prefetch; fp16 and large
-  batches on a GPU) and writes ``work/car_filter/<content key>.parquet``;
+  batches on a GPU, OpenVINO (bf16 on AMX CPUs) on a CPU) and writes ``work/car_filter/<content key>.parquet``;
   :func:`apply_threshold` adds ``p_car`` to the clean manifest and drops rows below the
   threshold with reason ``no_car``. The shard task is keyed on (stage, model version,
   sorted image ids, config), so a rerun does no inference and a new model rescores all.
@@ -336,6 +336,10 @@ def _forward(model: Any) -> Any:
     """One compiled forward pass per model (kept across shards: no retracing per call)."""
     tf = import_tensorflow()
 
+    from models.car_filter import OpenVinoModel
+
+    if isinstance(model, OpenVinoModel):
+        return lambda x: model(x.numpy())
     key = id(model)
     if key not in _FORWARD or _FORWARD[key][0] is not model:
         _FORWARD.clear()
@@ -622,15 +626,28 @@ def resolve_model(store: Storage, cfg: CarFilterSettings, model: str | None = No
 _MODEL_CACHE: dict[str, Any] = {}
 
 
-def _inference_model(model_uri: str, alpha: float) -> Any:
-    """The loaded model for ``model_uri`` (one kept per process)."""
-    if model_uri not in _MODEL_CACHE:
-        from models.car_filter import for_inference, load_model_file
+def _inference_model(model_uri: str, alpha: float, runtime: str = "keras", precision: str = "fp32") -> Any:
+    """The loaded model for ``model_uri`` in a resolved runtime/precision (see
+    :func:`models.car_filter.resolve_runtime`); one kept per process."""
+    key = f"{model_uri}|{runtime}|{precision}"
+    if key not in _MODEL_CACHE:
+        from models.car_filter import for_runtime, load_model_file
 
         model = load_model_file(model_uri)
         _MODEL_CACHE.clear()
-        _MODEL_CACHE[model_uri] = for_inference(model, int(model.input_shape[1]), alpha)
-    return _MODEL_CACHE[model_uri]
+        _MODEL_CACHE[key] = for_runtime(model, runtime, precision, alpha)
+    return _MODEL_CACHE[key]
+
+
+def scoring_config(cfg: CarFilterSettings, chosen: dict[str, Any]) -> dict[str, Any]:
+    """What a scoring shard is keyed on and run with: the model's input size and width,
+    the batch size, and the resolved runtime + precision (bf16/fp16 move ``p_car`` by
+    ~1e-3, so a change of runtime rescores)."""
+    from models.car_filter import resolve_runtime
+
+    runtime, precision = resolve_runtime(cfg.runtime, cfg.precision)
+    return {"alpha": chosen["alpha"], "image_size": chosen["image_size"], "batch_size": cfg.batch_size,
+            "runtime": runtime, "precision": precision}
 
 
 def score_shard_to_storage(
@@ -642,7 +659,8 @@ def score_shard_to_storage(
 ) -> dict[str, Any]:
     """Score one shard and store ``image_id, p_car`` under ``work/car_filter/<key>.parquet``."""
     key = f"work/{STAGE}/{score_key(model_version, image_ids, config)}.parquet"
-    model = _inference_model(model_uri, float(config.get("alpha", 1.0)))
+    model = _inference_model(model_uri, float(config.get("alpha", 1.0)), config.get("runtime", "keras"),
+                             config.get("precision", "fp32"))
     size = int(model.input_shape[1])
     batch = int(config.get("batch_size", 64))
     if has_gpu():
@@ -657,7 +675,8 @@ def score_shard_to_storage(
     pq.write_table(table, buf, compression="zstd")
     store.put(key, buf.getvalue())
     stats = {"images": len(image_ids), "not_scored": int(np.isnan(p).sum()), "seconds": round(seconds, 3),
-             "batch_size": batch, "model_version": model_version}
+             "batch_size": batch, "model_version": model_version,
+             "runtime": config.get("runtime", "keras"), "precision": config.get("precision", "fp32")}
     store.put_text(key.removesuffix(".parquet") + ".stats.json", json.dumps(stats, sort_keys=True))
     return {"key": key, "stats": stats}
 

@@ -3,13 +3,16 @@
 Pure functions first (:func:`largest_box`, :func:`pad_box`, :func:`crop_decision`),
 then the batched shard pass (:func:`crop_shard_to_storage`) and the cached Prefect task.
 
-Batching: images are decoded in threads into RGB arrays and streamed, a bounded number
-of batches ahead, as fixed-size batches of ``crop.batch_size`` arrays; each batch is one
-``model.predict(list_of_arrays)`` call. Ultralytics wraps a list of arrays in
-``LoadPilAndNumpy`` whose ``bs`` is the list length, so the whole list is letterboxed to
-``imgsz``, stacked and run as ONE forward pass (``batch=`` is ignored for lists; that is
-why we cut the batches ourselves). A file that does not decode becomes a row with reason
-``decode_error`` and never reaches the model, so it cannot fail its batch.
+Batching: images are decoded in threads, letterboxed there (rectangular, ultralytics'
+``LetterBox``), bucketed by letterbox shape and streamed, a bounded number of images
+ahead, as batches of up to ``crop.batch_size`` (auto: 8 on a CPU, 64 on a GPU) equal-shape arrays; each batch is ONE
+forward pass of :class:`models.detector.DetectorNet` (the model's network called
+directly: every CPU core, fp16/bf16 autocast where the hardware has it, ultralytics'
+NMS and box scaling). A list of paths is never handed to ultralytics (it would open them
+all eagerly and ignore ``batch=``), and neither is a list of arrays (its predictor pins
+torch to ``cpu_count - 1`` threads and squares mixed-size batches). A file that does not
+decode becomes a row with reason ``decode_error`` and never reaches the model, so it
+cannot fail its batch.
 
 COCO ``car`` (2) and ``truck`` (7) are merged into one output class, ``vehicle``, as the
 seed scripts did; the box with the largest area wins.
@@ -22,13 +25,14 @@ content-addressed via ``storage.put_image``), ``crop_width, crop_height``.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -142,7 +146,11 @@ def encode_jpeg(arr: np.ndarray, quality: int) -> bytes:
 
 
 # -- batching ---------------------------------------------------------------------------
-Decoded = tuple[str, "np.ndarray | None", "str | None"]  # (image_id, RGB array, error)
+class Decoded(NamedTuple):
+    image_id: str
+    array: np.ndarray | None  # upright RGB, full size
+    letterboxed: np.ndarray | None  # the detector's input for it
+    error: str | None
 
 
 def stream_batches(
@@ -150,66 +158,106 @@ def stream_batches(
     load: Callable[[str], bytes],
     batch_size: int,
     pool: ThreadPoolExecutor,
+    prepare: Callable[[np.ndarray], np.ndarray] | None = None,
     prefetch: int = 2,
+    max_buffered: int | None = None,
+    overlap: bool = True,
 ) -> Iterator[tuple[list[Decoded], list[Decoded]]]:
-    """Decode in ``pool`` threads (at most ``(prefetch + 1) * batch_size`` images ahead)
-    and yield ``(good, bad)``: ``good`` is a full batch of ``batch_size`` decoded images
-    (the last one may be shorter), ``bad`` the images that failed to load or decode since
-    the previous batch. Input order is kept within each list."""
+    """Decode (and ``prepare``, e.g. letterbox) in ``pool`` threads, at most
+    ``(prefetch + 1) * batch_size`` images ahead, and yield ``(good, bad)``.
+
+    ``overlap=False`` (inference on the CPU): nothing is decoded while the consumer holds a
+    batch; the next ``batch_size`` images are decoded, in parallel, only when it asks for
+    more. Decoding and the forward pass then take turns on all cores instead of fighting
+    over them (an OpenMP forward with one core taken by a decoder thread stalls at every
+    barrier: measured 2-5x slower on 2 cores).
+
+    ``good`` is a batch of up to ``batch_size`` decoded images that share one prepared
+    shape (images are bucketed by it, so a batch is one rectangular forward pass, as
+    ultralytics' val ``rect`` mode does); ``bad`` holds the images that failed to load or
+    decode since the previous yield. A bucket is yielded when full; when more than
+    ``max_buffered`` images wait in partial buckets (many distinct shapes) the fullest is
+    yielded early, so memory stays bounded. Input order is kept within each list."""
+    prepare = prepare or (lambda a: a)
+    max_buffered = max_buffered if max_buffered is not None else 4 * batch_size
 
     def work(image_id: str) -> Decoded:
         try:
             data = load(image_id)
         except KeyError:
-            return image_id, None, "missing"
+            return Decoded(image_id, None, None, "missing")
         try:
-            return image_id, decode_rgb(data), None
+            arr = decode_rgb(data)
+            return Decoded(image_id, arr, prepare(arr), None)
         except Exception as exc:  # noqa: BLE001 - bad input is data, never an exception
-            return image_id, None, f"{type(exc).__name__}: {exc}"[:200]
+            return Decoded(image_id, None, None, f"{type(exc).__name__}: {exc}"[:200])
 
-    pending: deque[Future[Decoded]] = deque()
-    it = iter(image_ids)
-    ahead = batch_size * (prefetch + 1)
-    for image_id in it:
-        pending.append(pool.submit(work, image_id))
-        if len(pending) >= ahead:
-            break
-    good: list[Decoded] = []
+    def decoded() -> Iterator[Decoded]:
+        it = iter(image_ids)
+        if not overlap:
+            while chunk := list(itertools.islice(it, batch_size)):
+                yield from [f.result() for f in [pool.submit(work, i) for i in chunk]]
+            return
+        pending: deque[Future[Decoded]] = deque()
+        ahead = batch_size * (prefetch + 1)
+        for image_id in it:
+            pending.append(pool.submit(work, image_id))
+            if len(pending) >= ahead:
+                break
+        while pending:
+            item = pending.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(work, nxt))
+            yield item
+
+    buckets: dict[tuple[int, ...], list[Decoded]] = {}
     bad: list[Decoded] = []
-    while pending:
-        item = pending.popleft().result()
-        nxt = next(it, None)
-        if nxt is not None:
-            pending.append(pool.submit(work, nxt))
-        (good if item[1] is not None else bad).append(item)
-        if len(good) == batch_size:
-            yield good, bad
-            good, bad = [], []
-    if good or bad:
-        yield good, bad
+    buffered = 0
+    for item in decoded():
+        if item.array is None:
+            bad.append(item)
+            continue
+        bucket = buckets.setdefault(item.letterboxed.shape, [])
+        bucket.append(item)
+        buffered += 1
+        if len(bucket) == batch_size or buffered > max_buffered:
+            shape = item.letterboxed.shape if len(bucket) == batch_size else max(buckets, key=lambda k: len(buckets[k]))
+            batch = buckets.pop(shape)
+            buffered -= len(batch)
+            yield batch, bad
+            bad = []
+    for batch in buckets.values():
+        yield batch, bad
+        bad = []
+    if bad:
+        yield [], bad
 
 
 def predict_batch(model: Any, arrays: list[np.ndarray], cfg: CropSettings) -> list[tuple[Any, Any, Any]]:
-    """One batched forward pass over ``arrays`` (RGB). Returns per image (xyxy, cls, conf)."""
-    lock = getattr(model, "carflow_lock", None) or nullcontext()
-    kwargs: dict[str, Any] = {
-        "imgsz": cfg.imgsz,
-        "conf": cfg.conf,
-        "classes": list(cfg.keep_classes),
-        "verbose": False,
-        "save": False,
-        "batch": len(arrays),
-    }
-    if cfg.device:
-        kwargs["device"] = cfg.device
-    bgr = [np.ascontiguousarray(a[..., ::-1]) for a in arrays]  # ultralytics takes arrays as BGR
-    with lock:
-        results = model.predict(bgr, **kwargs)
-    out = []
-    for r in results:
-        boxes = r.boxes
-        out.append((boxes.xyxy.cpu().numpy(), boxes.cls.cpu().numpy(), boxes.conf.cpu().numpy()))
-    return out
+    """One batched forward pass over ``arrays`` (RGB, any sizes). Images of one size are
+    letterboxed rectangularly (as ``model.predict`` does for one image); mixed sizes go to
+    an ``imgsz`` square canvas (as ``model.predict`` does for a list). Returns per image
+    (xyxy, cls, conf) in the image's pixels."""
+    net = _net(model, cfg)
+    rect = len({a.shape for a in arrays}) == 1
+    lbs = [net.letterbox(a, cfg.imgsz, rect=rect) for a in arrays]
+    return net.detect(lbs, [a.shape[:2] for a in arrays], cfg.conf, list(cfg.keep_classes))
+
+
+def batch_size(cfg: CropSettings, net: Any) -> int:
+    """``crop.batch_size``, or for 0 (auto): 64 on a GPU, 8 on a CPU."""
+    if cfg.batch_size:
+        return cfg.batch_size
+    return 8 if getattr(net, "device", "cpu").startswith("cpu") else 64
+
+
+def _net(model: Any, cfg: CropSettings):
+    from models.detector import detector_net
+
+    if callable(getattr(model, "detect", None)) and callable(getattr(model, "letterbox", None)):
+        return model  # a DetectorNet already (or anything with its interface)
+    return detector_net(model, cfg.device, cfg.precision, cfg.torch_threads)
 
 
 def crop_images(
@@ -220,8 +268,10 @@ def crop_images(
     slot: Callable[[], AbstractContextManager[Any]] = nullcontext,
     stats: Counter[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Detect, decide and store crops for ``image_ids``; one row per id, in input order."""
+    """Detect, decide and store crops for ``image_ids``; one row per id, in input order.
+    ``model`` is an ultralytics YOLO (or a :class:`models.detector.DetectorNet`)."""
     stats = stats if stats is not None else Counter()
+    net = _net(model, cfg)
     rows: list[dict[str, Any]] = []
 
     def finish(image_id: str, arr: np.ndarray, det_row: dict[str, Any]) -> dict[str, Any]:
@@ -233,24 +283,37 @@ def crop_images(
             row["crop_width"], row["crop_height"] = int(crop.shape[1]), int(crop.shape[0])
         return row
 
+    def prepare(arr: np.ndarray) -> np.ndarray:
+        return net.letterbox(arr, cfg.imgsz, rect=True)
+
+    # on the CPU, decoding/encoding and the forward pass take turns (see stream_batches)
+    overlap = not getattr(net, "device", "cpu").startswith("cpu")
     by_id: dict[str, Future[dict[str, Any]] | dict[str, Any]] = {}
+    finishing: list[Future[dict[str, Any]]] = []
     with ThreadPoolExecutor(max_workers=cfg.decode_workers) as pool:
         with slot():
-            for good, bad in stream_batches(image_ids, storage.get_image, cfg.batch_size, pool):
-                for image_id, _, err in bad:
-                    by_id[image_id] = {"image_id": image_id, "status": DROPPED,
-                                       "reason": "missing" if err == "missing" else "decode_error",
-                                       "bbox": None, "det_class": None, "det_conf": None, "crop_id": None,
-                                       "crop_width": None, "crop_height": None}
+            for good, bad in stream_batches(image_ids, storage.get_image, batch_size(cfg, net), pool, prepare,
+                                            overlap=overlap):
+                for item in bad:
+                    by_id[item.image_id] = {"image_id": item.image_id, "status": DROPPED,
+                                            "reason": "missing" if item.error == "missing" else "decode_error",
+                                            "bbox": None, "det_class": None, "det_conf": None, "crop_id": None,
+                                            "crop_width": None, "crop_height": None}
                 if not good:
                     continue
-                preds = predict_batch(model, [a for _, a, _ in good], cfg)
+                if not overlap:  # the previous batch's crops are encoded before this forward
+                    for f in finishing:
+                        f.result()
+                    finishing.clear()
+                preds = net.detect([d.letterboxed for d in good], [d.array.shape[:2] for d in good],
+                                   cfg.conf, list(cfg.keep_classes))
                 stats["batches"] += 1
                 stats["inferred"] += len(good)
-                for (image_id, arr, _), (xyxy, cls, conf) in zip(good, preds, strict=True):
+                for d, (xyxy, cls, conf) in zip(good, preds, strict=True):
                     det = largest_box(xyxy, cls, conf, cfg.keep_classes, cfg.conf)
-                    decision = crop_decision(det, arr.shape[1], arr.shape[0], cfg)
-                    by_id[image_id] = pool.submit(finish, image_id, arr, decision)  # encode + store in a thread
+                    decision = crop_decision(det, d.array.shape[1], d.array.shape[0], cfg)
+                    by_id[d.image_id] = pool.submit(finish, d.image_id, d.array, decision)  # encode + store in a thread
+                    finishing.append(by_id[d.image_id])
         for image_id in image_ids:
             done = by_id[image_id]
             rows.append(done.result() if isinstance(done, Future) else done)
@@ -263,12 +326,16 @@ def crop_images(
 def crop_config(cfg: CropSettings) -> dict[str, Any]:
     """The config a shard is keyed on: crop settings + what identifies the weights
     (decode_workers and gpu_limit do not change results and are left out)."""
-    from models.detector import weights_version
+    from models.detector import resolve_device, resolve_precision, weights_version
 
     data = cfg.model_dump(mode="json")
     data.pop("decode_workers", None)
     data.pop("gpu_limit", None)
+    data.pop("torch_threads", None)
+    data.pop("enabled", None)
     data["weights_version"] = weights_version(cfg.weights)
+    # what inference really runs in (auto → fp16 / bf16 / fp32 for this machine)
+    data["precision"] = resolve_precision(cfg.precision, resolve_device(cfg.device))
     return data
 
 

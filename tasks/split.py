@@ -48,7 +48,6 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -387,7 +386,7 @@ def check_leakage(df: pd.DataFrame, group_by: Sequence[str] = ("dup_cluster", "i
 
 
 # ---------------------------------------------------------------------------------------
-# persistence and export
+# persistence (the exports live in tasks/export.py)
 # ---------------------------------------------------------------------------------------
 def read_assignments(store, key: str) -> pd.DataFrame:
     """The persisted assignments (empty if there are none yet)."""
@@ -411,37 +410,6 @@ def write_assignments(store, key: str, assignments: pd.DataFrame) -> str:
     return store.uri(key)
 
 
-def folder_key(split: str, class_label: str, image_id: str) -> str:
-    """The seeds' layout: ``<split>/<class>/<image_id>.jpg``."""
-    return f"{split}/{class_label}/{image_id}.jpg"
-
-
-def export_folders(df: pd.DataFrame, store, dest, max_workers: int = 4) -> dict[str, int]:
-    """Copy every dataset row's image to ``dest`` (a :class:`carflow.storage.Storage`)
-    as ``<split>/<class>/<image_id>.jpg``; files already there are skipped (reruns
-    copy only new images). Returns counts ``written``/``skipped``/``missing``."""
-    rows = df[df["split"].notna()][["split", "class_label", "image_id"]].drop_duplicates()
-    keys = [folder_key(s, c, i) for s, c, i in rows.itertuples(index=False, name=None)]
-    ids = rows["image_id"].tolist()
-
-    def copy(item: tuple[str, str]) -> str:
-        key, image_id = item
-        if dest.exists(key):
-            return "skipped"
-        try:
-            data = store.get_image(image_id)
-        except KeyError:
-            return "missing"
-        dest.put(key, data, content_type="image/jpeg")
-        return "written"
-
-    counts = {"written": 0, "skipped": 0, "missing": 0}
-    with ThreadPoolExecutor(max_workers=max_workers) as pool:
-        for result in pool.map(copy, zip(keys, ids)):
-            counts[result] += 1
-    return counts
-
-
 # ---------------------------------------------------------------------------------------
 # Prefect tasks (thin). Not cached: the split depends on the persisted assignments (state)
 # as much as on the manifest, and the reduce runs in seconds at 2M rows.
@@ -456,10 +424,3 @@ def assign_splits_task(
 @task(name="leakage-check")
 def check_leakage_task(df: pd.DataFrame, group_by: list[str]) -> pd.DataFrame:
     return check_leakage(df, group_by)
-
-
-@task(name="export-folders", retries=2, retry_delay_seconds=5)
-def export_folders_task(df: pd.DataFrame, storage: str | None, dest_uri: str, max_workers: int = 4) -> dict[str, int]:
-    from carflow.storage import open_storage
-
-    return export_folders(df, open_storage(storage), open_storage(dest_uri), max_workers)

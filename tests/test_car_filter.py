@@ -128,6 +128,62 @@ def test_weight_files_round_trip(tmp_path, s3_uri):
         build_car_filter(store.uri("m/cf.keras"), 64)
 
 
+def test_openvino_runtime_matches_keras(tmp_path):
+    from carflow.storage import LocalStorage
+    from models.car_filter import OpenVinoModel, cpu_has_fast_bf16, spread_random_init
+    from tasks.car_filter import predict_ids
+
+    model = build_car_filter("none", 32, alpha=0.35)
+    spread_random_init(model)
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 255, (12, 32, 32, 3)).astype("float32")
+    want = model.predict(x, verbose=0)
+    assert float(want.max() - want.min()) > 0.05  # outputs really differ per image
+    fp32 = OpenVinoModel(model, "fp32")
+    assert fp32.input_shape == (None, 32, 32, 3)
+    np.testing.assert_allclose(fp32(x), want, atol=2e-3)  # logits have std ~1 here
+    assert fp32(x[:1]).shape == (1, 1) and fp32(x[:0]).shape == (0, 1)
+    if cpu_has_fast_bf16():  # opt-in bf16 runs; its drift is not bounded here (this head
+        # amplifies tiny feature differences on purpose), see car_filter.precision
+        got = OpenVinoModel(model, "bf16")(x)
+        assert got.shape == (12, 1) and ((got >= 0) & (got <= 1)).all()
+
+    # through the scoring input pipeline (storage → decode → batches), undecodable → NaN
+    from PIL import Image
+
+    store = LocalStorage(tmp_path)
+    ids = []
+    for _ in range(7):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(buf, format="JPEG")
+        ids.append(store.put_image(buf.getvalue()))
+    ids.insert(3, store.put_image(b"\xff\xd8\xff not a jpeg"))
+    keras_p = predict_ids(model, store, ids, 32, 4)
+    ov_p = predict_ids(fp32, store, ids, 32, 4)
+    assert np.isnan(keras_p[3]) and np.isnan(ov_p[3])
+    np.testing.assert_allclose(np.delete(ov_p, 3), np.delete(keras_p, 3), atol=2e-3)
+
+
+def test_runtime_resolution_and_cache_key():
+    from models.car_filter import resolve_runtime
+    from tasks.car_filter import score_key, scoring_config
+
+    assert resolve_runtime("auto", "auto") == ("openvino", "fp32")  # no GPU here
+    assert resolve_runtime("auto", "bf16") == ("openvino", "bf16")
+    assert resolve_runtime("keras", "auto") == ("keras", "fp32")
+    with pytest.raises(WeightsError, match="car_filter.runtime"):
+        resolve_runtime("onnx", "auto")
+    with pytest.raises(WeightsError, match="car_filter.precision"):
+        resolve_runtime("keras", "bf16")
+    chosen = {"alpha": 0.35, "image_size": 64}
+    auto = scoring_config(CarFilterSettings(), chosen)
+    bf16 = scoring_config(CarFilterSettings(precision="bf16"), chosen)
+    assert auto["runtime"] == "openvino" and auto["precision"] == "fp32" and bf16["precision"] == "bf16"
+    # a different precision rescores; a different batch size does not
+    assert score_key("v1", ["a"], auto) == score_key("v1", ["a"], {**auto, "batch_size": 7})
+    assert score_key("v1", ["a"], auto) != score_key("v1", ["a"], bf16)
+
+
 def test_threshold_metrics_and_apply():
     y = np.array([1, 1, 1, 0, 0])
     p = np.array([0.9, 0.8, 0.4, 0.2, 0.75])

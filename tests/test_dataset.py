@@ -118,8 +118,12 @@ def test_second_run_keeps_assignments_and_exports(first_run, cleaned, s3_uri):
     new = df2.set_index(["listing_id", "image_id"])["split"].reindex(old.index)
     assert (new == old).all()
     check_leakage(df2)
-    assert summary["export"]["written"] == df2["split"].notna().sum()
+    folders = summary["exports"]["folders"]
+    rows = df2.dropna(subset=["split"])
+    assert folders["written"] == len(rows) and folders["per_split"] == summary["per_split"]
+    # clean input (no crop stage): the photo is the train image
+    assert summary["train_images"] == "image_id" and (rows["train_image_id"] == rows["image_id"]).all()
     keys = list(open_storage(s3_uri).list())
-    assert len(keys) == summary["export"]["written"]
-    sample = df2.dropna(subset=["split"]).iloc[0]
+    assert len(keys) == folders["written"]
+    sample = rows.iloc[0]
     assert f"{sample['split']}/{sample['class_label']}/{sample['image_id']}.jpg" in keys

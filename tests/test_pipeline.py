@@ -42,3 +42,249 @@ def test_local_and_s3_give_the_same_manifest(demo_site, demo_site_dir, local_uri
     s3 = open_storage(s3_uri)
     stored = set(s3.list("raw/"))
     assert {r["raw_key"] for r in s3_rows} == stored
+
+
+# ---------------------------------------------------------------- nightly: the model stages
+
+
+def _env(monkeypatch, **values) -> None:
+    """Set ``CARFLOW_<SECTION>__<FIELD>`` variables (``car_filter__threshold="0"``)."""
+    from carflow.settings import reset_settings
+
+    for k, v in values.items():
+        monkeypatch.setenv(f"CARFLOW_{k.upper()}", str(v))
+    reset_settings()
+
+
+@pytest.fixture
+def settings_reset():
+    from carflow.settings import reset_settings
+
+    yield
+    reset_settings()
+
+
+#: a random-init detector finds nothing at the default conf/classes: count every class at
+#: conf 0 so that boxes (and crops) come out; tiny inputs keep it quick
+RANDOM_DETECTOR_ENV = {"crop__imgsz": 160, "crop__conf": 0.0, "crop__min_side": 4, "crop__batch_size": 8,
+                       "crop__device": "cpu", "crop__keep_classes": "[" + ",".join(map(str, range(80))) + "]"}
+
+
+#: loopback: no politeness delays (the crawl subprocess reads the same settings)
+FAST_CRAWL_ENV = {"crawl__autothrottle": "false", "crawl__download_delay": "0"}
+
+
+def _tiny_car_filter(store, site_dir) -> dict:
+    """A real (tiny) training run: 1 epoch at 32 px on the site's photos, labelled from
+    the ground truth; exported as the latest version in ``store``."""
+    import pandas as pd
+
+    from carflow.settings import CarFilterSettings
+    from tasks.car_filter import train_car_filter
+
+    gt = load_ground_truth(site_dir)
+    photos = [p for lst in gt["listings"] for p in lst["photos"]
+              if p["sha256"] and p["problem"] in (None, "interior", "dashboard", "wheel", "text_banner")]
+    rows = {}
+    for p in photos:
+        rows[store.put_image((site_dir / p["url"].lstrip("/")).read_bytes())] = "car" if p["is_car"] else "no_car"
+    labels = pd.DataFrame({"image_id": list(rows), "label": list(rows.values())})
+    cfg = CarFilterSettings(weights="none", image_size=32, alpha=0.35, batch_size=16, epochs=1)
+    return train_car_filter(store, labels, cfg, epochs=1)
+
+
+def _random_detector_file(path) -> str:
+    from models.detector import load_detector
+
+    load_detector("yolov5nu.yaml", cache=False).save(str(path))
+    return str(path)
+
+
+def test_nightly_without_a_car_filter_model_fails_before_crawling(local_uri, prefect_server, settings_reset):
+    from flows.pipeline import StageNotReady, nightly
+
+    with pytest.raises(StageNotReady) as err:
+        nightly(sites=["demo"], storage=local_uri, base_urls={"demo": "http://127.0.0.1:9"})
+    msg = str(err.value)
+    for needle in ("car_filter.model", "CARFLOW_CAR_FILTER__MODEL", "python -m flows.car_filter kit",
+                   "python -m flows.car_filter train", "CARFLOW_CAR_FILTER__ENABLED=false"):
+        assert needle in msg
+    assert not list(open_storage(local_uri).list("listings/"))  # nothing was crawled
+
+
+def test_nightly_with_missing_detector_weights_fails_before_crawling(local_uri, tmp_path, prefect_server,
+                                                                     monkeypatch, settings_reset):
+    from flows.pipeline import StageNotReady, nightly
+
+    _env(monkeypatch, car_filter__enabled="false", crop__weights=str(tmp_path / "missing.pt"))
+    with pytest.raises(StageNotReady, match=r"CARFLOW_CROP__WEIGHTS.*CARFLOW_CROP__ENABLED=false"):
+        nightly(sites=["demo"], storage=local_uri, base_urls={"demo": "http://127.0.0.1:9"})
+    assert not list(open_storage(local_uri).list("listings/"))
+
+
+def test_nightly_chains_car_filter_crop_dataset(demo_site, demo_site_dir, tmp_path, prefect_server, monkeypatch,
+                                                settings_reset):
+    """crawl → ingest → clean → car filter (the latest trained model) → crop → dataset: the
+    dataset is built from the crop manifest, every row in a split has its crop; then with
+    a stage off, its manifest is a pass-through and nothing stale is read."""
+    from carflow.manifest import manifest_key, to_pandas
+    from flows.pipeline import nightly, passthrough_of
+
+    uri = str(tmp_path / "store")
+    store = open_storage(uri)
+    model = _tiny_car_filter(store, demo_site_dir)
+    weights = _random_detector_file(tmp_path / "random-yolo.pt")
+    # threshold 0: a 1-epoch model keeps every photo, so the crop stage sees them all
+    _env(monkeypatch, car_filter__threshold="0", crop__weights=weights, **RANDOM_DETECTOR_ENV, **FAST_CRAWL_ENV)
+
+    out = nightly(sites=["demo"], storage=uri, base_urls={"demo": demo_site.url}, min_images=5)
+
+    read = lambda stage: to_pandas(read_manifest(store, manifest_key(stage)))  # noqa: E731
+    clean, cf, crop, data = read("clean"), read("car_filter"), read("crop"), read("dataset")
+    assert out["car_filter"]["enabled"] and out["car_filter"]["model_version"] == model["version"]
+    assert out["car_filter"]["input"] == store.uri(manifest_key("clean"))
+    assert cf.loc[clean["status"].eq("kept").to_numpy(), "p_car"].notna().all()
+    assert out["crop"]["input"] == store.uri(manifest_key("car_filter"))
+    assert out["crop"]["weights"] == weights and out["crop"]["crops"] > 0
+    assert "p_car" in crop.columns  # the crop manifest carries the car filter's columns on
+    assert out["dataset"]["input"] == store.uri(manifest_key("crop"))
+    in_split = data[data["split"].notna()]
+    assert len(in_split) > 0 and len(out["dataset"]["classes"]) >= 2
+    assert in_split["crop_id"].notna().all()
+    assert all(store.has_image(c) for c in in_split["crop_id"])
+    assert set(in_split["crop_id"]).isdisjoint(set(clean["image_id"]))  # crops, not the photos
+    assert passthrough_of(store, "car_filter") is None and passthrough_of(store, "crop") is None
+
+    # the car filter off: its manifest is the clean one (no stale p_car), crop reads it
+    _env(monkeypatch, car_filter__enabled="false")
+    off = nightly(sites=["demo"], storage=uri, base_urls={"demo": demo_site.url}, min_images=5)
+    assert off["car_filter"]["enabled"] is False
+    assert passthrough_of(store, "car_filter")["input"] == manifest_key("clean")
+    cf = read("car_filter")
+    assert "p_car" not in cf.columns and len(cf) == len(clean)
+    assert off["crop"]["input"] == store.uri(manifest_key("car_filter")) and "p_car" not in read("crop").columns
+    assert off["crop"]["cached_shards"] == off["crop"]["shards"]  # same images, same detector: no inference
+    assert off["dataset"]["input"] == store.uri(manifest_key("crop"))
+
+    # both off: the dataset comes from uncropped photos, never from the stale crop manifest
+    _env(monkeypatch, crop__enabled="false")
+    both = nightly(sites=["demo"], storage=uri, base_urls={"demo": demo_site.url}, min_images=5)
+    assert both["crop"]["enabled"] is False and passthrough_of(store, "crop")["input"] == manifest_key("car_filter")
+    data = read("dataset")
+    assert "crop_id" not in data.columns
+    in_split = data[data["split"].notna()]
+    assert len(in_split) > 0 and set(in_split["image_id"]) <= set(clean["image_id"])
+
+
+# ---------------------------------------------------------------- the demo job
+
+
+def _demo(tmp_path, **kw) -> dict:
+    """The demo flow in ``tmp_path``; one loopback port per test, so a rerun sees the
+    same photo URLs (as `make demo` does with its fixed port)."""
+    import socket
+
+    from flows.demo import demo
+
+    port_file = tmp_path / "port"
+    if not port_file.exists():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port_file.write_text(str(s.getsockname()[1]))
+    args = {"workdir": str(tmp_path / "work"), "storage": str(tmp_path / "store"), "port": int(port_file.read_text())}
+    return demo(**{**args, **kw})
+
+
+def _dataset_from_crops(result: dict) -> None:
+    """The demo's dataset was built from the crop manifest: every row in a split has a
+    stored crop, and it is not the uncropped photo."""
+    from carflow.manifest import manifest_key, to_pandas
+
+    store = open_storage(result["storage"])
+    assert result["dataset_input"] == store.uri(manifest_key("crop"))
+    data = to_pandas(read_manifest(store, manifest_key("dataset")))
+    in_split = data[data["split"].notna()]
+    assert len(in_split) > 0 and in_split["crop_id"].notna().all()
+    assert (in_split["crop_id"] != in_split["image_id"]).all()
+    assert all(store.has_image(c) for c in in_split["crop_id"].unique())
+
+
+def test_demo_bootstraps_tiny_models_and_reuses_them(tmp_path, prefect_server, monkeypatch, settings_reset):
+    """The demo's bootstrap path end to end with tiny recipes (1 epoch each): kit →
+    ground-truth labels → car filter → score; YOLO dataset → fine-tune → crop → dataset
+    from crops; a rerun trains nothing and infers nothing."""
+    # a 1-epoch filter and detector are not accurate: keep every photo and every box
+    _env(monkeypatch, car_filter__threshold="0", crop__min_side="4", crop__device="cpu", **FAST_CRAWL_ENV)
+    tiny = {"listings": 24, "classes": 4, "min_images": 5,
+            "car_filter_recipe": {"epochs": 1, "image_size": 32, "batch_size": 16, "patience": 1},
+            "detector_recipe": {"epochs": 1, "imgsz": 64, "batch": 16, "crop_conf": 0.0}}
+    first = _demo(tmp_path, **tiny)
+    assert first["matches_ground_truth"]
+    cf, det = first["trained"]["car_filter"], first["trained"]["detector"]
+    assert cf["cached"] is False and det["cached"] is False
+    assert cf["labels"]["no_car"] > 0 and cf["labels"]["car"] > cf["labels"]["no_car"]
+    assert det["held_out"]["cars"] > 0 and det["params"]["epochs"] == 1
+    assert first["car_filter"]["enabled"] and first["car_filter"]["model_version"] == cf["version"]
+    assert first["crop"]["weights"] == det["weights"] and first["crop"]["crops"] > 0
+    assert first["crop"]["input"].endswith("manifests/car_filter/manifest.parquet")
+    _dataset_from_crops(first)
+    check = first["ground_truth_check"]
+    assert check["car_filter"]["car_images"] > 0 and check["car_filter"]["non_car_images"] > 0
+    assert check["crop"]["kept_cars"] > 0
+
+    again = _demo(tmp_path, **tiny)
+    assert again["trained"]["car_filter"]["cached"] and again["trained"]["car_filter"]["version"] == cf["version"]
+    assert again["trained"]["detector"]["cached"] and again["trained"]["detector"]["version"] == det["version"]
+    assert again["car_filter"]["cached_shards"] == again["car_filter"]["shards"]
+    assert again["crop"]["cached_shards"] == again["crop"]["shards"]
+    assert again["per_split"] == first["per_split"]
+    _dataset_from_crops(again)
+
+
+def test_demo_with_models_off_passes_through(tmp_path, prefect_server, settings_reset):
+    from flows.pipeline import passthrough_of
+
+    result = _demo(tmp_path, listings=24, classes=4, min_images=5, models="off")
+    assert result["matches_ground_truth"] and result["trained"] == {}
+    assert result["car_filter"]["enabled"] is False and result["crop"]["enabled"] is False
+    store = open_storage(result["storage"])
+    assert passthrough_of(store, "crop")["input"] == "manifests/car_filter/manifest.parquet"
+    assert sum(result["per_split"].values()) > 0 and len(result["classes"]) >= 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_full_bootstrapped_demo_builds_the_dataset_from_crops(tmp_path, prefect_server, settings_reset):
+    """`make demo` as shipped (60 listings, the bootstrap recipes), then a rerun: the car
+    filter drops the planted non-car photos, the crops overlap the true car boxes, the
+    dataset is built from crops, and the rerun trains nothing."""
+    import time
+
+    t0 = time.monotonic()
+    first = _demo(tmp_path)
+    t_first = time.monotonic() - t0
+    t0 = time.monotonic()
+    again = _demo(tmp_path)
+    t_again = time.monotonic() - t0
+    cf, crop = first["ground_truth_check"]["car_filter"], first["ground_truth_check"]["crop"]
+    print(f"\nfirst run {t_first:.0f}s {first['seconds']}, rerun {t_again:.0f}s {again['seconds']}\n"
+          f"car filter {first['trained']['car_filter'].get('metrics')} vs ground truth {cf}\n"
+          f"detector held-out {first['trained']['detector']['held_out']}; crop vs ground truth {crop}\n"
+          f"stages: car filter {first['car_filter']}, crop {first['crop']}\n"
+          f"dataset {first['classes']} {first['per_split']} {first['dataset_dropped_by_reason']}")
+    assert first["matches_ground_truth"]
+    _dataset_from_crops(first)
+    assert len(first["classes"]) >= 4
+    # from-scratch training on 19 non-car photos is noisy (TF on a CPU is not
+    # deterministic): 14-18 of 19 non-car and 1-22 of 264 cars dropped were seen
+    assert cf["non_car_dropped"] >= 0.6 * cf["non_car_images"]
+    assert cf["car_dropped"] <= 0.12 * cf["car_images"]
+    assert first["trained"]["detector"]["held_out"]["iou50_rate"] >= 0.8
+    assert crop["iou50_rate"] >= 0.9
+    # the detector finds (nearly) every car; small ones are dropped as too_small, correctly
+    cars = crop["by_kind"]["car"]
+    assert cars.get("no_vehicle", 0) <= 0.05 * sum(cars.values()) and cars["kept"] > 0
+    assert again["trained"]["car_filter"]["cached"] and again["trained"]["detector"]["cached"]
+    assert again["crop"]["cached_shards"] == again["crop"]["shards"]
+    assert t_again < t_first / 2
+    _dataset_from_crops(again)

@@ -10,12 +10,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from carflow.settings import SplitSettings
+from tasks.export import export_folders
 from tasks.split import (
     SPLITS,
     LeakageError,
     assign_splits,
     check_leakage,
-    export_folders,
     group_listings,
     read_assignments,
     union_find,
