@@ -109,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
 
     tf = import_tensorflow()
 
+    from carflow.frameworks import cpu_has_fast_bf16
     from carflow.storage import LocalStorage
     from models.car_filter import (
         build_car_filter,
-        cpu_has_fast_bf16,
         for_runtime,
         resolve_runtime,
         spread_random_init,

@@ -9,8 +9,10 @@ carflow goes through here and loads triton first when it is installed.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -35,3 +37,14 @@ def import_keras() -> Any:
     import keras
 
     return keras
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with Intel AMX bf16 tiles (Sapphire Rapids and later), where bf16
+    inference is fast; without them bf16 is emulated and slower than fp32. Read from the
+    CPU flags, so asking loads neither torch nor TensorFlow."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:  # not Linux: no cheap way to know, stay on fp32
+        return False

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -166,19 +167,6 @@ def for_inference(model: Any, image_size: int, alpha: float) -> Any:
         keras.mixed_precision.set_global_policy(previous)
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with Intel AMX (bf16 matrix tiles), where bf16 inference is fast."""
-    try:
-        import torch
-
-        return bool(torch.cpu._is_amx_tile_supported())
-    except Exception:  # noqa: BLE001 - no torch / old torch: read the flags
-        try:
-            return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-
-
 class OpenVinoModel:
     """A Keras car filter compiled by OpenVINO for the CPU.
 
@@ -209,8 +197,6 @@ class OpenVinoModel:
         self._queue = ov.AsyncInferQueue(self.compiled, self.requests)
         self._out: dict[int, Any] = {}
         self._queue.set_callback(self._done)
-        import threading
-
         self._lock = threading.Lock()
 
     def _done(self, request: Any, index: int) -> None:

@@ -26,6 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from carflow.frameworks import cpu_has_fast_bf16
 from carflow.settings import SettingsError
 
 SETTING = "crop.weights (CARFLOW_CROP__WEIGHTS)"
@@ -189,20 +190,6 @@ def clear_cache() -> None:
 #: ultralytics' predict defaults, kept so that our boxes equal ``model.predict``'s
 NMS_IOU = 0.7
 MAX_DET = 300
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when this CPU runs bfloat16 convolutions natively (Intel AMX tiles: Sapphire
-    Rapids and later). Without AMX, bf16 on a CPU is emulated and slower than fp32."""
-    import torch
-
-    try:
-        return bool(torch.cpu._is_amx_tile_supported())
-    except Exception:  # noqa: BLE001 - older torch: read the flags
-        try:
-            return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
 
 
 def resolve_device(device: str = "") -> str:

@@ -30,7 +30,6 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import numpy as np
@@ -46,6 +45,7 @@ from carflow.manifest import DROPPED, KEPT, to_pandas
 from carflow.settings import CarFilterSettings
 from carflow.storage import Storage, open_storage
 from tasks.report import contact_sheet
+from tasks.shards import gpu_slot
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +59,6 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
 
 
 # ---------------------------------------------------------------- Prefect concurrency
-
-
-@contextmanager
-def gpu_slot(name: str = "gpu") -> Iterator[None]:
-    """Hold one slot of the Prefect global concurrency limit ``name`` around the body.
-    A missing limit (``strict=False``) or an unreachable Prefect API never fails the run."""
-    with ExitStack() as stack:
-        try:
-            from prefect.concurrency.sync import concurrency
-
-            stack.enter_context(concurrency(name, occupy=1, strict=False))
-        except Exception as exc:  # noqa: BLE001 - run without the slot rather than fail
-            log.warning("concurrency limit %r not taken (%s); running without it", name, exc)
-        yield
 
 
 # ---------------------------------------------------------------- labelling kit

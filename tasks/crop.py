@@ -24,6 +24,7 @@ content-addressed via ``storage.put_image``), ``crop_width, crop_height``.
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -43,6 +44,7 @@ from carflow.caching import content_key, shard_cache_key_fn
 from carflow.manifest import DROPPED, KEPT
 from carflow.settings import CropSettings
 from carflow.storage import Storage, open_storage
+from tasks.shards import gpu_slot
 
 STAGE = "crop"
 #: bump when the crop logic changes results
@@ -374,20 +376,6 @@ def crop_shard_to_storage(
     return {"key": key, "stats": out_stats, "reused": False}
 
 
-def gpu_slot(name: str) -> Callable[[], AbstractContextManager[Any]]:
-    """A factory for Prefect's global concurrency limit ``name`` (one slot). With
-    ``strict=False`` a limit that does not exist is a warning, not an error."""
-
-    def slot() -> AbstractContextManager[Any]:
-        if not name:
-            return nullcontext()
-        from prefect.concurrency.sync import concurrency
-
-        return concurrency(name, occupy=1, strict=False)
-
-    return slot
-
-
 @task(
     name="crop-shard",
     cache_key_fn=shard_cache_key_fn(STAGE, VERSION, ids_param="image_ids", config_param="config"),
@@ -408,5 +396,5 @@ def crop_shard_task(
     fields = set(CropSettings.model_fields)
     cfg = CropSettings(**{k: v for k, v in config.items() if k in fields}, decode_workers=decode_workers)
     return crop_shard_to_storage(
-        open_storage(storage_uri), image_ids, cfg, slot=gpu_slot(gpu_limit), config=config
+        open_storage(storage_uri), image_ids, cfg, slot=functools.partial(gpu_slot, gpu_limit), config=config
     )

@@ -173,7 +173,7 @@ def finetune_task(
     """Training holds a slot of the ``gpu`` global concurrency limit (a missing limit, or
     no Prefect API, only warns)."""
     from carflow.storage import open_storage
-    from tasks.crop import gpu_slot
+    from tasks.shards import gpu_slot
 
     store = open_storage(storage_uri)
     if not force:  # a cache hit needs no slot
@@ -181,7 +181,7 @@ def finetune_task(
                                 prefix)
         if found is not None:
             return {**found, "cached": True}
-    with gpu_slot("gpu")():
+    with gpu_slot("gpu"):
         return finetune_detector(store, data_yaml, params, prefix, force, command, extra)
 
 

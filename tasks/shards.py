@@ -1,4 +1,5 @@
-"""Shards, shared by every per-image stage (clean, car filter, crop).
+"""Shards, shared by every per-image stage (clean, car filter, crop), and the ``gpu``
+concurrency slot the model stages hold (:func:`gpu_slot`).
 
 Sharding is stable as data grows: unique kept images are ordered by when they were first
 seen, then cut into fixed-size shards. New listings append images at the end, so only the
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import pandas as pd
@@ -62,3 +64,19 @@ def run_shards(
         if f.state.name != "Cached" and not r.get("reused")
     ]
     return results, fresh
+
+
+@contextmanager
+def gpu_slot(name: str = "gpu") -> Iterator[None]:
+    """Hold one slot of the Prefect global concurrency limit ``name`` around the body
+    (the model stages' inference and training). A missing limit (``strict=False``) or an
+    unreachable Prefect API never fails the run; an empty ``name`` takes no slot."""
+    with ExitStack() as stack:
+        if name:
+            try:
+                from prefect.concurrency.sync import concurrency
+
+                stack.enter_context(concurrency(name, occupy=1, strict=False))
+            except Exception as exc:  # noqa: BLE001 - run without the slot rather than fail
+                log.warning("concurrency limit %r not taken (%s); running without it", name, exc)
+        yield

@@ -129,8 +129,9 @@ def test_weight_files_round_trip(tmp_path, s3_uri):
 
 
 def test_openvino_runtime_matches_keras(tmp_path):
+    from carflow.frameworks import cpu_has_fast_bf16
     from carflow.storage import LocalStorage
-    from models.car_filter import OpenVinoModel, cpu_has_fast_bf16, spread_random_init
+    from models.car_filter import OpenVinoModel, spread_random_init
     from tasks.car_filter import predict_ids
 
     model = build_car_filter("none", 32, alpha=0.35)

@@ -371,8 +371,9 @@ def test_direct_forward_matches_ultralytics_predict(random_yolo):
 
 
 def test_precision_resolution():
+    from carflow.frameworks import cpu_has_fast_bf16
     from carflow.settings import SettingsError
-    from models.detector import cpu_has_fast_bf16, resolve_precision
+    from models.detector import resolve_precision
 
     assert resolve_precision("auto", "cuda:0") == "fp16"
     assert resolve_precision("auto", "cpu") == ("bf16" if cpu_has_fast_bf16() else "fp32")
