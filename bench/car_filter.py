@@ -37,7 +37,7 @@ def _photos(args, work: Path) -> list[Path]:
     if args.images:
         files = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
         return files[: args.n]
-    from carflow.demo_site.generate import generate_site
+    from demo.generate import generate_site
 
     w, h = (int(v) for v in args.photo_size.lower().split("x"))
     site = work / "site"

@@ -1,7 +1,7 @@
 """Clean-stage throughput: our one-decode inspect pass vs. a bare decode and third-party tools.
 
 Generates N deterministic car photos as JPEG (80% 640×480, 20% 1024×768; drawn by
-``carflow.demo_site.render.render_car`` when present, else by simple shapes, a sky/ground
+``demo.render.render_car`` when present, else by simple shapes, a sky/ground
 gradient and sensor-like noise here) into a temp folder, then in one run measures
 images/s of
 
@@ -112,9 +112,9 @@ def render_photo(i: int, seed: int, noise: np.ndarray):
 
 
 def _demo_site_renderer(seed: int):
-    """``carflow.demo_site.render`` (the demo marketplace's car drawings), if present."""
+    """``demo.render`` (the demo marketplace's car drawings), if present."""
     try:
-        from carflow.demo_site import render
+        from demo import render
     except ImportError:
         return None
     styles = list(render.CAR_STYLES.values())
@@ -133,7 +133,7 @@ def generate(n: int, out: Path, seed: int = 0) -> tuple[list[Path], str]:
     paths = [out / f"img_{i:06d}.jpg" for i in range(n)]
     todo = [i for i, p in enumerate(paths) if not p.exists()]
     draw = _demo_site_renderer(seed)
-    source = "carflow.demo_site.render.render_car" if draw else "bench shapes + noise"
+    source = "demo.render.render_car" if draw else "bench shapes + noise"
     if todo:
         noise = None if draw else _noise_bank(seed)
 

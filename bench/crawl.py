@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     a = parser.parse_args(argv)
 
-    from carflow.demo_site.generate import generate_site
-    from carflow.demo_site.server import DemoSite
+    from demo.generate import generate_site
+    from demo.server import DemoSite
 
     with tempfile.TemporaryDirectory(prefix="carflow-bench-") as tmp:
         tmp_path = Path(tmp)

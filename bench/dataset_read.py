@@ -52,7 +52,7 @@ from carflow.frameworks import import_keras, import_tensorflow
 
 def make_crops(n: int, n_classes: int, photo: tuple[int, int] = (1024, 768), seed: int = 0) -> list[tuple[str, bytes]]:
     """``n`` (class, JPEG crop) pairs: car renders cut around their box, random margins."""
-    from carflow.demo_site.render import CAR_STYLES, jpeg, render_car
+    from demo.render import CAR_STYLES, jpeg, render_car
 
     rng = np.random.default_rng(seed)
     styles = list(CAR_STYLES.items())[:n_classes]

@@ -34,7 +34,7 @@ from pathlib import Path
 def make_images(n: int, size: tuple[int, int], out: Path) -> list[Path]:
     import numpy as np
 
-    from carflow.demo_site.render import CAR_STYLES, jpeg, render_car
+    from demo.render import CAR_STYLES, jpeg, render_car
 
     styles = list(CAR_STYLES.values())
     rng = np.random.default_rng(0)

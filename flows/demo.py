@@ -43,10 +43,10 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 
-from carflow.demo_site.truth import compare, expected_ingest, load_ground_truth
 from carflow.manifest import KEPT, manifest_key, read_manifest, to_pandas
 from carflow.settings import get_settings
 from carflow.storage import open_storage
+from demo.truth import compare, expected_ingest, load_ground_truth
 from flows.car_filter import labelling_kit, train
 from flows.clean import clean
 from flows.crawl import crawl
@@ -92,7 +92,7 @@ ModelsMode = Literal["bootstrap", "configured", "off"]
 
 @task(name="generate-demo-site")
 def generate_demo_site(out_dir: str, seed: int, listings: int, classes: int) -> str:
-    from carflow.demo_site.generate import generate_site
+    from demo.generate import generate_site
 
     generate_site(out_dir, seed=seed, n_listings=listings, n_classes=classes)
     return out_dir
@@ -116,7 +116,7 @@ def _clean_manifest(store):
 @task(name="label-kit-from-ground-truth")
 def label_kit_from_truth(storage: str | None, site_dir: str, kit_prefix: str = KIT_PREFIX) -> dict[str, Any]:
     """Fill the kit's ``labels.csv`` from the ground truth → ``<kit>/labels-ground-truth.csv``."""
-    from carflow.demo_site.labeller import fill_labels_csv, photos_by_sha256
+    from demo.labeller import fill_labels_csv, photos_by_sha256
 
     store = open_storage(storage)
     df = _clean_manifest(store)
@@ -133,7 +133,7 @@ def bootstrap_key(storage: str | None, site_dir: str, recipe: dict[str, Any]) ->
     """Content key of the bootstrap training: the labels the kit would get (every kept
     image, labelled from the ground truth) and the recipe. Computed before the kit is
     written, so a rerun with a trained model writes no kit."""
-    from carflow.demo_site.labeller import photos_by_sha256, truth_label
+    from demo.labeller import photos_by_sha256, truth_label
     from tasks.car_filter import sample_for_labelling
 
     df = _clean_manifest(open_storage(storage))
@@ -181,7 +181,7 @@ def bootstrap_car_filter(storage: str | None, site_dir: str, recipe: dict[str, A
 @task(name="write-yolo-dataset")
 def yolo_dataset(site_dir: str, out_dir: str) -> dict[str, Any]:
     """The site's photos + ground-truth boxes as a YOLO dataset (every 5th photo held out)."""
-    from carflow.demo_site.yolo import write_yolo_dataset
+    from demo.yolo import write_yolo_dataset
 
     shutil.rmtree(out_dir, ignore_errors=True)
     data_yaml, held_out = write_yolo_dataset(site_dir, out_dir, val_every=5)
@@ -223,7 +223,7 @@ def bootstrap_detector(storage: str | None, site_dir: str, workdir: str, recipe:
 def check_model_stages(storage: str | None, site_dir: str) -> dict[str, Any]:
     """The car filter and crop manifests against the ground truth: per photo kind, how many
     unique images each stage saw and dropped; crop boxes (padded) vs true car boxes."""
-    from carflow.demo_site.labeller import photos_by_sha256
+    from demo.labeller import photos_by_sha256
     from tasks.detector_train import iou
 
     store = open_storage(storage)
@@ -287,7 +287,7 @@ def demo(
 ) -> dict[str, Any]:
     """Demo marketplace → crawl → ingest → clean → car filter → crop → dataset.
     ``car_filter_recipe`` / ``detector_recipe`` override keys of the bootstrap recipes."""
-    from carflow.demo_site.server import DemoSite
+    from demo.server import DemoSite
 
     logger = get_run_logger()
     cfg = get_settings()
@@ -399,6 +399,33 @@ def _line(name: str, s: dict[str, Any]) -> str:
     if s.get("enabled") is False:
         return f"{name}: off (pass-through of {s['input']})"
     return f"{name}: kept={s['kept']} dropped={s.get('dropped_by_reason', {})}"
+
+
+def site_main(argv: list[str] | None = None) -> int:
+    """``carflow demo-site``: generate the demo marketplace, and optionally serve it."""
+    parser = argparse.ArgumentParser(prog="carflow demo-site", description=site_main.__doc__)
+    parser.add_argument("--out", default="demo-run/site")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--listings", type=int, default=60)
+    parser.add_argument("--classes", type=int, default=6)
+    parser.add_argument("--serve", action="store_true", help="serve it over HTTP after generating")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    a = parser.parse_args(argv)
+    from demo.generate import generate_site
+
+    gt = generate_site(a.out, seed=a.seed, n_listings=a.listings, n_classes=a.classes)
+    print(f"generated {len(gt['listings'])} listings in {a.out} (ground truth: {a.out}/ground_truth.json)")
+    if a.serve:
+        from demo.server import serve_forever
+
+        print(f"serving http://{a.host}:{a.port}/ (Ctrl-C to stop)", flush=True)
+        try:
+            serve_forever(a.out, a.host, a.port, a.latency_ms)
+        except KeyboardInterrupt:
+            pass
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

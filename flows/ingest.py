@@ -119,11 +119,17 @@ def ingest(
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m flows.ingest", description=ingest.__doc__)
+    parser.add_argument("path", nargs="?", help="a seed-style class-folder dataset to import (path or s3://)")
+    parser.add_argument("--layout", choices=["crawl", "folders"], default="crawl",
+                        help="crawl: read the listing feeds in storage; folders: import PATH first")
     parser.add_argument("--storage", help="storage URI (default: settings storage)")
     parser.add_argument("--site", action="append", dest="sites", help="only these sites' feeds (repeatable)")
-    parser.add_argument("--folders", help="import a seed-style class-folder dataset first (path or s3://)")
+    parser.add_argument("--folders", help="same as PATH with --layout folders")
     parser.add_argument("--import-site", default="import", help="site name for imported folders")
     args = parser.parse_args(argv)
+    if args.path and args.layout != "folders":
+        parser.error("PATH needs --layout folders (crawl feeds are read from storage)")
+    args.folders = args.folders or args.path
     summary = ingest(storage=args.storage, sites=args.sites, folders=args.folders, site=args.import_site)
     print(json.dumps({k: v for k, v in summary.items() if k != "stats"}, indent=2))
     return summary

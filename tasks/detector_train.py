@@ -4,7 +4,7 @@
 init, so nothing is downloaded) on a YOLO ``data.yaml`` dataset and stores the result in
 storage as ``<models_prefix>/<version>/weights.pt`` + ``config.json`` (and points
 ``<models_prefix>/latest.json`` at it). The version is a hash of the dataset's content
-(:func:`carflow.demo_site.yolo.dataset_fingerprint`: images, labels, class names) and the
+(:func:`dataset_fingerprint`: images, labels, class names) and the
 training parameters, so training the same data with the same parameters again finds the
 stored weights and trains nothing (``force=True`` retrains).
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shlex
 import sys
 import tempfile
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -112,8 +114,6 @@ def finetune_detector(
     """Fine-tune on ``data_yaml`` (or reuse the stored version) → ``{"version", "weights"
     (for ``crop.weights``), "uri", "cached", "train_seconds", "params", …}``. ``extra`` is
     recorded in ``config.json`` (e.g. where the data came from)."""
-    from carflow.demo_site.yolo import dataset_fingerprint
-
     params = train_params(**(params or {}))
     fingerprint = dataset_fingerprint(data_yaml)
     version = detector_version(fingerprint, params)
@@ -177,7 +177,7 @@ def finetune_task(
 
     store = open_storage(storage_uri)
     if not force:  # a cache hit needs no slot
-        found = stored_detector(store, detector_version(_fingerprint(data_yaml), train_params(**(params or {}))),
+        found = stored_detector(store, detector_version(dataset_fingerprint(data_yaml), train_params(**(params or {}))),
                                 prefix)
         if found is not None:
             return {**found, "cached": True}
@@ -193,10 +193,6 @@ def _count_images(data_yaml: str | Path) -> int | None:
     return sum(1 for f in folder.iterdir() if f.is_file()) if folder.is_dir() else None
 
 
-def _fingerprint(data_yaml: str | Path) -> str:
-    from carflow.demo_site.yolo import dataset_fingerprint
-
-    return dataset_fingerprint(data_yaml)
 
 
 # ---------------------------------------------------------------- scoring boxes
@@ -238,3 +234,32 @@ def box_hits(photos: list[dict[str, Any]], weights: str, imgsz: int, conf: float
         "non_car_with_box": sum(r["bbox"] is not None for p, r in zip(photos, rows, strict=True) if not p["is_car"]),
         "seconds": round(seconds, 2),
     }
+
+
+def dataset_fingerprint(data_yaml: str | Path) -> str:
+    """sha256 over a YOLO dataset's content: every image and label file under its
+    ``train``/``val`` folders (relative name + bytes) and the class names. The same photos
+    and boxes give the same fingerprint wherever the folder lives."""
+    data_yaml = Path(data_yaml)
+    doc = yaml.safe_load(data_yaml.read_text())
+    root = Path(doc.get("path") or data_yaml.parent)
+    h = hashlib.sha256()
+    h.update(json.dumps({str(k): v for k, v in dict(doc.get("names") or {}).items()}, sort_keys=True).encode())
+    for split in ("train", "val"):
+        rel = doc.get(split)
+        if not rel:
+            continue
+        h.update(f"\0split {split} {rel}\n".encode())
+        images = root / rel
+        # ultralytics' rule: the last /images/ in an image path becomes /labels/
+        text = f"{images}{os.sep}"
+        sa, sb = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+        labels = Path(sb.join(text.rsplit(sa, 1))) if sa in text else None
+        for folder in (images, labels):
+            if folder is None or not folder.is_dir():
+                continue
+            for f in sorted(folder.iterdir()):
+                if f.is_file():
+                    h.update(f"{f.name}\0".encode())
+                    h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()

@@ -124,7 +124,7 @@ def storage(storage_uri):
 @pytest.fixture(scope="session")
 def demo_site_dir(tmp_path_factory) -> Path:
     """A small generated marketplace (seed 0, 24 listings, 4 classes)."""
-    from carflow.demo_site.generate import generate_site
+    from demo.generate import generate_site
 
     out = tmp_path_factory.mktemp("demo-site")
     generate_site(out, seed=0, n_listings=24, n_classes=4)
@@ -133,7 +133,7 @@ def demo_site_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_site(demo_site_dir):
-    from carflow.demo_site.server import DemoSite
+    from demo.server import DemoSite
 
     with DemoSite(demo_site_dir) as site:
         yield site

@@ -217,7 +217,7 @@ def test_split_is_stratified():
 @pytest.fixture(scope="module")
 def site_dir(tmp_path_factory) -> Path:
     """A bigger marketplace than the session's: 120 listings → 40 planted non-car photos."""
-    from carflow.demo_site.generate import generate_site
+    from demo.generate import generate_site
 
     out = tmp_path_factory.mktemp("car-filter-site")
     generate_site(out, seed=1, n_listings=120)
@@ -226,7 +226,7 @@ def site_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cleaned(site_dir, prefect_server, tmp_path_factory, crawl_to_manifest) -> str:
-    from carflow.demo_site.server import DemoSite
+    from demo.server import DemoSite
     from flows.clean import clean
 
     with DemoSite(site_dir) as site:
@@ -240,7 +240,7 @@ def _read(store, key) -> pd.DataFrame:
 
 
 def _truth(site_dir: Path) -> dict[str, dict]:
-    from carflow.demo_site.truth import load_ground_truth
+    from demo.truth import load_ground_truth
 
     gt = load_ground_truth(site_dir)
     return {p["sha256"]: p for lst in gt["listings"] for p in lst["photos"] if p["sha256"]}

@@ -12,10 +12,10 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from carflow.demo_site.truth import load_ground_truth
 from carflow.manifest import INGEST_SCHEMA, from_records, manifest_key, to_pandas, write_manifest
 from carflow.settings import FixSettings, load_settings
 from carflow.storage import open_storage
+from demo.truth import load_ground_truth
 from tasks.fix import inspect_image
 
 pytestmark = pytest.mark.integration
@@ -223,8 +223,8 @@ def test_dedup_on_the_full_demo_site(tmp_path):
     """The 60-listing `make demo` marketplace through the pure fix → dedup functions:
     every near duplicate found, at most 1% of images in a cluster with a different photo,
     every exact duplicate and the banner found."""
-    from carflow.demo_site.generate import generate_site
     from carflow.settings import DedupSettings
+    from demo.generate import generate_site
     from tasks.dedup import dedup_manifest
 
     gt = generate_site(tmp_path, seed=0, n_listings=60, n_classes=6)

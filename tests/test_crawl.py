@@ -11,8 +11,8 @@ from urllib.parse import urlparse
 
 import pytest
 
-from carflow.demo_site.truth import CRAWL_REJECTED, expected_ingest, load_ground_truth
 from carflow.storage import open_storage
+from demo.truth import CRAWL_REJECTED, expected_ingest, load_ground_truth
 from spiders.run import read_stats, run_crawl, start_crawl
 
 pytestmark = pytest.mark.integration
@@ -121,7 +121,7 @@ def test_crawl_stores_exactly_the_good_photos_and_recrawl_fetches_nothing(demo_s
 
 
 def test_interrupted_crawl_resumes_with_the_same_result(demo_site_dir, tmp_path):
-    from carflow.demo_site.server import DemoSite
+    from demo.server import DemoSite
 
     reference_store = str(tmp_path / "reference")
     resumed_store = str(tmp_path / "resumed")

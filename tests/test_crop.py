@@ -514,8 +514,8 @@ def _iou(a, b) -> float:
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_finetuned_detector_crops_overlap_true_car_boxes(tmp_path):
-    from carflow.demo_site.generate import generate_site
-    from carflow.demo_site.yolo import write_yolo_dataset
+    from demo.generate import generate_site
+    from demo.yolo import write_yolo_dataset
     from models.detector import place_font
 
     epochs = int(os.environ.get("CROP_TEST_EPOCHS", "30"))

@@ -14,11 +14,16 @@ import pytest
 os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="carflow-yolo-cfg-"))
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
-from carflow.demo_site.labeller import fill_labels_csv  # noqa: E402
-from carflow.demo_site.truth import load_ground_truth  # noqa: E402
-from carflow.demo_site.yolo import coco_names, dataset_fingerprint, write_yolo_dataset  # noqa: E402
 from carflow.storage import LocalStorage  # noqa: E402
-from tasks.detector_train import detector_version, train_params, weights_spec  # noqa: E402
+from demo.labeller import fill_labels_csv  # noqa: E402
+from demo.truth import load_ground_truth  # noqa: E402
+from demo.yolo import coco_names, write_yolo_dataset  # noqa: E402
+from tasks.detector_train import (  # noqa: E402
+    dataset_fingerprint,  # noqa: E402
+    detector_version,
+    train_params,
+    weights_spec,
+)
 
 
 def test_fill_labels_csv_matches_through_source_id():

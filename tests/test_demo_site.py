@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageOps
 
-from carflow.demo_site.generate import CATALOG, PHOTO_PROBLEMS, generate_site
-from carflow.demo_site.server import DemoSite
+from demo.generate import CATALOG, PHOTO_PROBLEMS, generate_site
+from demo.server import DemoSite
 
 NON_CAR = ("interior", "dashboard", "wheel", "text_banner")
 

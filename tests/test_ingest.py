@@ -150,7 +150,7 @@ def test_cli_ingest_folders(tmp_path, prefect_server):
     files = _make_folder_dataset(LocalStorage(src))
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     proc = subprocess.run(
-        [sys.executable, "-m", "carflow.cli", "ingest", str(src), "--layout", "folders",
+        [sys.executable, "-m", "flows.cli", "ingest", str(src), "--layout", "folders",
          "--storage", str(tmp_path / "dest")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from carflow.demo_site.truth import compare, expected_ingest, load_ground_truth
 from carflow.manifest import INGEST_SCHEMA, read_manifest
 from carflow.storage import open_storage
+from demo.truth import compare, expected_ingest, load_ground_truth
 
 pytestmark = pytest.mark.integration
 

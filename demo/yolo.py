@@ -21,10 +21,8 @@ from the copy below.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -100,30 +98,3 @@ def write_yolo_dataset(
     return data_yaml, held_out
 
 
-def dataset_fingerprint(data_yaml: str | Path) -> str:
-    """sha256 over a YOLO dataset's content: every image and label file under its
-    ``train``/``val`` folders (relative name + bytes) and the class names. The same photos
-    and boxes give the same fingerprint wherever the folder lives."""
-    data_yaml = Path(data_yaml)
-    doc = yaml.safe_load(data_yaml.read_text())
-    root = Path(doc.get("path") or data_yaml.parent)
-    h = hashlib.sha256()
-    h.update(json.dumps({str(k): v for k, v in dict(doc.get("names") or {}).items()}, sort_keys=True).encode())
-    for split in ("train", "val"):
-        rel = doc.get(split)
-        if not rel:
-            continue
-        h.update(f"\0split {split} {rel}\n".encode())
-        images = root / rel
-        # ultralytics' rule: the last /images/ in an image path becomes /labels/
-        text = f"{images}{os.sep}"
-        sa, sb = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
-        labels = Path(sb.join(text.rsplit(sa, 1))) if sa in text else None
-        for folder in (images, labels):
-            if folder is None or not folder.is_dir():
-                continue
-            for f in sorted(folder.iterdir()):
-                if f.is_file():
-                    h.update(f"{f.name}\0".encode())
-                    h.update(hashlib.sha256(f.read_bytes()).digest())
-    return h.hexdigest()

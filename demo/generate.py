@@ -1,7 +1,7 @@
 """Build the deterministic synthetic demo marketplace and its ground truth.
 
 :func:`generate_site` writes a static site (HTML pages, photos, ``robots.txt``) into a
-folder that :class:`carflow.demo_site.server.DemoSite` serves over HTTP, plus
+folder that :class:`demo.server.DemoSite` serves over HTTP, plus
 ``ground_truth.json``: for every listing its true make/model/year label and for every photo
 reference what the photo really is. Everything is drawn from ``random.Random(seed)`` and
 ``numpy.random.default_rng((seed, photo_uid))``: the same seed and parameters give
@@ -70,7 +70,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from carflow.demo_site import render as R
+from demo import render as R
 
 try:  # the project's label normaliser, when present
     from carflow.labels import make_label as _make_label
