@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 if TYPE_CHECKING:  # pragma: no cover
     from carflow.settings import StorageSettings
 
-IMAGE_PREFIX = "raw"
+from carflow.keys import IMAGE_PREFIX, image_key  # noqa: F401 - re-exported: keys have one home
 
 
 class StorageError(Exception):
@@ -37,13 +37,6 @@ class StorageKeyError(KeyError, StorageError):
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def image_key(image_id: str, prefix: str = IMAGE_PREFIX) -> str:
-    """Key of a content-addressed image: ``raw/ab/ab12…`` (two-char fan-out)."""
-    if len(image_id) != 64 or any(c not in "0123456789abcdef" for c in image_id):
-        raise ValueError(f"not a sha256 hex image_id: {image_id!r}")
-    return f"{prefix}/{image_id[:2]}/{image_id}"
 
 
 def _clean_key(key: str) -> str:
@@ -349,3 +342,34 @@ def open_storage(spec: StorageSettings | str | os.PathLike[str] | Storage | None
         create_bucket=spec.create_bucket,
         credentials=(spec.access_key_id, spec.secret_access_key),
     )
+
+
+def local_file(uri: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """A local file for ``uri``: a path or ``file://`` URI is returned as it is; an
+    ``s3://`` object is downloaded once into a content-keyed cache
+    (``$TMPDIR/carflow-cache/<sha256[:16]>-<name>``, or ``cache_dir``), so a model that
+    did not change is not downloaded twice and a changed one never reads a stale copy.
+    Raises :class:`FileNotFoundError` (naming the URI) when there is no such file; callers
+    that load weights add the setting's name to that message."""
+    text = os.fspath(uri)
+    parsed = urlparse(text)
+    if parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and os.name == "nt"):
+        path = Path(parsed.path if parsed.scheme == "file" else text).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"{text} does not exist")
+        return path
+    head, _, name = text.rstrip("/").rpartition("/")
+    try:
+        data = open_storage(head).get(name)
+    except KeyError:
+        raise FileNotFoundError(f"{text} does not exist") from None
+    except Exception as exc:  # botocore errors: no bucket, no credentials, unreachable endpoint
+        raise FileNotFoundError(f"{text} could not be read ({exc.__class__.__name__}: {exc})") from exc
+    folder = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "carflow-cache"
+    out = folder / f"{hashlib.sha256(data).hexdigest()[:16]}-{name}"
+    if not out.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + f".{os.getpid()}.{threading.get_ident()}.part")
+        tmp.write_bytes(data)
+        os.replace(tmp, out)
+    return out

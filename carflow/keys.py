@@ -1,0 +1,104 @@
+"""Every storage key carflow writes, in one place (DESIGN.md: "Storage keys live in one
+module. No other module types a key by hand").
+
+Keys are POSIX-style paths relative to a storage root (a folder or an ``s3://bucket/prefix``).
+
+| key | content |
+|---|---|
+| ``raw/<id[:2]>/<id>`` | original bytes (and re-encoded images, crops), ``id`` = sha256 |
+| ``listings/<site>/<crawl_id>/part-NNNNN.jsonl`` | listing records, one per line |
+| ``crawls/<site>/<crawl_id>/stats.json`` | a crawl's Scrapy stats |
+| ``manifests/<stage>/<name>.parquet`` | the manifest after a stage (and its side tables) |
+| ``work/<stage>/<content key>.parquet`` (+ ``.stats.json``) | one shard's per-image results |
+| ``<registry prefix of kind>/<version>/...`` + ``/latest.json`` | versioned artifacts (:mod:`carflow.registry`) |
+| ``datasets/assignments.parquet`` | listing → split, stable across versions |
+| ``labelling/<name>/`` | labelling kits |
+"""
+
+from __future__ import annotations
+
+IMAGE_PREFIX = "raw"
+LISTINGS_PREFIX = "listings"
+CRAWLS_PREFIX = "crawls"
+MANIFESTS_PREFIX = "manifests"
+WORK_PREFIX = "work"
+
+#: where each registered kind lives: ``<prefix>/<version>/`` + ``<prefix>/latest.json``
+REGISTRY_PREFIXES: dict[str, str] = {
+    "car_filter": "models/car_filter",
+    "detector": "models/detector",
+    "classifier": "models/classifier",
+    "dataset": "datasets",
+}
+POINTER_NAME = "latest.json"
+META_NAME = "meta.json"
+
+
+def image_key(image_id: str, prefix: str = IMAGE_PREFIX) -> str:
+    """``raw/<id[:2]>/<id>``: the content-addressed home of an image's bytes."""
+    if len(image_id) < 3:
+        raise ValueError(f"not an image id: {image_id!r}")
+    return f"{prefix}/{image_id[:2]}/{image_id}"
+
+
+def listings_prefix(site: str | None = None) -> str:
+    """``listings/`` or ``listings/<site>/``."""
+    return f"{LISTINGS_PREFIX}/{site}/" if site else f"{LISTINGS_PREFIX}/"
+
+
+def feed_part_key(site: str, crawl_id: str, part: int) -> str:
+    """``listings/<site>/<crawl_id>/part-NNNNN.jsonl``"""
+    return f"{LISTINGS_PREFIX}/{site}/{crawl_id}/part-{part:05d}.jsonl"
+
+
+def crawl_stats_key(site: str, crawl_id: str) -> str:
+    """``crawls/<site>/<crawl_id>/stats.json``"""
+    return f"{CRAWLS_PREFIX}/{site}/{crawl_id}/stats.json"
+
+
+def manifest_key(stage: str, name: str = "manifest", prefix: str = MANIFESTS_PREFIX) -> str:
+    """``manifests/<stage>/<name>.parquet``"""
+    return f"{prefix.rstrip('/')}/{stage}/{name}.parquet"
+
+
+def manifest_side_key(stage: str, name: str, prefix: str = MANIFESTS_PREFIX) -> str:
+    """A file beside a stage's manifest: ``manifests/<stage>/<name>`` (contact sheets, charts)."""
+    return f"{prefix.rstrip('/')}/{stage}/{name}"
+
+
+def shard_key(stage: str, content_key: str) -> str:
+    """``work/<stage>/<content key>.parquet``: one shard's per-image results."""
+    return f"{WORK_PREFIX}/{stage}/{content_key}.parquet"
+
+
+def shard_stats_key(stage: str, content_key: str) -> str:
+    """``work/<stage>/<content key>.stats.json``: the shard's counts and timings."""
+    return f"{WORK_PREFIX}/{stage}/{content_key}.stats.json"
+
+
+def registry_prefix(kind: str) -> str:
+    try:
+        return REGISTRY_PREFIXES[kind]
+    except KeyError:
+        raise ValueError(f"unknown registry kind {kind!r} (one of {', '.join(REGISTRY_PREFIXES)})") from None
+
+
+def version_key(kind: str, version: str, name: str = "") -> str:
+    """``<kind prefix>/<version>/<name>``"""
+    base = f"{registry_prefix(kind)}/{version}"
+    return f"{base}/{name}" if name else base
+
+
+def pointer_key(kind: str, name: str = "latest") -> str:
+    """``<kind prefix>/latest.json`` (or another named pointer)."""
+    return f"{registry_prefix(kind)}/{name}.json"
+
+
+def assignments_key() -> str:
+    """``datasets/assignments.parquet``: listing → split, never moved once assigned."""
+    return f"{registry_prefix('dataset')}/assignments.parquet"
+
+
+def labelling_prefix(name: str) -> str:
+    """``labelling/<name>``"""
+    return f"labelling/{name}"
