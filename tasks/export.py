@@ -880,8 +880,8 @@ def tfrecord_dataset(
         if multilabel:
             idx = attr_table.lookup(ex["image/attributes"].values)
             idx = tf.boolean_mask(idx, idx >= 0)
-            target = tf.reduce_max(tf.one_hot(idx, len(names), dtype=tf.float32), axis=0)
-            target = tf.ensure_shape(tf.zeros([len(names)]) + target, [len(names)])
+            target = tf.minimum(tf.reduce_sum(tf.one_hot(idx, len(names), dtype=tf.float32), axis=0), 1.0)
+            target = tf.ensure_shape(target, [len(names)])
             keep = per != -2
             return img, target, ex["image/id"], keep
         return img, label, ex["image/id"], label >= 0
