@@ -303,7 +303,7 @@ class SplitSettings(_Section):
     export_uri: str | None = None
     #: also export TFRecord shards (``tasks/export.py``, the training format)
     tfrecord: bool = False
-    #: where; None = ``<storage>/datasets/<classes version>/tfrecord``
+    #: where the shards and ``datasets/<version>/export.json`` go; None = the storage
     tfrecord_uri: str | None = None
     #: exported JPEG size (never upscaled); None = ``train.image_size``
     tfrecord_size: int | None = Field(None, ge=16)
