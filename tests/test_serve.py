@@ -319,3 +319,29 @@ def test_importing_serve_loads_no_model_framework():
             "print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_cli_and_compose_expose_the_service(capsys):
+    import yaml
+
+    from flows.cli import COMMANDS, main
+
+    assert COMMANDS["serve"][0] == "serve.app"
+    with pytest.raises(SystemExit) as done:
+        main(["serve", "--help"])
+    assert done.value.code == 0 and "--max-batch-size" in capsys.readouterr().out
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    svc = yaml.safe_load((root / "docker-compose.yml").read_text())["services"]["serve"]
+    assert svc["command"][:2] == ["carflow", "serve"] and "8000:8000" in svc["ports"]
+    assert (root / svc["build"]["context"] / svc["build"]["dockerfile"]).is_file()
+    assert "http://127.0.0.1:8000/" in (root / "README.md").read_text()
+
+
+def test_serve_settings_validate_overrides():
+    from carflow.settings import SettingsError
+    from serve.app import serve_settings
+
+    s = serve_settings(load_settings(), max_batch_size=4, classifier="v7", port=None)
+    assert (s.serve.max_batch_size, s.serve.classifier, s.serve.port) == (4, "v7", 8000)
+    with pytest.raises((SettingsError, ValueError)):
+        serve_settings(load_settings(), max_batch_size=0)
