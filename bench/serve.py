@@ -233,23 +233,31 @@ def main(argv: list[str] | None = None) -> int:
         models = build_models(Path(tmp), args.image_size)
         (Path(tmp) / "models.json").write_text(json.dumps(models))
         images = photos()
-        for name in ("batched", "unbatched", "seed"):
-            port = free_port()
-            env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-            proc = subprocess.Popen([sys.executable, "-m", "bench.serve", "--_server", name, "--_port", str(port),
-                                     "--_dir", tmp], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
-            base = f"http://127.0.0.1:{port}"
-            try:
+        names = ("batched", "unbatched", "seed")
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        servers: dict[str, tuple[str, subprocess.Popen]] = {}
+        try:
+            for name in names:  # all three up at once; measured in turn, level by level, so that
+                port = free_port()  # a change in the machine's load hits all three alike
+                servers[name] = (f"http://127.0.0.1:{port}", subprocess.Popen(
+                    [sys.executable, "-m", "bench.serve", "--_server", name, "--_port", str(port), "--_dir", tmp],
+                    cwd=ROOT, env=env, stdout=subprocess.DEVNULL))
+            for name, (base, proc) in servers.items():
                 wait_up(base, "/health" if name == "seed" else "/ready", proc)
-                asyncio.run(load(base, images, 4, 8, args.max_s))  # warm-up, not counted
-                results[name] = {}
-                for n in args.levels:
-                    results[name][n] = r = asyncio.run(load(base, images, n, max(args.requests, 2 * n), args.max_s))
+            for n in args.levels:
+                for name in names:
+                    base = servers[name][0]
+                    # warm-up at this concurrency, not counted (first batches of a new size compile)
+                    asyncio.run(load(base, images, n, 2 * n, args.max_s))
+                    results.setdefault(name, {})[n] = r = asyncio.run(
+                        load(base, images, n, max(args.requests, 4 * n), args.max_s))
                     print(f"{name:>9} {n:>3} clients: {r['rps']:7.1f} req/s  p50 {r['p50']:7.1f} ms  "
                           f"p95 {r['p95']:7.1f} ms  p99 {r['p99']:7.1f} ms  ({r['requests']} requests, "
                           f"{r['failures']} failed)", flush=True)
-            finally:
+        finally:
+            for _base, proc in servers.values():
                 proc.terminate()
+            for _base, proc in servers.values():
                 try:
                     proc.wait(20)
                 except subprocess.TimeoutExpired:
