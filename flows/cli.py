@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, list[str], str]] = {
     "dataset": ("flows.dataset", [], "classes → listing-grouped split → exports"),
     "pipeline": ("flows.pipeline", [], "the nightly DAG, once"),
     "demo": ("flows.demo", [], "the whole job on the demo marketplace"),
+    "serve": ("serve.app", [], "the prediction API and its web page (FastAPI on uvicorn)"),
     "settings": ("flows.cli:settings_main", [], "print the effective settings (secrets masked)"),
 }
 
