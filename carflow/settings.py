@@ -483,7 +483,8 @@ def _explain(exc: ValidationError, secrets: set[str] | None = None) -> SettingsE
         secret_field = bool(loc) and loc[-1].lower() in SECRET_NAMES
         shown = "" if secret_field else f" (got {_mask(err.get('input'))!r})"
         lines.append(f"setting {name} [{env}]: {err.get('msg')}{shown}")
-    return SettingsError(scrub("invalid carflow settings:\n  " + "\n  ".join(lines), secrets))
+    # one line (the entry points print it as the whole error), one clause per bad setting
+    return SettingsError(scrub("invalid carflow settings: " + "; ".join(lines), secrets))
 
 
 def as_settings(model: type[BaseModel], cfg: Any) -> Any:

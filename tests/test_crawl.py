@@ -253,3 +253,25 @@ def test_crawl_that_reaches_nothing_fails_with_a_message(demo_site, tmp_path):
     with pytest.raises(CrawlFailed, match=r"found 0 listings on \d+ search page") as info:
         run_crawl(str(profile), str(tmp_path / "b"), overrides=FAST, base_url=demo_site.url, timeout=120)
     assert "listing_links" in str(info.value)
+
+
+def test_a_bad_profile_is_not_retried(tmp_path, prefect_server):
+    """The crawl task retries once after 30 s, but not for a user's mistake."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from spiders.profile import ProfileError
+    from tasks.crawl import crawl_task
+
+    @flow
+    def crawl_missing(site: str) -> dict:
+        return crawl_task(site, str(tmp_path / "store"))
+
+    state = crawl_missing(str(tmp_path / "typo.yaml"), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ProfileError, match="typo.yaml does not exist"):
+        state.result()
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    assert [r.run_count for r in runs] == [1]
