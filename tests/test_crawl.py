@@ -275,3 +275,52 @@ def test_a_bad_profile_is_not_retried(tmp_path, prefect_server):
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     assert [r.run_count for r in runs] == [1]
+
+
+def test_resume_takes_what_the_journal_holds(demo_site, demo_site_dir, tmp_path):
+    """The journal of a killed crawl, laid out by hand: a listing parsed but never written
+    (its photos half stored), a feed part never uploaded. The resumed crawl uploads the
+    part, finishes the listing without fetching its page or its stored photo again."""
+    from spiders.journal import CrawlJournal
+    from spiders.run import jobdir_crawl_id
+
+    gt = load_ground_truth(demo_site_dir)
+    store_uri = str(tmp_path / "store")
+    store = open_storage(store_uri)
+    jobdir = tmp_path / "job"
+    journal = CrawlJournal(jobdir)
+    journal.begin("20260101T000000Z-dead", "demo")  # running: true, and it never ended
+    journal.close_files()
+    (jobdir / "requests.seen").write_text("stale fingerprints of a killed crawl\n")
+    assert jobdir_crawl_id(jobdir) == "20260101T000000Z-dead"
+
+    with_photos = [x for x in gt["listings"] if sum(1 for p in x["photos"] if p.get("sha256")) >= 2]
+    parsed, written = with_photos[0], with_photos[1]
+    site_url = demo_site.url
+    first_photo = next(p for p in parsed["photos"] if p.get("sha256"))
+    photo_url = site_url + first_photo["url"]
+    store.put_image((demo_site_dir / first_photo["url"].lstrip("/")).read_bytes())
+    journal.photo(photo_url, first_photo["sha256"], 1, "image/jpeg")
+    parsed_photos = [site_url + p["url"] for p in parsed["photos"]]
+    journal.scraped({"listing_id": parsed["listing_id"], "site": "demo", "site_id": parsed["listing_id"].split(":")[1],
+                     "url": site_url + parsed["url"], "title": "recovered", "make_raw": "x", "model_raw": "y",
+                     "attributes": {}, "image_urls": parsed_photos, "crawl_id": "20260101T000000Z-dead"})
+    journal.close_files()
+    part = {"listing_id": written["listing_id"], "site": "demo", "images": [], "crawl_id": "20260101T000000Z-dead"}
+    (journal.feed_dir / "part-00000.jsonl").write_text(json.dumps(part) + "\n")
+
+    log_start = len(demo_site.requests_log)
+    stats = run_crawl("demo", store_uri, jobdir, overrides=FAST, base_url=demo_site.url, timeout=120)
+    paths = _paths(demo_site, log_start)
+
+    assert stats["crawl_id"] == "20260101T000000Z-dead"
+    assert stats["carflow/recovered/feed_parts"] == 1 and stats["carflow/recovered/listings"] == 1
+    assert stats["carflow/recovered/photos"] == 1
+    assert _path(parsed["url"]) not in paths and _path(written["url"]) not in paths
+    assert _path(first_photo["url"]) not in paths
+    records = {r["listing_id"]: r for r in _records(store, "20260101T000000Z-dead")}
+    assert set(records) == {x["listing_id"] for x in gt["listings"]}
+    assert records[parsed["listing_id"]]["title"] == "recovered"  # from the journal, not refetched
+    assert first_photo["sha256"] in {img["image_id"] for img in records[parsed["listing_id"]]["images"]}
+    assert store.exists("listings/demo/20260101T000000Z-dead/part-00000.jsonl")
+    assert any(p.startswith("/search/") for p in paths)  # the stale seen file did not filter them
