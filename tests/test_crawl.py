@@ -7,6 +7,7 @@ import json
 import signal
 import time
 from collections import Counter
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
@@ -16,6 +17,8 @@ from demo.truth import CRAWL_REJECTED, expected_ingest, load_ground_truth
 from spiders.run import read_stats, run_crawl, start_crawl
 
 pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
 
 #: loopback: no need for politeness delays in tests (the defaults stay polite)
 FAST = {"AUTOTHROTTLE_ENABLED": False, "DOWNLOAD_DELAY": 0, "CONCURRENT_REQUESTS_PER_DOMAIN": 8}
@@ -171,3 +174,153 @@ def test_interrupted_crawl_resumes_with_the_same_result(demo_site_dir, tmp_path)
     assert {k: v for k, v in resumed.items() if k.startswith("carflow/photo_rejected/")} == {
         f"carflow/photo_rejected/{k}": v for k, v in expected_ingest(gt)["rejected_by_reason"].items()
     }
+
+
+def test_killed_crawl_resumes_with_the_same_result_and_downloads_nothing_twice(demo_site_dir, tmp_path):
+    """SIGKILL (out of memory, eviction) gives the crawl no chance to flush its feed or
+    save ``spider.state``: the journal in its JOBDIR must carry it."""
+    from demo.server import DemoSite
+
+    store_uri = str(tmp_path / "store")
+    jobdir = tmp_path / "job"
+    gt = load_ground_truth(demo_site_dir)
+    slow = {**FAST, "CONCURRENT_REQUESTS_PER_DOMAIN": 2, "CARFLOW_FEED_PART_SIZE": 4}
+    raw = tmp_path / "store" / "raw"
+    with DemoSite(demo_site_dir, latency_ms=30) as site:
+        log_start = len(site.requests_log)
+        proc, crawl_id = start_crawl("demo", store_uri, jobdir, None, slow, base_url=site.url)
+        try:
+            deadline = time.monotonic() + 90
+            # mid-crawl: some photos stored, most listings still to do
+            while sum(1 for _ in raw.glob("*/*")) < 20 if raw.exists() else True:
+                assert proc.poll() is None, open(proc.log_path).read()[-3000:]
+                assert time.monotonic() < deadline, "the crawl made no progress"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)  # no shutdown: nothing is flushed or saved
+            assert proc.wait(30) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        first_paths = _paths(site, log_start)
+        store = open_storage(store_uri)
+        stored_after_kill = {key.rsplit("/", 1)[-1] for key in store.list("raw/")}
+        assert not store.exists(f"crawls/demo/{crawl_id}/stats.json")  # it never closed
+        assert not (jobdir / "spider.state").exists()
+        assert len(_records(store, crawl_id)) < len(gt["listings"])
+
+        log_start = len(site.requests_log)
+        resumed = run_crawl("demo", store_uri, jobdir, overrides=slow, base_url=site.url, timeout=120)
+        second_paths = set(_paths(site, log_start))
+
+    assert resumed["crawl_id"] == crawl_id  # kept in the journal from the start
+    assert resumed["finish_reason"] == "finished"
+    records = _records(store, crawl_id)
+    assert len({r["listing_id"] for r in records}) == len(records) == len(gt["listings"])
+    assert _pairs(records) == expected_ingest(gt)["pairs"]  # what an uninterrupted crawl stores
+    assert {key.rsplit("/", 1)[-1] for key in store.list("raw/")} == expected_ingest(gt)["image_ids"]
+
+    # nothing downloaded twice. A photo request means its listing page was parsed: that
+    # page is never requested again. A photo stored from its URL is never requested again.
+    first = set(first_paths)
+    sha_of, urls_of_sha, listing_of = {}, Counter(), {}
+    for truth in gt["listings"]:
+        for photo in truth["photos"]:
+            for path in _photo_paths(photo):
+                sha_of[path], listing_of[path] = photo.get("sha256"), _path(truth["url"])
+    urls_of_sha.update(sha_of[p] for p in first if p in sha_of)
+    parsed_first = {listing_of[p] for p in first if p in listing_of}
+    assert parsed_first and len(parsed_first) < len(gt["listings"])
+    assert not parsed_first & second_paths, sorted(parsed_first & second_paths)
+    stored_from = {p for p in first if p in sha_of and sha_of[p] in stored_after_kill and urls_of_sha[sha_of[p]] == 1}
+    assert stored_from and not stored_from & second_paths, sorted(stored_from & second_paths)
+    assert resumed.get("carflow/recovered/feed_parts", 0) + resumed.get("carflow/recovered/listings", 0) >= 1
+    assert not (jobdir / "carflow" / "scraped.jsonl").exists()  # a clean close drops the journal
+
+
+def test_crawl_that_reaches_nothing_fails_with_a_message(demo_site, tmp_path):
+    from conftest import free_port
+
+    from spiders.run import CrawlFailed
+
+    with pytest.raises(CrawlFailed, match="reached none of its search pages") as info:
+        run_crawl("demo", str(tmp_path / "a"), overrides={**FAST, "RETRY_TIMES": 0},
+                  base_url=f"http://127.0.0.1:{free_port()}", timeout=120)
+    assert "\n" not in str(info.value)
+
+    profile = tmp_path / "wrong.yaml"
+    profile.write_text((ROOT / "spiders" / "profiles" / "demo.yaml").read_text()
+                       .replace("a.listing-link::attr(href)", "a.no-such-link::attr(href)"))
+    with pytest.raises(CrawlFailed, match=r"found 0 listings on \d+ search page") as info:
+        run_crawl(str(profile), str(tmp_path / "b"), overrides=FAST, base_url=demo_site.url, timeout=120)
+    assert "listing_links" in str(info.value)
+
+
+def test_a_bad_profile_is_not_retried(tmp_path, prefect_server):
+    """The crawl task retries once after 30 s, but not for a user's mistake."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from spiders.profile import ProfileError
+    from tasks.crawl import crawl_task
+
+    @flow
+    def crawl_missing(site: str) -> dict:
+        return crawl_task(site, str(tmp_path / "store"))
+
+    state = crawl_missing(str(tmp_path / "typo.yaml"), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ProfileError, match="typo.yaml does not exist"):
+        state.result()
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    assert [r.run_count for r in runs] == [1]
+
+
+def test_resume_takes_what_the_journal_holds(demo_site, demo_site_dir, tmp_path):
+    """The journal of a killed crawl, laid out by hand: a listing parsed but never written
+    (its photos half stored), a feed part never uploaded. The resumed crawl uploads the
+    part, finishes the listing without fetching its page or its stored photo again."""
+    from spiders.journal import CrawlJournal
+    from spiders.run import jobdir_crawl_id
+
+    gt = load_ground_truth(demo_site_dir)
+    store_uri = str(tmp_path / "store")
+    store = open_storage(store_uri)
+    jobdir = tmp_path / "job"
+    journal = CrawlJournal(jobdir)
+    journal.begin("20260101T000000Z-dead", "demo")  # running: true, and it never ended
+    journal.close_files()
+    (jobdir / "requests.seen").write_text("stale fingerprints of a killed crawl\n")
+    assert jobdir_crawl_id(jobdir) == "20260101T000000Z-dead"
+
+    with_photos = [x for x in gt["listings"] if sum(1 for p in x["photos"] if p.get("sha256")) >= 2]
+    parsed, written = with_photos[0], with_photos[1]
+    site_url = demo_site.url
+    first_photo = next(p for p in parsed["photos"] if p.get("sha256"))
+    photo_url = site_url + first_photo["url"]
+    store.put_image((demo_site_dir / first_photo["url"].lstrip("/")).read_bytes())
+    journal.photo(photo_url, first_photo["sha256"], 1, "image/jpeg")
+    parsed_photos = [site_url + p["url"] for p in parsed["photos"]]
+    journal.scraped({"listing_id": parsed["listing_id"], "site": "demo", "site_id": parsed["listing_id"].split(":")[1],
+                     "url": site_url + parsed["url"], "title": "recovered", "make_raw": "x", "model_raw": "y",
+                     "attributes": {}, "image_urls": parsed_photos, "crawl_id": "20260101T000000Z-dead"})
+    journal.close_files()
+    part = {"listing_id": written["listing_id"], "site": "demo", "images": [], "crawl_id": "20260101T000000Z-dead"}
+    (journal.feed_dir / "part-00000.jsonl").write_text(json.dumps(part) + "\n")
+
+    log_start = len(demo_site.requests_log)
+    stats = run_crawl("demo", store_uri, jobdir, overrides=FAST, base_url=demo_site.url, timeout=120)
+    paths = _paths(demo_site, log_start)
+
+    assert stats["crawl_id"] == "20260101T000000Z-dead"
+    assert stats["carflow/recovered/feed_parts"] == 1 and stats["carflow/recovered/listings"] == 1
+    assert stats["carflow/recovered/photos"] == 1
+    assert _path(parsed["url"]) not in paths and _path(written["url"]) not in paths
+    assert _path(first_photo["url"]) not in paths
+    records = {r["listing_id"]: r for r in _records(store, "20260101T000000Z-dead")}
+    assert set(records) == {x["listing_id"] for x in gt["listings"]}
+    assert records[parsed["listing_id"]]["title"] == "recovered"  # from the journal, not refetched
+    assert first_photo["sha256"] in {img["image_id"] for img in records[parsed["listing_id"]]["images"]}
+    assert store.exists("listings/demo/20260101T000000Z-dead/part-00000.jsonl")
+    assert any(p.startswith("/search/") for p in paths)  # the stale seen file did not filter them

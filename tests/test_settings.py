@@ -94,3 +94,28 @@ def test_secrets_only_from_env_and_never_shown(monkeypatch, tmp_path, caplog):
     assert isinstance(store, S3Storage)
     creds = store.client._request_signer._credentials
     assert creds.access_key == "AKIDSECRET1"
+
+
+def test_settings_that_do_nothing_are_refused(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert load_settings().runtime.task_runner == "thread"
+    for runner in ("dask", "process"):
+        monkeypatch.setenv("CARFLOW_RUNTIME__TASK_RUNNER", runner)
+        with pytest.raises(SettingsError, match="runtime.task_runner.*not supported"):
+            load_settings()
+    monkeypatch.delenv("CARFLOW_RUNTIME__TASK_RUNNER")
+    monkeypatch.setenv("CARFLOW_RUNTIME__DASK_ADDRESS", "tcp://scheduler:8786")
+    with pytest.raises(SettingsError, match="runtime.dask_address"):
+        load_settings()
+
+
+def test_section_errors_mask_the_secrets_of_the_section(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CARFLOW_STORAGE__BACKEND", "s3")
+    monkeypatch.setenv("CARFLOW_STORAGE__ACCESS_KEY_ID", "AKIDSECRET9")
+    monkeypatch.setenv("CARFLOW_STORAGE__SECRET_ACCESS_KEY", "topsecret9")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    text = str(info.value)
+    assert "storage.bucket is not set" in text and "'access_key_id': '**********'" in text
+    assert "AKIDSECRET9" not in text and "topsecret9" not in text and "\n" not in text

@@ -336,3 +336,102 @@ def test_photo_failure_reasons_and_content_addressed_store(tmp_path):
     assert pipe._store(body, "image/jpeg") == (sha256_hex(body), True)
     assert pipe._store(body, "image/jpeg") == (sha256_hex(body), False)  # second URL, same bytes
     assert (tmp_path / image_key(sha256_hex(body))).read_bytes() == body  # bytes exactly as served
+
+
+# -- sites unlike the demo (issue 10) ---------------------------------------------------------
+def test_lazy_load_attributes_and_placeholders(profile):
+    from spiders.profile import DEFAULT_IMAGE_ATTRIBUTES
+
+    attrs = list(DEFAULT_IMAGE_ATTRIBUTES)
+    for name in ("data-lazy", "data-lazy-src", "data-original"):
+        assert element_image_url({"src": "/static/p.gif", name: "/photos/1.jpg"}, attrs) == "/photos/1.jpg"
+    # a placeholder in src, the photo in an attribute the profile does not list
+    for url in ("/img/blank.gif", "/assets/lazy-placeholder.png", "https://cdn.x/spacer_1x1.gif?v=2"):
+        assert element_image_url({"src": url}, attrs) is None
+        assert element_image_url({"src": url, "href": "/photos/big.jpg"}, attrs) == "/photos/big.jpg"
+    assert element_image_url({"src": "/photos/lazy-river-boat.jpg"}, attrs) == "/photos/lazy-river-boat.jpg"
+    gallery = ('<img src="/static/p.gif" data-lazy="/fotos/1.jpg"><img src="/img/loading.gif" '
+               'data-lazy-src="/fotos/2.jpg"><img src="/img/spacer.gif">')
+    item = _parse(profile, _html_fields(gallery=gallery))
+    assert [u.rsplit("/", 1)[-1] for u in item.image_urls] == ["1.jpg", "2.jpg"]
+
+
+def test_placeholder_bodies_are_rejected_and_tiny_real_images_are_too_small():
+    import base64
+    import io
+
+    from PIL import Image
+
+    from spiders.pipelines.photos import is_placeholder
+    from tasks.fix import fix_image
+
+    gif = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")  # 42 bytes
+    assert is_placeholder(gif)
+    small = io.BytesIO()
+    Image.new("RGB", (24, 18), (200, 10, 10)).save(small, "JPEG")
+    assert not is_placeholder(small.getvalue())  # a tiny photo is stored; clean drops it
+    assert not is_placeholder(b"<html>not an image</html>")
+    # a few bytes that are a real image are too_small in clean, not empty
+    assert (fix_image(gif).status, fix_image(gif).reason) == ("dropped", "too_small")
+    assert fix_image(b"").reason == "empty"
+
+
+def test_listing_id_is_matched_on_the_listing_url_not_on_a_url_in_its_query():
+    p = profile_from_dict({"name": "x", "start_urls": ["https://x.example/s"], "listing_links": "a::attr(href)",
+                           "listing_id_regex": r"/auto/(?P<id>\d+)"})
+    assert p.listing_site_id("https://x.example/auto/123-ford-focus") == "123"
+    assert p.listing_site_id("https://x.example/auto/123?ref=search#photos") == "123"
+    assert p.listing_site_id("https://x.example/login?next=/auto/123-ford-focus") is None
+    assert p.listing_site_id("https://x.example/login?next=%2Fauto%2F123&lang=es") is None
+    assert p.listing_site_id("https://x.example/login?return_to=https://x.example/auto/123") is None
+    q = profile_from_dict({"name": "q", "start_urls": ["https://q.example/s"], "listing_links": "a::attr(href)",
+                           "listing_id_regex": r"[?&]id=(\d+)"})
+    assert q.listing_site_id("https://q.example/detail.php?id=77&lang=de") == "77"  # its own query counts
+    assert q.listing_site_id("https://q.example/login?next=/detail.php?id=77") is None
+
+
+def test_search_page_login_links_are_not_listings(profile):
+    spider, stats = _spider(profile)
+    links = ('<a class="listing-link" href="/listing/demo-0001.html">car</a>'
+             '<a class="listing-link" href="/login?next=/listing/demo-0001.html">save</a>'
+             '<a class="listing-link" href="/listing/demo-0001.html?from=top">same car</a>')
+    requests = list(spider.parse_search(_page(links, f"{BASE}/search/page-1.html")))
+    assert [r.url for r in requests] == [f"{BASE}/listing/demo-0001.html"]  # one request per listing
+    got = stats.get_stats()
+    assert got["carflow/search/link_without_id"] == 1 and got["carflow/search/duplicate_link"] == 1
+    assert got["carflow/search/listing_links"] == 2
+
+
+@pytest.mark.parametrize(
+    ("raw", "site_currency", "expected"),
+    [
+        ("Ford Focus 1.6 Titanium 2010 – $ 4.500", None, (4500.0, "USD")),  # not the engine size or year
+        ("Ford Focus 1.6 Titanium 2010 – $ 189.500", "MXN", (189500.0, "MXN")),  # "$" on a Mexican site
+        ("VW Jetta 2.0 2015, 98.000 km – $ 245.000", "MXN", (245000.0, "MXN")),  # not the mileage
+        ("12 345 €", "MXN", (12345.0, "EUR")),  # an unambiguous symbol keeps its currency
+        ("£9,999", "MXN", (9999.0, "GBP")),  # MXN is no pound
+        ("15 000 kr", "NOK", (15000.0, "NOK")),
+        ("R$ 45.000,00", None, (45000.0, "BRL")),
+        ("CHF 12'500.–", None, (12500.0, "CHF")),
+        ("12’500 Fr.", None, (12500.0, "CHF")),
+        ("12\u202f345 €", None, (12345.0, "EUR")),  # French narrow no-break space
+        ("₹ 12,34,567", None, (1234567.0, "INR")),  # Indian grouping
+        ("Golf 2017 1.4 TSI 150 hp", None, (None, None)),  # no currency, no single number: no price
+        ("Golf 1.6 2010 12500", None, (12500.0, None)),
+    ],
+)
+def test_price_from_a_title_and_the_site_currency(raw, site_currency, expected):
+    assert parse_price(raw, site_currency) == expected
+
+
+def test_profile_currency_field():
+    base = {"name": "m", "start_urls": ["https://m.example/s"], "listing_links": "a::attr(href)",
+            "listing_id_regex": r"/(\d+)"}
+    assert profile_from_dict({**base, "currency": "mxn"}).currency == "MXN"
+    assert profile_from_dict({**base, "default_currency": "EUR"}).currency == "EUR"  # the old name
+    with pytest.raises(ProfileError, match="currency"):
+        profile_from_dict({**base, "currency": "$$$"})
+    item = ListingItem(listing_id="m:1", site="m", site_id="1", url="u", attributes={"price_raw": "$ 250.000"},
+                       currency="$")
+    normalise_listing(item, None, "MXN")
+    assert (item.price, item.currency) == (250000.0, "MXN")
