@@ -670,6 +670,9 @@ def write_evaluation(
         "nll_before": nll(test.logits, test.y, 1.0, task) if len(test) else None,
         "nll_after": nll(test.logits, test.y, t, task) if len(test) else None,
     }
+    summary["per_class"] = [
+        {"class": c, **{k: (round(float(v), 4) if k != "support" else int(v)) for k, v in r.items()}}
+        for c, r in head["report"].items() if isinstance(r, Mapping) and c in labels]
     files["classification_report.json"] = put("classification_report.json", json.dumps(head["report"], indent=1),
                                                "application/json")
     files["classification_report.txt"] = put("classification_report.txt", head["report_text"], "text/plain")
@@ -1014,8 +1017,8 @@ def promote_if_better(store: Storage | str | None, version: str | Version, force
 # ---------------------------------------------------------------------------------------
 @task(name="evaluate-classifier", retries=0)
 def evaluate_version_task(storage: str | None, version: str, dataset_version: str,
-                          config: dict[str, Any] | None = None) -> dict[str, Any]:
-    return evaluate_version(storage, version, dataset_version, config)
+                          config: dict[str, Any] | None = None, calibrate: bool = True) -> dict[str, Any]:
+    return evaluate_version(storage, version, dataset_version, config, calibrate=calibrate)
 
 
 @task(name="promote-classifier", retries=1)
