@@ -13,6 +13,9 @@ Keys are POSIX-style paths relative to a storage root (a folder or an ``s3://buc
 | ``<registry prefix of kind>/<version>/...`` + ``/latest.json`` | versioned artifacts (:mod:`carflow.registry`) |
 | ``models/classifier/<version>/eval/<dataset version>/...`` | one evaluation of a classifier (:func:`eval_name`) |
 | ``datasets/assignments.parquet`` | listing → split, stable across versions |
+| ``datasets/exports/<family>/shards/<content key>.tfrecord`` (+ ``.parquet``) | an immutable export shard and its member rows |
+| ``datasets/exports/<family>/latest.json`` | the family's last index (what the next incremental export starts from) |
+| ``datasets/<version>/export.json`` | a dataset version's export index: shards per split, label map, excluded rows |
 | ``labelling/<name>/`` | labelling kits |
 """
 
@@ -114,3 +117,32 @@ def assignments_key() -> str:
 def labelling_prefix(name: str) -> str:
     """``labelling/<name>``"""
     return f"labelling/{name}"
+
+
+EXPORTS_DIR = "exports"
+
+
+def export_family(size: int, fit: str, quality: int, fmt: str = "tfrecord") -> str:
+    """``tfrecord-<size>-<fit>-q<quality>``: exports whose shards can be shared."""
+    return f"{fmt}-{int(size)}-{fit}-q{int(quality)}"
+
+
+def export_prefix(family: str) -> str:
+    """``datasets/exports/<family>``"""
+    return f"{registry_prefix('dataset')}/{EXPORTS_DIR}/{family}"
+
+
+def export_shard_key(family: str, content_key: str, ext: str = "tfrecord") -> str:
+    """``datasets/exports/<family>/shards/<content key>.<ext>`` (``tfrecord``: the
+    records; ``parquet``: the shard's member rows, written after the records)."""
+    return f"{export_prefix(family)}/shards/{content_key}.{ext}"
+
+
+def export_family_pointer_key(family: str) -> str:
+    """``datasets/exports/<family>/latest.json``: the index the next export starts from."""
+    return f"{export_prefix(family)}/{POINTER_NAME}"
+
+
+def export_index_key(version: str) -> str:
+    """``datasets/<version>/export.json``: a dataset version's export index (written last)."""
+    return version_key("dataset", version, "export.json")
