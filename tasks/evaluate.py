@@ -490,6 +490,7 @@ class Predictions:
     y: np.ndarray  # [N] class index in the model's labels, or [N, C] multi-hot
     image_ids: list[str] = field(default_factory=list)
     listing_ids: list[str] = field(default_factory=list)
+    #: each example's class (its label text for multi-label)
     label_texts: list[str] = field(default_factory=list)
     #: where each example's image is, to fetch a few again for galleries: (shard path, position)
     sources: list[tuple[str, int]] = field(default_factory=list)
@@ -536,10 +537,11 @@ def predict_split(predictor: Predictor, index: Any, split: str, batch_size: int 
             out_logits.append(np.asarray(predictor.logits(np.stack(batch)), dtype=np.float32))
             batch.clear()
 
+    classes = list(getattr(index, "classes", []) or [])
     for path in index.files(split):
         for pos, ex in enumerate(iter_examples(path)):
             text = str(ex.get("label_text") or "")
-            if ex.get("image_id") in excluded or (not multilabel and index.label_index(text) is None):
+            if ex.get("image_id") in excluded:
                 skipped["excluded"] += 1
                 continue
             if multilabel:
@@ -549,6 +551,12 @@ def predict_split(predictor: Predictor, index: Any, split: str, batch_size: int 
                         target[where[a]] = 1
                 y: Any = target
             else:
+                # the dataset version's class of this image (a per-image override wins over the text)
+                k = index.label_of(ex) if hasattr(index, "label_of") else index.label_index(text)
+                if k is None:
+                    skipped["excluded"] += 1
+                    continue
+                text = classes[k] if classes else text
                 if text not in where:
                     skipped["unknown_class"] += 1
                     continue
@@ -866,7 +874,7 @@ def dataset_version_of(index: Any, store: Storage, spec: str) -> str:
 def _load_predictor(store: Storage, version: Version) -> Predictor:
     from models.classifier import ClassifierPredictor
 
-    return ClassifierPredictor.load(version.version, storage=store)
+    return ClassifierPredictor.load(version, storage=store)
 
 
 def _fresh(version: Version) -> Version:

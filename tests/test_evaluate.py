@@ -350,3 +350,11 @@ def test_promote_needs_an_evaluation(local_uri, demo_crops):
     _register(store, "raw", demo_crops["classes"])
     with pytest.raises(ev.EvaluationError, match="carflow evaluate --model raw"):
         ev.promote_if_better(store, "raw")
+
+
+def test_evaluate_without_a_classifier_is_one_line(local_uri, capsys):
+    from flows.cli import main
+
+    assert main(["evaluate", "--storage", local_uri]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no classifier has been registered" in err and "carflow train" in err
