@@ -11,7 +11,11 @@ Keys are POSIX-style paths relative to a storage root (a folder or an ``s3://buc
 | ``manifests/<stage>/<name>.parquet`` | the manifest after a stage (and its side tables) |
 | ``work/<stage>/<content key>.parquet`` (+ ``.stats.json``) | one shard's per-image results |
 | ``<registry prefix of kind>/<version>/...`` + ``/latest.json`` | versioned artifacts (:mod:`carflow.registry`) |
+| ``models/classifier/<version>/eval/<dataset version>/...`` | one evaluation of a classifier (:func:`eval_name`) |
 | ``datasets/assignments.parquet`` | listing → split, stable across versions |
+| ``datasets/exports/<family>/shards/<content key>.tfrecord`` (+ ``.parquet``) | an immutable export shard and its member rows |
+| ``datasets/exports/<family>/latest.json`` | the family's last index (what the next incremental export starts from) |
+| ``datasets/<version>/export.json`` | a dataset version's export index: shards per split, label map, excluded rows |
 | ``labelling/<name>/`` | labelling kits |
 """
 
@@ -94,6 +98,17 @@ def pointer_key(kind: str, name: str = "latest") -> str:
     return f"{registry_prefix(kind)}/{name}.json"
 
 
+#: the folder inside a model version that holds its evaluations
+EVAL_DIR = "eval"
+
+
+def eval_name(dataset_version: str, name: str = "") -> str:
+    """``eval/<dataset version>/<name>``, relative to a model version (``Version.key``):
+    one evaluation's files (metrics.json, report.md, PNGs, merge_map.yaml, label_issues.csv)."""
+    base = f"{EVAL_DIR}/{dataset_version}"
+    return f"{base}/{name}" if name else base
+
+
 def assignments_key() -> str:
     """``datasets/assignments.parquet``: listing → split, never moved once assigned."""
     return f"{registry_prefix('dataset')}/assignments.parquet"
@@ -102,3 +117,32 @@ def assignments_key() -> str:
 def labelling_prefix(name: str) -> str:
     """``labelling/<name>``"""
     return f"labelling/{name}"
+
+
+EXPORTS_DIR = "exports"
+
+
+def export_family(size: int, fit: str, quality: int, fmt: str = "tfrecord") -> str:
+    """``tfrecord-<size>-<fit>-q<quality>``: exports whose shards can be shared."""
+    return f"{fmt}-{int(size)}-{fit}-q{int(quality)}"
+
+
+def export_prefix(family: str) -> str:
+    """``datasets/exports/<family>``"""
+    return f"{registry_prefix('dataset')}/{EXPORTS_DIR}/{family}"
+
+
+def export_shard_key(family: str, content_key: str, ext: str = "tfrecord") -> str:
+    """``datasets/exports/<family>/shards/<content key>.<ext>`` (``tfrecord``: the
+    records; ``parquet``: the shard's member rows, written after the records)."""
+    return f"{export_prefix(family)}/shards/{content_key}.{ext}"
+
+
+def export_family_pointer_key(family: str) -> str:
+    """``datasets/exports/<family>/latest.json``: the index the next export starts from."""
+    return f"{export_prefix(family)}/{POINTER_NAME}"
+
+
+def export_index_key(version: str) -> str:
+    """``datasets/<version>/export.json``: a dataset version's export index (written last)."""
+    return version_key("dataset", version, "export.json")

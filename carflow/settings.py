@@ -303,7 +303,7 @@ class SplitSettings(_Section):
     export_uri: str | None = None
     #: also export TFRecord shards (``tasks/export.py``, the training format)
     tfrecord: bool = False
-    #: where; None = ``<storage>/datasets/<classes version>/tfrecord``
+    #: where the shards and ``datasets/<version>/export.json`` go; None = the storage
     tfrecord_uri: str | None = None
     #: exported JPEG size (never upscaled); None = ``train.image_size``
     tfrecord_size: int | None = Field(None, ge=16)
@@ -404,6 +404,35 @@ class TrainSettings(_Section):
         return self
 
 
+class EvaluateSettings(_Section):
+    """Evaluation of a trained classifier (``tasks/evaluate.py``, ``carflow evaluate``)."""
+
+    #: images per predictor call
+    batch_size: int = Field(64, ge=1)
+    #: equal-width confidence bins of the expected calibration error and reliability diagram
+    ece_bins: int = Field(15, ge=2, le=100)
+    #: above this many classes the confusion PNG shows the most-confused sub-matrix
+    confusion_max_classes: int = Field(40, ge=2)
+    #: most-confused (true, predicted) pairs reported, each with a gallery
+    top_pairs: int = Field(10, ge=0)
+    #: misclassified test crops per confused-pair gallery
+    gallery_images: int = Field(12, ge=1)
+    #: thumbnails in the likely-label-errors gallery (the CSV lists them all)
+    gallery_issues: int = Field(48, ge=1)
+    #: label issues listed in metrics.json and the report (the CSV lists them all)
+    issues_listed: int = Field(50, ge=0)
+    #: thumbnail side in galleries, px
+    thumb: int = Field(96, ge=16, le=512)
+    #: a suggested merge needs this many confidently confused images in *each* direction
+    merge_min_examples: int = Field(2, ge=1)
+    #: ... and this share of each class's val+test images confused with the other
+    merge_min_rate: float = Field(0.1, ge=0, le=1)
+    #: pairs written into the merge-map snippet (None = every suggestion)
+    max_merges: int | None = Field(None, ge=1)
+    #: multi-label decision threshold for metrics
+    multilabel_threshold: float = Field(0.5, gt=0, lt=1)
+
+
 class RuntimeSettings(_Section):
     """How flows run: task runner and where the manifests go."""
 
@@ -460,6 +489,7 @@ class Settings(BaseSettings):
     classes: ClassesSettings = Field(default_factory=ClassesSettings)
     split: SplitSettings = Field(default_factory=SplitSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
 
     _config_path: Path | None = None

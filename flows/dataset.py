@@ -19,12 +19,13 @@ Exports, each on request (``tasks/export.py``):
 
 - folders (``--export URI`` / ``split.export_uri``): the seeds' layout
   ``<split>/<class>/<train_image_id>.jpg`` in a local folder or ``s3://`` prefix;
-- TFRecord (``--tfrecord`` / ``split.tfrecord``), the training format: shards
-  ``<split>/<split>-00000-of-000NN.tfrecord`` of JPEGs resized to
-  ``split.tfrecord_size`` (default ``train.image_size``; ``split.tfrecord_fit``:
-  size×size, or a shorter side of size) plus ``meta.json``, under
-  ``datasets/<version>/tfrecord/`` of the storage unless ``split.tfrecord_uri`` / a URI
-  is given; not rewritten when the same content is already there.
+- TFRecord (``--tfrecord`` / ``split.tfrecord``), the training format, incremental:
+  content-keyed shards ``datasets/exports/<family>/shards/<key>.tfrecord`` of JPEGs
+  resized to ``split.tfrecord_size`` (default ``train.image_size``;
+  ``split.tfrecord_fit``: size×size, or a shorter side of size), then the version's
+  index ``datasets/<version>/export.json``, in the storage unless
+  ``split.tfrecord_uri`` / a URI is given; only new or changed rows are encoded.
+  ``--gc-exports`` deletes the shards no index references (run it when no export runs).
 
 The summary's ``exports`` holds, per export, its URI and the images per split.
 """
@@ -54,7 +55,12 @@ from carflow.manifest import (
 from carflow.settings import ClassesSettings, SplitSettings, get_settings
 from carflow.storage import open_storage
 from tasks.classes import assign_classes_task, classes_document, write_classes
-from tasks.export import export_folders_task, export_tfrecords_task, with_train_image_id
+from tasks.export import (
+    export_folders_task,
+    export_tfrecords_task,
+    gc_export_shards,
+    with_train_image_id,
+)
 from tasks.split import (
     SPLITS,
     assign_splits_task,
@@ -160,22 +166,25 @@ def dataset(
         folders = export_folders_task(df, storage, export_uri, cfg.runtime.max_workers)
         exports["folders"] = {"uri": open_storage(export_uri).uri(), **folders}
     if tfrecord:
-        dest = tfrecord_uri or split_cfg.tfrecord_uri or store.uri(f"{classes_cfg.datasets_prefix}/{doc['version']}/tfrecord")
-        meta = export_tfrecords_task(
+        dest = tfrecord_uri or split_cfg.tfrecord_uri
+        index = export_tfrecords_task(
             df, storage, dest, doc, tfrecord_size, split_cfg.tfrecord_shard_images, split_cfg.tfrecord_quality,
-            split_cfg.tfrecord_fit, cfg.runtime.max_workers,
+            split_cfg.tfrecord_fit, cfg.runtime.max_workers, version=doc["version"],
         )
         exports["tfrecord"] = {
-            "uri": open_storage(dest).uri(),
-            "meta": open_storage(dest).uri("meta.json"),
-            "image_size": meta["image_size"],
-            "fit": meta["fit"],
-            "per_split": {s: int(meta["splits"].get(s, {}).get("count", 0)) for s in SPLITS},
-            "shards": {s: len(meta["splits"].get(s, {}).get("shards", [])) for s in SPLITS},
-            "written": meta["written"],
-            "skipped": meta["skipped"],
-            "missing": meta["missing"],
-            "undecodable": meta["undecodable"],
+            "uri": open_storage(dest or storage).uri(),
+            "index": index["index_uri"],
+            "image_size": index["image_size"],
+            "fit": index["fit"],
+            "per_split": {s: int(index["splits"][s]["count"]) for s in SPLITS},
+            "shards": {s: len(index["splits"][s]["shards"]) for s in SPLITS},
+            "encoded": index["encoded"],
+            "shards_written": index["shards_written"],
+            "shards_reused": index["shards_reused"],
+            "excluded": len(index["excluded"]),
+            "skipped": index["skipped"],
+            "missing": index["missing"],
+            "undecodable": index["undecodable"],
         }
 
     table = [
@@ -238,7 +247,13 @@ def main(argv: list[str] | None = None) -> int:
         help="export TFRecord shards (default place: <storage>/datasets/<version>/tfrecord)",
     )
     parser.add_argument("--tfrecord-size", type=int, help="size of the exported JPEGs (split.tfrecord_size)")
+    parser.add_argument("--gc-exports", action="store_true",
+                        help="only delete export shards that no dataset version's export.json references")
     a = parser.parse_args(argv)
+    if a.gc_exports:
+        dest = a.tfrecord or get_settings().split.tfrecord_uri or a.storage
+        print(json.dumps(gc_export_shards(open_storage(dest)), indent=2))
+        return 0
     out = dataset(
         a.storage, a.min_images, a.merge_map, a.ignore, a.conflict_policy, a.export,
         tfrecord=True if a.tfrecord is not None else None, tfrecord_uri=a.tfrecord or None, tfrecord_size=a.tfrecord_size,
