@@ -20,6 +20,10 @@ and int labels:
      aspect kept (``fit="shorter"``), same reader;
 (c)  TFRecord shards of JPEGs pre-resized at export to ``size``×``size`` (``fit="square"``:
      the export ``flows/dataset.py`` writes by default), same reader;
+(c2) the same shards read without TensorFlow's reader: ``ExportIndex.examples``
+     (``tasks.tfrecord``: pure-Python framing + protobuf) and a PIL decode on a thread
+     pool, batched in NumPy — the path of Keras on the torch/JAX backends (wrapped in
+     ``from_generator`` here only to be timed like the others);
 (d)  sharded uint8 ``.npy`` arrays ``[k, size, size, 3]`` (no decode at all), read by
      memory-mapping each shard.
 
@@ -99,10 +103,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     tf = import_tensorflow()
     keras = import_keras()
+    from concurrent.futures import ThreadPoolExecutor
+
     from PIL import Image
 
     from carflow.storage import LocalStorage
-    from tasks.export import export_folders, export_tfrecords, resize_jpeg, tfrecord_dataset
+    from tasks.export import (
+        export_folders,
+        export_tfrecords,
+        open_export,
+        resize_jpeg,
+        tfrecord_dataset,
+    )
 
     size, bs, n = args.size, args.batch_size, args.n
     auto = tf.data.AUTOTUNE
@@ -138,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                "square": (work / "tfr", size, "square")}
         for what, (dest, s, fit) in tfr.items():
             t = time.monotonic()
-            export_tfrecords(df, store, LocalStorage(dest), doc, size=s, fit=fit, shard_images=args.shard_images,
-                             max_workers=workers)
+            export_tfrecords(df, store, doc, size=s, fit=fit, shard_images=args.shard_images,
+                             max_workers=workers, dest=LocalStorage(dest))
             prep[f"TFRecord {what}"] = f"{time.monotonic() - t:.1f}s ({n / (time.monotonic() - t):.0f} img/s)"
         npy = work / "npy"
         if not args.no_npy:
@@ -201,7 +213,36 @@ def main(argv: list[str] | None = None) -> int:
                            ("(c1) TFRecord, JPEGs shorter side = size", "shorter side"),
                            ("(c)  TFRecord, JPEGs size x size (our export)", "square")):
             root = tfr[what][0]
-            layouts[name] = (lambda root=root: tfrecord_dataset(root, "train", size, bs), sorted(root.rglob("*.tfrecord")))
+            layouts[name] = (lambda root=root: tfrecord_dataset(root, "train", size, bs, dataset_version="bench"),
+                             sorted(root.rglob("*.tfrecord")))
+
+        def tf_free_pipeline():
+            index = open_export(tfr["square"][0], "bench")
+            pool = ThreadPoolExecutor(args.threads or workers)
+
+            def decode(data: bytes) -> np.ndarray:
+                im = Image.open(io.BytesIO(data)).convert("RGB")
+                if im.size != (size, size):
+                    im = im.resize((size, size), Image.Resampling.BILINEAR)
+                return np.asarray(im)
+
+            def gen():
+                batch: list = []
+                for ex in index.examples("train"):
+                    batch.append(ex)
+                    if len(batch) == bs:
+                        yield np.stack(list(pool.map(decode, [e["image"] for e in batch]))), \
+                            np.array([e["label"] for e in batch], np.int64)
+                        batch = []
+                if batch:
+                    yield np.stack(list(pool.map(decode, [e["image"] for e in batch]))), \
+                        np.array([e["label"] for e in batch], np.int64)
+
+            sig = (tf.TensorSpec((None, size, size, 3), tf.uint8), tf.TensorSpec((None,), tf.int64))
+            return tf.data.Dataset.from_generator(gen, output_signature=sig).prefetch(auto)
+
+        layouts["(c2) our export, TF-free reader + PIL decode"] = (tf_free_pipeline,
+                                                                    sorted(tfr["square"][0].rglob("*.tfrecord")))
         if not args.no_npy:
             layouts["(d)  sharded uint8 .npy arrays, memory-mapped"] = (npy_pipeline, sorted(npy.glob("*.npy")))
 
