@@ -358,3 +358,140 @@ def test_evaluate_without_a_classifier_is_one_line(local_uri, capsys):
     assert main(["evaluate", "--storage", local_uri]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no classifier has been registered" in err and "carflow train" in err
+
+
+# -- end to end: a tiny trained Keras classifier, registered, on a real dataset export ---------------
+SIZE = 32
+
+
+def _export_df(store, demo_crops, max_listing: int):
+    """Dataset rows of the demo crops (listing n's split: n % 5 → val 3, test 4, else train;
+    stable, as the split stage keeps it) for listings numbered below ``max_listing``."""
+    import pandas as pd
+
+    rows = []
+    for i, (lid, jpeg) in enumerate(zip(demo_crops["listings"], demo_crops["jpegs"])):
+        n = int(lid.rsplit("-", 1)[-1])
+        if n >= max_listing:
+            continue
+        cls = demo_crops["classes"][demo_crops["y"][i]]
+        make, model = cls.split("_", 1)
+        rows.append({"image_id": store.put_image(jpeg), "listing_id": lid, "make": make, "model": model, "year": 2020,
+                     "label": f"{cls}_2020", "class_label": cls, "status": "kept", "reason": None,
+                     "first_seen": n * 100 + i, "split": {3: "val", 4: "test"}.get(n % 5, "train")})
+    return pd.DataFrame(rows)
+
+
+def _arrays(index, split):
+    x, y = [], []
+    for ex in index.examples(split):
+        x.append(np.asarray(Image.open(io.BytesIO(ex["image"])).convert("RGB").resize((SIZE, SIZE))))
+        y.append(ex["label"])
+    return np.stack(x), np.asarray(y)
+
+
+def _register_keras(store, name, model, classes, dataset_version, tmp_path):
+    path = tmp_path / f"{name}.keras"
+    model.save(path)
+    return Registry(store).put_version(
+        "classifier",
+        {"model.keras": str(path), "labels.json": json.dumps(classes),
+         "config.json": json.dumps({"image_size": SIZE, "task": "multiclass", "backbone": "tiny-test-cnn"})},
+        meta={"dataset_version": dataset_version, "command": "tests/test_evaluate.py"}, version=name)
+
+
+@pytest.fixture(scope="module")
+def registered(demo_crops, tmp_path_factory):
+    """Storage with two dataset versions (ds0: listings 1–39; ds1: all 60, splits kept), a
+    champion trained on ds0 (a tiny CNN, uint8 in, logits out) and an untrained challenger."""
+    from carflow.frameworks import import_keras
+    from carflow.storage import open_storage
+    from tasks.export import export_tfrecords, open_export
+
+    tmp = tmp_path_factory.mktemp("eval-e2e")
+    store = open_storage(str(tmp / "store"))
+    classes = demo_crops["classes"]
+    for name, upto in (("ds0", 40), ("ds1", 1000)):
+        export_tfrecords(_export_df(store, demo_crops, upto), store, {"version": name, "classes": classes}, size=SIZE,
+                         shard_images=64)
+    keras = import_keras()
+    keras.utils.set_random_seed(0)
+
+    def tiny():
+        inp = keras.Input((SIZE, SIZE, 3), dtype="uint8")
+        x = keras.layers.Rescaling(1 / 255.0)(inp)
+        x = keras.layers.Conv2D(16, 3, strides=2, activation="relu")(x)
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        return keras.Model(inp, keras.layers.Dense(len(classes))(x))
+
+    x, y = _arrays(open_export(store, "ds0"), "train")
+    champ = tiny()
+    champ.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    champ.fit(x, y, epochs=40, batch_size=32, verbose=0)
+    _register_keras(store, "champ", champ, classes, "ds0", tmp)
+    _register_keras(store, "chal", tiny(), classes, "ds1", tmp)
+    return store
+
+
+def test_evaluate_version_end_to_end_then_champion_challenger_on_the_same_split(registered):
+    from models.classifier import ClassifierPredictor
+
+    store, reg = registered, Registry(registered)
+    s = ev.evaluate_version(store, "champ", "ds0", EvaluateSettings(top_pairs=3, gallery_issues=8))
+    base = keys.version_key("classifier", "champ", keys.eval_name("ds0"))
+    assert s["n_test"] > 10 and s["top1"] > 0.6, s["top1"]
+    for name in ("metrics.json", "report.md", "confusion.png", "per_class_accuracy.png", "reliability.png",
+                 "merge_map.yaml", "label_issues.csv", "label_issues.png"):
+        assert store.exists(f"{base}/{name}"), name
+    for k in (k for k in store.list(base + "/") if k.endswith(".png")):
+        with Image.open(io.BytesIO(store.get(k))) as im:
+            im.load()
+    # the galleries show real test crops, fetched back from the export's shards (an image
+    # that could not be fetched would be a flat grey placeholder tile)
+    galleries = [k for k in store.list(base + "/confused/")] + [f"{base}/label_issues.png"]
+    assert len(galleries) >= 2
+    for k in galleries:
+        with Image.open(io.BytesIO(store.get(k))) as im:
+            assert len(set(im.convert("RGB").getdata())) > 200, k
+    print(f"champion on ds0: top-1 {s['top1']:.3f} top-5 {s['top5']:.3f} macro-F1 {s['macro_f1']:.3f}, "
+          f"T {s['temperature']:.2f}, ECE {s['ece_before']:.3f} -> {s['ece_after']:.3f}, n_test {s['n_test']}")
+    # the temperature is stored with the model, and the predictor serves with it
+    predictor = ClassifierPredictor.load("champ", storage=store)
+    assert predictor.temperature == pytest.approx(s["temperature"]) and s["temperature"] != 1.0
+    assert reg.get("classifier", "champ").meta["metrics"]["dataset_version"] == "ds0"
+
+    assert ev.promote_if_better(store, "champ").promoted
+    ev.evaluate_version(store, "chal", "ds1")
+    decision = ev.promote_if_better(store, "chal")
+    champ_meta = reg.get("classifier", "champ").meta
+    # the champion was evaluated on ds1's test split (without touching its own metrics or temperature)
+    assert champ_meta["evaluations"]["ds1"]["test_split"] == reg.get("classifier", "chal").meta["metrics"]["test_split"]
+    assert champ_meta["metrics"]["dataset_version"] == "ds0"
+    assert champ_meta["temperature"] == pytest.approx(s["temperature"])
+    assert champ_meta["evaluations"]["ds1"]["n_test"] > champ_meta["evaluations"]["ds0"]["n_test"]
+    assert not decision.promoted and reg.latest("classifier").version == "champ"
+    assert decision.incumbent_value == pytest.approx(champ_meta["evaluations"]["ds1"]["top1"])
+    assert decision.candidate_value < decision.incumbent_value
+    assert "re-evaluated" in decision.reason
+    print(f"challenger vs champion on ds1: {decision.candidate_value:.3f} vs {decision.incumbent_value:.3f}: "
+          f"{decision.reason}")
+
+
+@pytest.mark.integration
+def test_evaluate_flow_publishes_artifacts_and_forces(registered, prefect_server):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.evaluate import evaluate
+
+    out = evaluate(registered.uri(), "chal", "ds1", promote=True, force=True)
+    assert out["promotion"]["promoted"] and out["promotion"]["reason"].startswith("forced")
+    assert Registry(registered).latest("classifier").version == "chal"
+    assert {"confusion.png", "reliability.png", "metrics.json"} <= set(out["files"])
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=["classifier-evaluation", "classifier-per-class", "classifier-confusion"])))
+    by_key = {a.key: a for a in found}
+    assert set(by_key) == {"classifier-evaluation", "classifier-per-class", "classifier-confusion"}
+    assert "chal" in by_key["classifier-evaluation"].data and "forced" in by_key["classifier-evaluation"].data
