@@ -104,14 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="move latest here whatever the numbers")
     parser.add_argument("--no-calibrate", action="store_true", help="keep the stored temperature")
     a = parser.parse_args(argv)
+    from tasks.export import ExportNotFound, open_export
+
     try:  # a user's mistake is one line, before any flow starts
-        Registry(open_storage(a.storage)).resolve("classifier", a.model, setting="--model")
-    except RegistryError as exc:
+        store = open_storage(a.storage)
+        Registry(store).resolve("classifier", a.model, setting="--model")
+        open_export(store, a.dataset)
+    except (RegistryError, ExportNotFound) as exc:
         print(f"carflow evaluate: {exc}", file=sys.stderr)
         return 2
     try:
         out = evaluate(a.storage, a.model, a.dataset, a.promote, a.force, not a.no_calibrate)
-    except (RegistryError, EvaluationError) as exc:
+    except (RegistryError, ExportNotFound, EvaluationError) as exc:
         print(f"carflow evaluate: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(out, indent=2, default=str))

@@ -358,6 +358,12 @@ def test_evaluate_without_a_classifier_is_one_line(local_uri, capsys):
     assert main(["evaluate", "--storage", local_uri]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no classifier has been registered" in err and "carflow train" in err
+    from carflow.storage import open_storage
+
+    Registry(open_storage(local_uri)).promote("classifier", _register(open_storage(local_uri), "v1", ["a", "b"]))
+    assert main(["evaluate", "--storage", local_uri]) == 2  # a model, but no dataset export
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "carflow dataset --tfrecord" in err
 
 
 # -- end to end: a tiny trained Keras classifier, registered, on a real dataset export ---------------
