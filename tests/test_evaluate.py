@@ -198,6 +198,28 @@ def test_multilabel_metrics_and_temperature():
     assert after <= before / 3
 
 
+def test_multilabel_evaluation_writes_its_artifacts(local_uri):
+    from carflow.storage import open_storage
+
+    store = open_storage(local_uri)
+    version = Registry(store).put_version("classifier", {"config.json": "{}"}, version="tags")
+    rng = np.random.default_rng(2)
+    z = rng.normal(-1, 2, size=(400, 3))
+    y = (rng.random(z.shape) < ev.sigmoid(z)).astype(int)
+
+    def preds(rows, split):
+        return ev.Predictions(split, 5 * z[rows], y[rows], [f"img{i}" for i in rows], ["l"] * len(rows),
+                              ["x"] * len(rows), [("mem", int(i)) for i in rows])
+
+    s = ev.write_evaluation(version, ["dent", "scratch", "rust"], preds(np.arange(200), "val"),
+                            preds(np.arange(200, 400), "test"), "ds", task="multilabel")
+    ev.record_evaluation(version, s)
+    assert {"metrics.json", "report.md", "reliability.png", "label_issues.csv", "label_issues.png"} <= set(s["files"])
+    assert 4 < s["temperature"] < 6 and s["ece_after"] < s["ece_before"]
+    meta = Registry(store).get("classifier", "tags").meta
+    assert meta["metrics"]["binary_accuracy"] == s["binary_accuracy"] and meta["temperature"] == s["temperature"]
+
+
 # -- headline metrics and pictures ---------------------------------------------------------------
 def test_headline_metrics_by_hand():
     classes = ["a", "b", "c", "d", "e", "f"]
