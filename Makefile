@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export YOLO_OFFLINE ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo test test-slow test-all lint bench lock gpu clean
+.PHONY: install browser demo test test-slow test-all lint bench lock gpu clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -23,18 +23,24 @@ $(STAMP): pyproject.toml requirements.lock
 
 install: $(STAMP)
 
+## Debian's chromium, for the serve page's browser test (Playwright drives it: its own browser
+## download cannot work offline); installed only when missing (apt-get needs root)
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
 ## the main job on the embedded defaults: local storage, Prefect's temporary server
 demo: install
 	$(PYTHON) -m flows.demo
 
 ## the default (fast) test set; CI runs exactly this
-test: install
+test: install browser
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
-test-slow: install
+test-slow: install browser
 	$(PYTHON) -m pytest -m slow $(PYTEST_ARGS)
 
-test-all: install
+test-all: install browser
 	$(PYTHON) -m pytest -m "" $(PYTEST_ARGS)
 
 lint: install
@@ -49,6 +55,7 @@ bench: install
 	$(PYTHON) bench/car_filter.py
 	$(PYTHON) -m bench.detect
 	$(PYTHON) -m bench.dataset_read --n 1500
+	$(PYTHON) -m bench.serve
 
 ## regenerate requirements.lock after editing pyproject.toml dependencies
 lock:

@@ -278,12 +278,101 @@ def decoded_rows(arr: np.ndarray, fill: int = JPEG_FILL_VALUE, max_partial: int 
     return rows
 
 
+# ---------------------------------------------------------------------------------------
+# one upload/photo through the fixer's checks (serving)
+# ---------------------------------------------------------------------------------------
+class ImageRejected(ValueError):
+    """An image refused by :func:`screen` / :func:`decode_checked`: ``reason`` is one of
+    the fixer's drop reasons (``empty``, ``not_image``, ``unsupported_format``,
+    ``too_large``, ``too_small``, ``truncated``, ``decode_error``)."""
+
+    def __init__(self, reason: str, detail: str):
+        self.reason, self.detail = reason, detail
+        super().__init__(f"{reason}: {detail}")
+
+
+def screen(data: bytes, allowed_formats, max_pixels: int, min_side: int, min_bytes: int = 1) -> Image.Image:
+    """The fixer's checks that need no pixels, in its order: ``empty`` → ``not_image`` →
+    ``unsupported_format`` → ``too_large`` (from the header; nothing allocated) →
+    ``too_small``. Returns the opened (not decoded) image or raises :class:`ImageRejected`."""
+    if len(data) < max(min_bytes, 1):
+        raise ImageRejected("empty", f"{len(data)} bytes")
+    fmt = sniff(data)
+    if fmt in NOT_IMAGE_FORMATS:
+        raise ImageRejected("not_image", f"content is {fmt}")
+    if fmt is None:
+        try:
+            with Image.open(io.BytesIO(data)) as probe:
+                other = (probe.format or "unknown").lower()
+        except Exception:
+            raise ImageRejected("not_image", "unknown content") from None
+        raise ImageRejected("unsupported_format", f"format {other} is not accepted")
+    if fmt not in allowed_formats:
+        raise ImageRejected("unsupported_format", f"format {fmt} is not accepted (allowed: {', '.join(allowed_formats)})")
+    try:
+        im = open_checked(data, max_pixels, fmt)
+    except ImageTooLarge as exc:
+        raise ImageRejected("too_large", str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - a header Pillow cannot read
+        raise ImageRejected("decode_error", f"{type(exc).__name__}: {exc}"[:300]) from None
+    if min(im.size) < min_side:
+        im.close()
+        raise ImageRejected("too_small", f"{im.width}x{im.height} < min_side {min_side}")
+    return im
+
+
+def decode_checked(data: bytes, allowed_formats, max_pixels: int, min_side: int, min_bytes: int = 1,
+                   min_decoded_fraction: float = 0.9) -> np.ndarray:
+    """:func:`screen`, then one full decode to an upright RGB ``uint8`` array as the
+    fixer makes it: first frame, EXIF orientation, alpha on white; a JPEG cut short is
+    kept (cropped to the rows that decoded) when at least ``min_decoded_fraction`` of its
+    rows decoded, else ``truncated``. Raises :class:`ImageRejected`."""
+    from PIL import ImageOps
+
+    im = screen(data, allowed_formats, max_pixels, min_side, min_bytes)
+    try:
+        is_jpeg = im.format in ("JPEG", "MPO")
+        complete = not is_jpeg or has_jpeg_eoi(data)
+        if complete:
+            try:
+                im.load()
+            except OSError as exc:
+                if not is_jpeg or "truncated" not in str(exc).lower():
+                    raise ImageRejected("truncated" if "truncated" in str(exc).lower() else "decode_error",
+                                        f"{type(exc).__name__}: {exc}"[:300]) from None
+                complete = False
+        if not complete:
+            full = load_truncated_jpeg(data, max_pixels)
+            rows = decoded_rows(np.asarray(full))
+            if rows == 0 or rows / full.height < min_decoded_fraction:
+                raise ImageRejected("truncated", f"only {rows / full.height:.1%} of rows decoded "
+                                                 f"(< {min_decoded_fraction:.0%})")
+            im = full.crop((0, 0, full.width, rows)) if rows < full.height else full
+        else:
+            im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+            rgba = im.convert("RGBA")
+            out = Image.new("RGB", im.size, (255, 255, 255))
+            out.paste(rgba, mask=rgba.getchannel("A"))
+            im = out
+        rgb = np.asarray(im.convert("RGB"))
+    except ImageRejected:
+        raise
+    except Exception as exc:  # noqa: BLE001 - bad input is a reason, never a crash
+        raise ImageRejected("decode_error", f"{type(exc).__name__}: {exc}"[:300]) from None
+    if min(rgb.shape[:2]) < min_side:
+        raise ImageRejected("too_small", f"{rgb.shape[1]}x{rgb.shape[0]} < min_side {min_side}")
+    return rgb
+
+
 __all__ = [
     "IMAGE_FORMATS",
     "NOT_IMAGE_FORMATS",
     "PIL_FORMATS",
+    "ImageRejected",
     "ImageTooLarge",
     "UnidentifiedImageError",
+    "decode_checked",
     "decode_small",
     "decoded_rows",
     "draft_request",
@@ -294,5 +383,6 @@ __all__ = [
     "load_truncated_jpeg",
     "open_checked",
     "reduce_to",
+    "screen",
     "sniff",
 ]

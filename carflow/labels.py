@@ -77,3 +77,15 @@ def make_label(make: str | None, model: str | None, year: int | None = None) -> 
     if not make or not model:
         return None
     return f"{make}_{model}_{year}" if year else f"{make}_{model}"
+
+
+def split_label(label: str) -> dict[str, str | int | None]:
+    """The inverse of :func:`make_label`: ``volkswagen_golf_2017`` → ``{"make": "volkswagen",
+    "model": "golf", "year": 2017}``. Normalised makes and models never hold ``_``, so the
+    make is the text before the first ``_`` and a trailing ``_YYYY`` is the year."""
+    make, _, rest = str(label).partition("_")
+    year: int | None = None
+    head, _, tail = rest.rpartition("_")
+    if head and re.fullmatch(r"(19|20)\d{2}", tail):
+        rest, year = head, int(tail)
+    return {"make": make or None, "model": rest or None, "year": year}

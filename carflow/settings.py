@@ -442,6 +442,48 @@ class RuntimeSettings(_Section):
     manifests_prefix: str = "manifests"
 
 
+class ServeSettings(_Section):
+    """The prediction API (``carflow serve``): models, dynamic batching, limits, access."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    #: registry specs (``latest``, a version id, a path or ``s3://`` URI) of the three models
+    car_filter: str = "latest"
+    detector: str = "latest"
+    classifier: str = "latest"
+    #: ``p_car`` below this is "no car in this photo" (None: ``car_filter.threshold``)
+    car_threshold: float | None = Field(None, ge=0, le=1)
+    top_k: int = Field(5, ge=1, le=100)
+    #: dynamic batching (Ray Serve ``@serve.batch``): flush at this many images ...
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    #: ... or this long after the first image of a batch arrived, whichever comes first
+    max_wait_ms: float = Field(10.0, ge=0, le=10_000)
+    #: images waiting for the model; a full queue answers 503 with Retry-After
+    queue_size: int = Field(64, ge=1)
+    #: seconds a request may wait for its result before a 504
+    request_timeout_s: float = Field(30.0, gt=0)
+    #: Retry-After seconds on a 503
+    retry_after_s: int = Field(1, ge=1)
+    #: upload size cap (413), checked before anything is decoded
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    #: declared width × height cap (422, decompression bombs), from the header only
+    max_pixels: int = Field(40_000_000, gt=0)
+    #: images per /predict/batch request
+    max_batch_files: int = Field(16, ge=1)
+    #: image formats accepted (415 otherwise); the fixer's ``fix.allowed_formats`` by default
+    allowed_formats: list[str] | None = None
+    #: fetch ``url=`` inputs (off by default); only http(s) to these hosts, same cap and timeout
+    url_input: bool = False
+    url_allowed_hosts: list[str] = Field(default_factory=list)
+    url_timeout_s: float = Field(10.0, gt=0)
+    #: the env variable holding the API key (checked in the ``X-API-Key`` header); unset = open
+    api_key_env: str = "CARFLOW_SERVE_API_KEY"
+    #: CORS allowed origins (empty: CORS off)
+    cors_origins: list[str] = Field(default_factory=list)
+    #: seconds between polls of the registry pointers (0: no polling; ``POST /reload`` still works)
+    reload_poll_s: float = Field(0.0, ge=0)
+
+
 class _YamlSource(PydanticBaseSettingsSource):
     """Reads ``$CARFLOW_CONFIG`` or ``./carflow.yaml``; refuses secrets in the file."""
 
@@ -491,6 +533,7 @@ class Settings(BaseSettings):
     train: TrainSettings = Field(default_factory=TrainSettings)
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
 
     _config_path: Path | None = None
 

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, list[str], str]] = {
     "evaluate": ("flows.evaluate", [], "evaluate a classifier: metrics, calibration, label issues (--promote)"),
     "pipeline": ("flows.pipeline", [], "the nightly DAG, once"),
     "demo": ("flows.demo", [], "the whole job on the demo marketplace"),
+    "serve": ("serve.app", [], "the prediction API and its web page (FastAPI on uvicorn)"),
     "settings": ("flows.cli:settings_main", [], "print the effective settings (secrets masked)"),
 }
 

@@ -1,7 +1,8 @@
 """Crop stage: the largest vehicle box of each image, padded, stored as a new JPEG.
 
-Pure functions first (:func:`largest_box`, :func:`pad_box`, :func:`crop_decision`),
-then the batched shard pass (:func:`crop_shard_to_storage`) and the cached Prefect task.
+The box logic (``largest_box``, ``pad_box``, ``crop_decision``) lives in
+:mod:`models.crop`, shared with serving; here are the batched shard pass
+(:func:`crop_shard_to_storage`) and the batched shard pass (:func:`crop_shard_to_storage`) and the cached Prefect task.
 
 Batching: images are decoded in threads, letterboxed there (rectangular, ultralytics'
 ``LetterBox``), bucketed by letterbox shape and streamed, a bounded number of images
@@ -28,7 +29,6 @@ import functools
 import io
 import itertools
 import json
-import math
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,12 +44,12 @@ from carflow.caching import content_key, shard_cache_key_fn
 from carflow.manifest import DROPPED, KEPT
 from carflow.settings import CropSettings
 from carflow.storage import Storage, open_storage
+from models.crop import VEHICLE, crop_decision, largest_box, pad_box  # noqa: F401 - re-exported
 from tasks.shards import gpu_slot
 
 STAGE = "crop"
 #: bump when the crop logic changes results
 VERSION = "1"
-VEHICLE = "vehicle"
 #: decompression-bomb guard for the full decode
 MAX_PIXELS = 40_000_000
 
@@ -68,65 +68,7 @@ CROP_SCHEMA = pa.schema(
 )
 
 
-# -- pure functions ---------------------------------------------------------------------
-def largest_box(
-    boxes: Any,
-    classes: Any,
-    confs: Any,
-    keep_classes: Sequence[int] = (2, 7),
-    conf: float = 0.25,
-) -> dict[str, Any] | None:
-    """The largest-area box among detections of ``keep_classes`` with confidence ≥ ``conf``.
-
-    ``boxes`` is ``(N, 4)`` xyxy; kept classes are merged into the one class ``vehicle``.
-    Ties on area go to the higher confidence. Returns ``{"box": (x0, y0, x1, y1) floats,
-    "det_class": "vehicle", "source_class": int, "det_conf": float}`` or ``None``."""
-    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    c = np.asarray(classes).reshape(-1).astype(np.int64)
-    p = np.asarray(confs, dtype=np.float64).reshape(-1)
-    if not (len(b) == len(c) == len(p)):
-        raise ValueError(f"boxes/classes/confs lengths differ: {len(b)}, {len(c)}, {len(p)}")
-    ok = np.isin(c, np.asarray(list(keep_classes), dtype=np.int64)) & (p >= conf)
-    if not ok.any():
-        return None
-    idx = np.flatnonzero(ok)
-    area = np.clip(b[idx, 2] - b[idx, 0], 0, None) * np.clip(b[idx, 3] - b[idx, 1], 0, None)
-    best = idx[np.lexsort((-p[idx], -area))[0]]
-    return {
-        "box": tuple(float(v) for v in b[best]),
-        "det_class": VEHICLE,
-        "source_class": int(c[best]),
-        "det_conf": float(p[best]),
-    }
-
-
-def pad_box(box: Sequence[float], margin: float, width: int, height: int) -> tuple[int, int, int, int]:
-    """Grow ``box`` (x0, y0, x1, y1; x1/y1 exclusive) by ``margin`` × its width on the left
-    and right and × its height on top and bottom, round outwards to whole pixels and clip
-    to the ``width`` × ``height`` image."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    dx, dy = margin * max(x1 - x0, 0.0), margin * max(y1 - y0, 0.0)
-    return (
-        max(0, min(width, math.floor(x0 - dx))),
-        max(0, min(height, math.floor(y0 - dy))),
-        max(0, min(width, math.ceil(x1 + dx))),
-        max(0, min(height, math.ceil(y1 + dy))),
-    )
-
-
-def crop_decision(det: dict[str, Any] | None, width: int, height: int, cfg: CropSettings) -> dict[str, Any]:
-    """A detection (from :func:`largest_box`) → the row's status/reason/bbox/class/conf.
-    No vehicle → ``no_vehicle``; a padded crop with a side < ``crop.min_side`` → ``too_small``
-    (its bbox is still recorded)."""
-    if det is None:
-        return {"status": DROPPED, "reason": "no_vehicle", "bbox": None, "det_class": None, "det_conf": None}
-    bbox = list(pad_box(det["box"], cfg.margin, width, height))
-    row = {"status": KEPT, "reason": None, "bbox": bbox, "det_class": det["det_class"], "det_conf": det["det_conf"]}
-    if min(bbox[2] - bbox[0], bbox[3] - bbox[1]) < cfg.min_side:
-        row.update(status=DROPPED, reason="too_small")
-    return row
-
-
+# -- pure functions (one home: models/crop.py, shared with serving) ----------------------
 def decode_rgb(data: bytes) -> np.ndarray:
     """Bytes → upright RGB ``uint8`` array (EXIF orientation applied; bombs refused)."""
     from PIL import ImageOps
@@ -237,14 +179,11 @@ def stream_batches(
 
 
 def predict_batch(model: Any, arrays: list[np.ndarray], cfg: CropSettings) -> list[tuple[Any, Any, Any]]:
-    """One batched forward pass over ``arrays`` (RGB, any sizes). Images of one size are
-    letterboxed rectangularly (as ``model.predict`` does for one image); mixed sizes go to
-    an ``imgsz`` square canvas (as ``model.predict`` does for a list). Returns per image
-    (xyxy, cls, conf) in the image's pixels."""
-    net = _net(model, cfg)
-    rect = len({a.shape for a in arrays}) == 1
-    lbs = [net.letterbox(a, cfg.imgsz, rect=rect) for a in arrays]
-    return net.detect(lbs, [a.shape[:2] for a in arrays], cfg.conf, list(cfg.keep_classes))
+    """One batched forward pass over ``arrays`` (RGB, any sizes): :meth:`models.crop.CropPredictor.detect`.
+    Returns per image (xyxy, cls, conf) in the image's pixels."""
+    from models.crop import CropPredictor
+
+    return CropPredictor(_net(model, cfg), cfg).detect(arrays)
 
 
 def batch_size(cfg: CropSettings, net: Any) -> int:

@@ -30,13 +30,10 @@ NON_CAR = ("interior", "dashboard", "wheel", "text_banner")
 # -- fixtures / helpers -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> tuple[Path, dict[str, Any]]:
-    """The default demo site (seed 0, 60 listings, 6 classes), timed."""
+    """The default demo site (seed 0, 60 listings, 6 classes). Its generation time is not
+    asserted here: a timed assertion on a shared CI machine only measures the neighbours."""
     out = tmp_path_factory.mktemp("demo-site")
-    t0 = time.perf_counter()
-    gt = generate_site(out, seed=0)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 10, f"generating the default site took {elapsed:.1f}s"
-    return out, gt
+    return out, generate_site(out, seed=0)
 
 
 def _hashes(root: Path) -> dict[str, str]:

@@ -37,6 +37,13 @@ def test_compose_config():
     assert worker["environment"]["CARFLOW_STORAGE__BACKEND"] == "s3"
     assert worker["environment"]["CARFLOW_STORAGE__ENDPOINT_URL"] == "http://minio:9000"
     assert worker["depends_on"]["create-bucket"]["condition"] == "service_completed_successfully"
+    gpu = services["worker-gpu"]
+    assert gpu["profiles"] == ["gpu"] and "--pool" in gpu["command"] and "gpu" in gpu["command"]
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    assert gpu["environment"] == worker["environment"]
+    assert "setup-prefect.sh" in services["prefect-setup"]["command"][0]
+    assert "deploy --prefect-file infra/prefect.yaml --all" in services["prefect-setup"]["command"][0]
+    assert services["dask-worker"]["command"][:3] == ["dask", "worker", "tcp://dask-scheduler:8786"]
     for name, svc in services.items():
         assert "image" in svc or "build" in svc, name
         for dep in svc.get("depends_on", {}):
