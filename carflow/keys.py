@@ -11,6 +11,7 @@ Keys are POSIX-style paths relative to a storage root (a folder or an ``s3://buc
 | ``manifests/<stage>/<name>.parquet`` | the manifest after a stage (and its side tables) |
 | ``work/<stage>/<content key>.parquet`` (+ ``.stats.json``) | one shard's per-image results |
 | ``<registry prefix of kind>/<version>/...`` + ``/latest.json`` | versioned artifacts (:mod:`carflow.registry`) |
+| ``models/classifier/<version>/eval/<dataset version>/...`` | one evaluation of a classifier (:func:`eval_name`) |
 | ``datasets/assignments.parquet`` | listing → split, stable across versions |
 | ``datasets/exports/<family>/shards/<content key>.tfrecord`` (+ ``.parquet``) | an immutable export shard and its member rows |
 | ``datasets/exports/<family>/latest.json`` | the family's last index (what the next incremental export starts from) |
@@ -95,6 +96,17 @@ def version_key(kind: str, version: str, name: str = "") -> str:
 def pointer_key(kind: str, name: str = "latest") -> str:
     """``<kind prefix>/latest.json`` (or another named pointer)."""
     return f"{registry_prefix(kind)}/{name}.json"
+
+
+#: the folder inside a model version that holds its evaluations
+EVAL_DIR = "eval"
+
+
+def eval_name(dataset_version: str, name: str = "") -> str:
+    """``eval/<dataset version>/<name>``, relative to a model version (``Version.key``):
+    one evaluation's files (metrics.json, report.md, PNGs, merge_map.yaml, label_issues.csv)."""
+    base = f"{EVAL_DIR}/{dataset_version}"
+    return f"{base}/{name}" if name else base
 
 
 def assignments_key() -> str:

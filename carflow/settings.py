@@ -329,11 +329,115 @@ class SplitSettings(_Section):
 
 
 class TrainSettings(_Section):
-    backbone: str = "efficientnetb1"
+    """The classifier and its training recipe (``models/classifier.py``, ``tasks/train.py``).
+
+    Defaults follow the seeds and the Keras transfer-learning guide: EfficientNetB1 at
+    240 px (the EU seed), phase 1 trains the head on a frozen base (BatchNorm in inference
+    mode), phase 2 fine-tunes the top ``finetune_layers`` layers (the Mercedes seed: 40) at
+    ``finetune_lr_factor`` × the learning rate with BatchNorm still frozen; balanced class
+    weights (the Brazil seed); label smoothing; early stopping on validation loss.
+    With ``weights=none`` there is nothing to transfer: every epoch trains the whole
+    network (BatchNorm in training mode)."""
+
+    #: the dataset to train on: ``latest`` (datasets/latest.json, else the newest
+    #: export) or a dataset version
+    dataset: str = "latest"
+    #: ``auto``: what the dataset declares (multiclass unless its export says multilabel)
+    task: Literal["auto", "multiclass", "multilabel"] = "auto"
+    backbone: Literal["efficientnetb1", "resnet50v2", "mobilenetv2"] = "efficientnetb1"
+    #: ``imagenet`` (needs internet on first use), a ``.keras``/``.weights.h5`` path or
+    #: ``s3://`` URI, or ``none`` (random init: tests, the offline demo)
     weights: str = "imagenet"
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
+    #: MobileNetV2 width multiplier (0.35 trains in seconds on a CPU)
+    alpha: float = Field(1.0, gt=0, le=1.4)
     image_size: int = Field(240, ge=32)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    #: L2 on the head's kernel
+    l2: float = Field(1e-5, ge=0)
+    #: every epoch, both phases together
+    epochs: int = Field(10, ge=1)
+    #: phase 1 (head only, frozen base); the rest of ``epochs`` fine-tune
+    head_epochs: int = Field(3, ge=0)
+    #: phase 2 unfreezes the top N layers of the base (BatchNorm stays frozen); -1 = all
+    finetune_layers: int = Field(40, ge=-1)
+    finetune_lr_factor: float = Field(0.1, gt=0, le=1)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    #: for a global batch of ``batch_size``; scaled linearly with the replicas
+    learning_rate: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    #: linear warmup at the start of each phase (epochs, may be fractional)
+    warmup_epochs: float = Field(1.0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    #: ``class_weight``: balanced class weights (the Brazil seed found them decisive);
+    #: ``oversample``: draw every class equally often; ``none``
+    balance: Literal["class_weight", "oversample", "none"] = "class_weight"
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    #: Keras preprocessing layers inside the model, active only while training
+    flip: bool = True
+    rotation: float = Field(0.05, ge=0, le=0.5)
+    zoom: float = Field(0.1, ge=0, lt=1)
+    contrast: float = Field(0.1, ge=0, lt=1)
+    translation: float = Field(0.1, ge=0, lt=1)
+    #: stop when the validation loss has not improved for this many epochs (0 = off)
+    early_stopping: int = Field(3, ge=0)
+    #: per device; the global batch is batch_size × replicas
+    batch_size: int = Field(32, ge=1)
+    #: ``auto``: bf16 on a GPU that supports it (fp16 on older ones), fp32 on a CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    #: XLA (``jit_compile``) for the train step
+    xla: bool = False
+    #: ``auto``: every GPU of this machine when there are several (MirroredStrategy on
+    #: TensorFlow, keras.distribution.DataParallel on JAX), else none
+    distribution: Literal["auto", "none", "mirrored", "data_parallel"] = "auto"
+    #: ``auto``: tf.data on the TensorFlow backend, the TensorFlow-free reader otherwise
+    input: Literal["auto", "tfdata", "python"] = "auto"
+    #: decode workers of the TensorFlow-free reader
+    workers: int = Field(4, ge=1, le=256)
+    #: K-fold cross-validation grouped by listing (0 = off; ≥ 2 = folds)
+    cv: int = Field(0, ge=0)
+    seed: int = 0
+    #: the inference export registered beside model.keras (``none`` to skip)
+    export: Literal["openvino", "none"] = "openvino"
+    #: checkpoints every epoch (resume) and TensorBoard logs go under this storage prefix
+    work_prefix: str = "work/train"
+
+    @model_validator(mode="after")
+    def _phases(self) -> TrainSettings:
+        if self.head_epochs > self.epochs:
+            raise ValueError(f"train.head_epochs ({self.head_epochs}) > train.epochs ({self.epochs})")
+        if self.cv == 1:
+            raise ValueError("train.cv must be 0 (off) or at least 2 folds")
+        return self
+
+
+class EvaluateSettings(_Section):
+    """Evaluation of a trained classifier (``tasks/evaluate.py``, ``carflow evaluate``)."""
+
+    #: images per predictor call
+    batch_size: int = Field(64, ge=1)
+    #: equal-width confidence bins of the expected calibration error and reliability diagram
+    ece_bins: int = Field(15, ge=2, le=100)
+    #: above this many classes the confusion PNG shows the most-confused sub-matrix
+    confusion_max_classes: int = Field(40, ge=2)
+    #: most-confused (true, predicted) pairs reported, each with a gallery
+    top_pairs: int = Field(10, ge=0)
+    #: misclassified test crops per confused-pair gallery
+    gallery_images: int = Field(12, ge=1)
+    #: thumbnails in the likely-label-errors gallery (the CSV lists them all)
+    gallery_issues: int = Field(48, ge=1)
+    #: label issues listed in metrics.json and the report (the CSV lists them all)
+    issues_listed: int = Field(50, ge=0)
+    #: thumbnail side in galleries, px
+    thumb: int = Field(96, ge=16, le=512)
+    #: a suggested merge needs this many confidently confused images in *each* direction
+    merge_min_examples: int = Field(2, ge=1)
+    #: ... and this share of each class's val+test images confused with the other
+    merge_min_rate: float = Field(0.1, ge=0, le=1)
+    #: pairs written into the merge-map snippet (None = every suggestion)
+    max_merges: int | None = Field(None, ge=1)
+    #: multi-label decision threshold for metrics
+    multilabel_threshold: float = Field(0.5, gt=0, lt=1)
 
 
 class RuntimeSettings(_Section):
@@ -448,6 +552,7 @@ class Settings(BaseSettings):
     classes: ClassesSettings = Field(default_factory=ClassesSettings)
     split: SplitSettings = Field(default_factory=SplitSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
 

@@ -52,6 +52,18 @@ Planted problems (the ``problem`` of a photo reference; ``null`` = a clean car p
 =================  ======================================================================
 
 One listing (``problem: "missing_label"``) shows neither make nor model, so its label is null.
+
+Label problems (``label_problems=True``, the default and what ``make demo`` serves; recorded
+under ``label_problems`` in the ground truth), for the evaluation's finders to find:
+
+* **mislabelled**: ``max(2, n_listings // 25)`` listings that the seller labels as the
+  site's second class (their page, title and label say so) show cars of the first class
+  (``images``: every car photo whose look is not its listing's class, duplicates included);
+* **look-alike**: with ≥ 4 classes, the last class is drawn with the second-to-last class's
+  look (same silhouette, colours and wheels), so no model can tell the two apart.
+
+They draw from their own ``random.Random``, so every other photo, listing and count is the
+same with them on or off.
 """
 
 from __future__ import annotations
@@ -372,6 +384,50 @@ class _Planner:
 
 
 # ---------------------------------------------------------------------------------------
+# Label problems: mislabelled listings and a look-alike pair (for the evaluation's finders)
+# ---------------------------------------------------------------------------------------
+def plant_label_problems(seed: int, classes: list[ClassSpec], listings: list[Listing]) -> dict[str, str]:
+    """Make some listings of ``classes[1]`` show cars of ``classes[0]`` (their car photos'
+    ``class_key`` becomes ``classes[0]``: what the car really is) and return the look-alike
+    map (``{last class: second-to-last class}`` with ≥ 4 classes) for :func:`_render`.
+    Draws from its own generator, so the rest of the plan does not change."""
+    if len(classes) < 2:
+        return {}
+    rnd = random.Random(f"mislabelled-listings-{seed}")
+    true, shown = classes[0], classes[1]
+    candidates = [lst for lst in listings if lst.spec is shown and lst.problem is None]
+    n = min(max(2, len(listings) // 25), max(0, len(candidates) - 2))
+    for lst in rnd.sample(candidates, n):
+        for p in lst.photos:
+            if p.kind == "car":
+                p.class_key = true.key
+    return {classes[-1].key: classes[-2].key} if len(classes) >= 4 else {}
+
+
+def _label_problem_truth(listings: list[Listing], looks: dict[str, str]) -> dict[str, Any]:
+    def key(k: str) -> str:
+        return k.replace("/", "_")
+
+    pairs = {(lst.spec.key, p.class_key) for lst in listings for p in lst.photos
+             if p.is_car and p.class_key and p.class_key != lst.spec.key}
+    mislabelled_listings = sorted({f"{SITE}:{lst.site_id}" for lst in listings for p in lst.photos
+                                   if p.is_car and p.class_key != lst.spec.key and p.source is None})
+    images = sorted({p.sha256 for lst in listings for p in lst.photos
+                     if p.is_car and p.class_key != lst.spec.key and p.sha256})
+    shown, true = next(iter(pairs)) if pairs else (None, None)
+    return {
+        "mislabelled": {
+            "true_class": key(true) if true else None,
+            "labelled_as": key(shown) if shown else None,
+            "listings": mislabelled_listings,
+            "images": images,
+        },
+        "look_alike": ({"classes": sorted(key(k) for kv in looks.items() for k in kv),
+                        "drawn_as": key(next(iter(looks.values())))} if looks else None),
+    }
+
+
+# ---------------------------------------------------------------------------------------
 # Rendering
 # ---------------------------------------------------------------------------------------
 def _scale_box(box: tuple[int, int, int, int], sx: float, sy: float, w: int, h: int) -> tuple[int, int, int, int]:
@@ -380,11 +436,12 @@ def _scale_box(box: tuple[int, int, int, int], sx: float, sy: float, w: int, h: 
             min(w, int(np.ceil(x1 * sx))), min(h, int(np.ceil(y1 * sy))))
 
 
-def _render(p: Photo, seed: int, size: tuple[int, int]) -> None:
-    """Fill in ``p.data`` and what is true about it (bbox, size, format, mode)."""
+def _render(p: Photo, seed: int, size: tuple[int, int], looks: dict[str, str] | None = None) -> None:
+    """Fill in ``p.data`` and what is true about it (bbox, size, format, mode). ``looks``
+    maps a class key to the class whose look its cars are drawn with (look-alikes)."""
     rng = np.random.default_rng((seed, p.uid))
     w, h = size
-    style = R.CAR_STYLES.get(p.class_key or "")
+    style = R.CAR_STYLES.get((looks or {}).get(p.class_key or "", p.class_key or ""))
 
     def car(sz: tuple[int, int] = size, **kw: Any) -> R.Rendered:
         assert style is not None
@@ -583,9 +640,13 @@ def _search_html(page: int, n_pages: int, items: list[Listing], extra: str) -> s
 # Public API
 # ---------------------------------------------------------------------------------------
 def generate_site(out_dir: str | Path, *, seed: int = 0, n_listings: int = 60, n_classes: int = 6,
-                  image_size: tuple[int, int] = (320, 240), listings_per_page: int = 10) -> dict[str, Any]:
+                  image_size: tuple[int, int] = (320, 240), listings_per_page: int = 10,
+                  label_problems: bool = True) -> dict[str, Any]:
     """Write the demo marketplace into ``out_dir`` and return its ground truth (also written
     to ``out_dir/ground_truth.json``). Deterministic: same arguments, same bytes.
+
+    ``label_problems`` plants mislabelled listings and a look-alike pair of classes (see the
+    module docstring); off, the site is the same but for those photos.
 
     Files left in the site's own folders (``img/``, ``cdn/``, ``listing/``, ``search/``,
     ``private/``) by an earlier generation with other parameters are removed.
@@ -604,13 +665,14 @@ def generate_site(out_dir: str | Path, *, seed: int = 0, n_listings: int = 60, n
 
     planner = _Planner(seed, n_listings, n_classes)
     listings = planner.listings()
+    looks = plant_label_problems(seed, planner.classes, listings) if label_problems else None
     planner.plant(listings)
     # the robots-disallowed listing: a page and one photo, never to be requested
     private_photo = planner.photo("car", None, class_key=planner.classes[0].key)
 
     originals = [p for p in planner.photos if p.source is None]
     for p in originals + [p for p in planner.photos if p.source is not None]:
-        _render(p, seed, size)
+        _render(p, seed, size, looks)
 
     files: dict[str, bytes] = {}
 
@@ -651,6 +713,8 @@ def generate_site(out_dir: str | Path, *, seed: int = 0, n_listings: int = 60, n
 
     truth = _ground_truth(seed, n_listings, n_classes, size, listings_per_page, planner, listings,
                           [private_page, private_img], search_pages)
+    if looks is not None:
+        truth["label_problems"] = _label_problem_truth(listings, looks)
     put("ground_truth.json", json.dumps(truth, indent=1, ensure_ascii=False) + "\n")
     _write(out, files)
     return truth

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from carflow.frameworks import import_keras, import_tensorflow
+from models.openvino import OpenVinoModel  # noqa: F401 - scoring's CPU runtime (models/openvino.py)
 
 SETTING = "car_filter.weights"
 ENV = "CARFLOW_CAR_FILTER__WEIGHTS"
@@ -165,57 +165,6 @@ def for_inference(model: Any, image_size: int, alpha: float) -> Any:
         return model
     finally:
         keras.mixed_precision.set_global_policy(previous)
-
-
-class OpenVinoModel:
-    """A Keras car filter compiled by OpenVINO for the CPU.
-
-    TensorFlow's CPU kernels for MobileNetV2 (depthwise convolutions) are 3× slower than
-    OpenVINO's in fp32 on the same cores, and TF's bf16 is slower still without
-    OpenVINO's kernels (measured: ``bench/car_filter.py``). The model is converted
-    in memory (about 2 s), compiled with the THROUGHPUT hint, and a batch is split over
-    the compiled model's parallel infer requests. ``precision``: ``bf16`` / ``fp32``
-    (OpenVINO's INFERENCE_PRECISION_HINT)."""
-
-    def __init__(self, keras_model: Any, precision: str = "fp32"):
-        import openvino as ov
-
-        size = int(keras_model.input_shape[1])
-        self.input_shape = (None, size, size, 3)
-        self.precision = precision
-        import warnings
-
-        with warnings.catch_warnings():  # Keras: "structure of `inputs` doesn't match" (a named input)
-            warnings.simplefilter("ignore", UserWarning)
-            ov_model = ov.convert_model(keras_model, input=[(-1, size, size, 3)])
-        core = ov.Core()
-        self.compiled = core.compile_model(
-            ov_model, "CPU",
-            {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"},
-        )
-        self.requests = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-        self._queue = ov.AsyncInferQueue(self.compiled, self.requests)
-        self._out: dict[int, Any] = {}
-        self._queue.set_callback(self._done)
-        self._lock = threading.Lock()
-
-    def _done(self, request: Any, index: int) -> None:
-        self._out[index] = request.get_output_tensor(0).data.copy()
-
-    def __call__(self, x: Any) -> Any:
-        """(N, size, size, 3) float pixels in [0, 255] → (N, 1) ``p_car``."""
-        import numpy as np
-
-        x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
-        if len(x) == 0:
-            return np.zeros((0, 1), np.float32)
-        parts = np.array_split(x, min(self.requests, len(x)))
-        with self._lock:
-            self._out.clear()
-            for i, part in enumerate(parts):
-                self._queue.start_async({0: part}, i)
-            self._queue.wait_all()
-            return np.concatenate([self._out[i] for i in range(len(parts))]).reshape(-1, 1)
 
 
 def resolve_runtime(runtime: str, precision: str) -> tuple[str, str]:
