@@ -104,7 +104,8 @@ class IngestSettings(_Section):
 class FixSettings(_Section):
     """What the fixer keeps, and how it re-encodes."""
 
-    #: smaller files are ``empty`` (0-byte files always are)
+    #: a file smaller than this whose header does not parse is ``truncated`` (0 bytes is
+    #: ``empty``; a valid tiny image goes on to the size checks, e.g. ``too_small``)
     min_bytes: int = Field(100, ge=0)
     #: declared width*height above this is ``too_large`` (refused from the header)
     max_pixels: int = Field(40_000_000, gt=0)
@@ -123,6 +124,9 @@ class FixSettings(_Section):
     check_size: int = Field(32, ge=16, le=1024)
     #: keep progressive JPEGs as they are (they decode everywhere); False re-encodes them baseline
     keep_progressive: bool = True
+    #: decoded-pixel memory (MiB, estimated from the headers) that one shard's threads may
+    #: hold at once; a full decode waits for room, one larger than this runs alone
+    decode_memory_mb: int = Field(1024, ge=64)
 
     @field_validator("allowed_formats")
     @classmethod

@@ -30,7 +30,7 @@ from tasks.shards import load_shard_results, plan_shards  # noqa: F401 - re-expo
 
 STAGE = "inspect"
 #: bump when fix/quality/hash code changes in a way that changes results
-VERSION = "1"
+VERSION = "2"
 
 
 def _config(fix_cfg: FixSettings, quality_cfg: QualitySettings) -> dict[str, Any]:
