@@ -100,7 +100,12 @@ STAGE = "fix"
 VERSION = "2"
 
 
+#: an original that storage does not have (set by the shard, never by the fixer); a
+#: shard with such a row is not stored as done, so a later run tries the image again
+MISSING = "missing"
+
 REASONS = (
+    MISSING,
     "empty",
     "not_image",
     "unsupported_format",
@@ -554,12 +559,13 @@ def inspect_schema(with_out_bytes: bool = True):
 
 
 def inspect_image(
-    data: bytes,
+    data: bytes | None,
     fix_cfg: FixSettings | None = None,
     quality_cfg: QualitySettings | None = None,
     budget: DecodeBudget | None = None,
 ) -> dict[str, Any]:
-    """One decode → the clean stage's columns for one image.
+    """One decode → the clean stage's columns for one image (``data=None``: the
+    original is missing from storage, reason ``missing``).
 
     ``phash``/``dhash`` are stored as **signed int64** (the 64 hash bits reinterpreted;
     XOR/popcount distances are unchanged; :func:`to_int64`). ``pixel_hash`` is
@@ -570,8 +576,12 @@ def inspect_image(
     config does raise)."""
     fix_cfg = as_settings(FixSettings, fix_cfg)
     quality_cfg = as_settings(QualitySettings, quality_cfg)
-    res = fix_image(data, fix_cfg, budget)
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    if data is None:  # the original is not in storage: not an empty file
+        row.update(status=DROPPED, reason=MISSING, error="original not found in storage", fix_actions=[],
+                   quality_flags=[])
+        return row
+    res = fix_image(data, fix_cfg, budget)
     row.update(
         status=res.status,
         reason=res.reason,
@@ -617,7 +627,7 @@ def inspect_image(
 
 
 def inspect_shard(
-    items: Iterable[tuple[str, bytes]],
+    items: Iterable[tuple[str, bytes | None]],
     fix_cfg: FixSettings | None = None,
     quality_cfg: QualitySettings | None = None,
     *,
@@ -700,6 +710,7 @@ __all__ = [
     "DecodeBudget",
     "FixResult",
     "FixSettings",
+    "MISSING",
     "REASONS",
     "SCORE_COLUMNS",
     "as_settings",
