@@ -98,6 +98,9 @@ class IngestSettings(_Section):
     listing_regex: str = r"^(?P<listing>[^_]+)_(?:(?P<photo>\d+)_)?"
     #: regex on the class folder name giving make/model/year (named groups; optional year)
     label_regex: str = r"^(?P<make>[^_]+)_(?P<model>.+?)(?:_(?P<year>\d{4}))?$"
+    #: folder import decides from the content (a JPEG named ``.jfif`` or with no extension is
+    #: a photo); a file with one of these names is imported even when its content is not an
+    #: image, so the clean stage records it with a reason instead of it being skipped
     image_extensions: list[str] = Field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"])
 
 
