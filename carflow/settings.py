@@ -204,6 +204,13 @@ class DedupSettings(_Section):
     #: cluster whose leader (best image, in representative order) it is within the
     #: radius of, so chains of false pairs cannot grow one giant cluster
     linkage: Literal["single", "leader"] = "single"
+    #: confirm every near pair (pHash/dHash, grey silhouettes) on the 8×8 colour thumbnail
+    #: of the small decode: ``carflow.imagehash.thumb_distance`` ≤ ``thumb_radius``. Two
+    #: different cars in one pose on a white studio background share their silhouette
+    #: (pHash 2, dHash 1 apart) but not their colour and detail (distance ≥ 14); re-encodes
+    #: and resizes stay ≤ 9, +10 % brightness ≤ 12 (``bench/near_dup.py --tune``)
+    confirm_thumb: bool = True
+    thumb_radius: float = Field(12.0, ge=0, le=255)
 
 
 class CarFilterSettings(_Section):

@@ -77,7 +77,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from carflow.imagehash import dhash64, gray_for_hash, phash64, pixel_sha256, to_int64
+from carflow.imagehash import colour_thumb, dhash64, gray_for_hash, phash64, pixel_sha256, to_int64
 from carflow.imageio import (
     NOT_IMAGE_FORMATS,
     ImageTooLarge,
@@ -522,6 +522,7 @@ COLUMNS = (
     "phash",
     "dhash",
     "pixel_hash",
+    "thumb",
 )
 
 
@@ -551,6 +552,7 @@ def inspect_schema(with_out_bytes: bool = True):
         "phash": pa.int64(),
         "dhash": pa.int64(),
         "pixel_hash": pa.string(),
+        "thumb": pa.binary(),
     }
     names = ["image_id", *COLUMNS]
     if not with_out_bytes:
@@ -572,7 +574,8 @@ def inspect_image(
     ``pixel_sha256`` of the small decode (equal for files whose coded pixels are
     identical but whose bytes differ, e.g. metadata-only edits). A quality check with
     action ``drop`` sets ``status='dropped'`` and ``reason`` to the check name; hashes
-    and scores are still filled in for such rows. Never raises on bad input (an invalid
+    and scores are still filled in for such rows. ``thumb`` (8×8 RGB, 192 bytes) lets
+    dedup confirm a near pair on colour and layout. Never raises on bad input (an invalid
     config does raise)."""
     fix_cfg = as_settings(FixSettings, fix_cfg)
     quality_cfg = as_settings(QualitySettings, quality_cfg)
@@ -612,6 +615,7 @@ def inspect_image(
         row["phash"] = to_int64(phash64(res.gray32))
         row["dhash"] = to_int64(dhash64(res.gray9x8))
         row["pixel_hash"] = pixel_sha256(res.small)
+        row["thumb"] = colour_thumb(res.small)
     except Exception as exc:  # noqa: BLE001
         row.update(
             status=DROPPED,
