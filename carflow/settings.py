@@ -207,10 +207,10 @@ class DedupSettings(_Section):
     #: confirm every near pair (pHash/dHash, grey silhouettes) on the 8×8 colour thumbnail
     #: of the small decode: ``carflow.imagehash.thumb_distance`` ≤ ``thumb_radius``. Two
     #: different cars in one pose on a white studio background share their silhouette
-    #: (pHash 2, dHash 1 apart) but not their colour and detail (distance ≥ 14); re-encodes
-    #: and resizes stay ≤ 9, +10 % brightness ≤ 12 (``bench/near_dup.py --tune``)
+    #: (pHash 2, dHash 1 apart) but not their colour and detail (distance ≥ 18.6); JPEG
+    #: re-encodes, resizes and +10 % brightness stay ≤ 13.1 (``bench/near_dup.py --tune``)
     confirm_thumb: bool = True
-    thumb_radius: float = Field(12.0, ge=0, le=255)
+    thumb_radius: float = Field(16.0, ge=0, le=255)
 
 
 class CarFilterSettings(_Section):

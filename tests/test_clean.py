@@ -291,9 +291,25 @@ def test_dedup_on_the_full_demo_site(tmp_path):
             rows.append({"image_id": sha, "source_id": sha, "listing_id": listing["listing_id"],
                          "label": listing["label"], "first_seen": n * 10 + k, "status": r["status"],
                          "reason": r["reason"], "width": r["width"], "height": r["height"],
-                         "phash": r["phash"], "dhash": r["dhash"], "pixel_hash": r["pixel_hash"]})
+                         "phash": r["phash"], "dhash": r["dhash"], "pixel_hash": r["pixel_hash"],
+                         "thumb": r["thumb"]})
     df = pd.DataFrame(rows).astype({"phash": "Int64", "dhash": "Int64"})
     out = dedup_manifest(df, DedupSettings())
+    # studio pairs (two different cars, one pose, white background) stay apart; the grey
+    # hashes alone merge at least one of them (the trap is real)
+    studio: dict[int, list[str]] = defaultdict(list)
+    for lst in gt["listings"]:
+        for photo in lst["photos"]:
+            if photo["problem"] == "studio":
+                studio[photo["studio_pair"]].append(photo["sha256"])
+    assert len(studio) == 2 and all(len(v) == 2 for v in studio.values())
+
+    def merged_pairs(result: pd.DataFrame) -> int:
+        cl = dict(zip(result["source_id"], result["dup_cluster"], strict=True))
+        return sum(cl[a] == cl[b] for a, b in studio.values())
+
+    assert merged_pairs(out) == 0
+    assert merged_pairs(dedup_manifest(df, DedupSettings(confirm_thumb=False))) >= 1
     photo_of = {p["sha256"]: p for lst in gt["listings"] for p in lst["photos"] if p["sha256"]}
     clustered = out[out["dup_cluster"].notna()]
     cluster_of = dict(zip(clustered["source_id"], clustered["dup_cluster"]))
