@@ -21,6 +21,11 @@ images/s of
 The contenders run interleaved for ``--rounds`` rounds (cleanvision once) and each
 one's best round counts, which keeps a busy machine from favouring whoever ran last.
 
+Then the worst case for memory (``--worst-mpx``, default 39.9 Mpx, just under
+``fix.max_pixels``): a 16-bit greyscale PNG against an 8-bit RGB PNG of the same size,
+the peak RSS growth of ``fix_image`` on each measured in a fresh process, and their
+ratio (``--memory-only`` runs just this line).
+
 Targets: ours ≥ 3× imagededup's hashing throughput (both with ``--workers`` cores), and
 no slower than the bare full decode in the same setting. Third-party tools that are not installed print
 ``skipped: not installed`` (they are in the ``bench`` extra: imagededup, cleanvision).
@@ -326,6 +331,68 @@ def run_cleanvision(folder: Path, workers: int) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------
+# worst-case memory: a 16-bit greyscale PNG just under fix.max_pixels
+# ---------------------------------------------------------------------------------------
+_PEAK = """
+import json, sys
+from pathlib import Path
+from tasks.fix import fix_image
+data = Path(sys.argv[1]).read_bytes()
+def hwm():  # peak RSS of this process's own memory (ru_maxrss keeps the parent's across exec)
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])
+before = hwm()
+res = fix_image(data)
+after = hwm()
+print(json.dumps({"status": res.status, "reason": res.reason, "peak_mib": (after - before) / 1024}))
+"""
+
+
+def _worst_case_pngs(folder: Path, mpx: float) -> dict[str, Path]:
+    """A 16-bit grey and an 8-bit RGB PNG of the same size (4:3, ``mpx`` megapixels): a
+    smooth gradient with a little noise, so they compress like a scan, not like noise."""
+    from PIL import Image
+
+    w = int((mpx * 1e6 * 4 / 3) ** 0.5)
+    h = int(mpx * 1e6 / w)
+    rng = np.random.default_rng(0)
+    row = np.linspace(0, 1, w, dtype=np.float32)
+    out = {}
+    grey = np.empty((h, w), np.uint16)
+    rgb = np.empty((h, w, 3), np.uint8)
+    for y0 in range(0, h, 512):  # in bands: the generator itself stays small
+        y1 = min(h, y0 + 512)
+        col = np.linspace(y0 / h, y1 / h, y1 - y0, dtype=np.float32)[:, None]
+        base = (row[None, :] * 0.7 + col * 0.3) + rng.normal(0, 0.004, (y1 - y0, w)).astype(np.float32)
+        grey[y0:y1] = np.clip(base * 65535, 0, 65535).astype(np.uint16)
+        rgb[y0:y1] = np.clip(base[..., None] * (255, 200, 150), 0, 255).astype(np.uint8)
+    out["16-bit grey PNG"] = folder / "worst-i16.png"
+    Image.fromarray(grey).save(out["16-bit grey PNG"], compress_level=1)
+    out["8-bit RGB PNG"] = folder / "worst-rgb.png"
+    Image.fromarray(rgb).save(out["8-bit RGB PNG"], compress_level=1)
+    return out
+
+
+def worst_case_memory(mpx: float) -> dict[str, dict]:
+    """Peak RSS growth of ``fix_image`` on each worst-case PNG, each in a fresh process
+    (the parent's own high-water mark would hide it)."""
+    import subprocess
+
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="carflow-bench-worst-") as tmp:
+        for name, path in _worst_case_pngs(Path(tmp), mpx).items():
+            proc = subprocess.run([sys.executable, "-c", _PEAK, str(path)], cwd=ROOT, capture_output=True, text=True,
+                                  env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    grey, rgb = results["16-bit grey PNG"], results["8-bit RGB PNG"]
+    print(f"\nworst-case decode memory, {mpx:.1f} Mpx (fix.max_pixels is 40 Mpx), peak RSS growth of fix_image "
+          "in a fresh process:")
+    for name, r in results.items():
+        print(f"  {name:16s} {r['peak_mib']:7.0f} MiB  ({r['status']})")
+    print(f"  16-bit grey / 8-bit RGB: {grey['peak_mib'] / max(rgb['peak_mib'], 1):.2f}x")
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -345,7 +412,13 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=3, help="interleaved rounds; the best round of each counts"
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    ap.add_argument("--worst-mpx", type=float, default=39.9,
+                    help="size of the worst-case 16-bit grey vs 8-bit RGB PNG memory line (0: skip)")
+    ap.add_argument("--memory-only", action="store_true", help="only the worst-case memory line")
     args = ap.parse_args(argv)
+    if args.memory_only:
+        worst_case_memory(args.worst_mpx)
+        return 0
 
     tmp = None
     folder = args.dir
@@ -457,10 +530,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     for what, ok in checks:
         print(f"{'PASS' if ok else 'FAIL'}: {what}")
+    memory = worst_case_memory(args.worst_mpx) if args.worst_mpx > 0 else None
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"n": len(paths), "workers": w, "results": table, "checks": dict(checks)}, indent=2
+                {"n": len(paths), "workers": w, "results": table, "checks": dict(checks), "worst_case_memory": memory},
+                indent=2,
             )
         )
     return 0

@@ -26,7 +26,11 @@ Positives are edits that should stay duplicates (re-encode at lower quality, 90%
 resize, 3% crop, brightness, a small watermark, slight blur); negatives are other
 photos, and "hard" negatives the same scene re-shot with the car moved and recoloured
 (a different photo of a similar car). Prints the distance distributions and, per radius,
-the recall on positives and the false-merge rate on negatives.
+the recall on positives and the false-merge rate on negatives. Then, at the dedup
+defaults, each edit's recall with and without the colour-thumbnail confirmation
+(``DedupSettings.confirm_thumb``), and the *studio pairs*: every two of the demo's car
+classes shot in one pose on a white background (``demo.render.render_studio``), how many
+the hashes merge and how many survive the confirmation.
 """
 
 from __future__ import annotations
@@ -204,16 +208,39 @@ def jpeg_bytes(im, quality: int = 92) -> bytes:
 
 def pipeline_hashes(data: bytes) -> tuple[int, int]:
     """pHash, dHash as the clean stage computes them (draft decode, then grey + Lanczos)."""
-    try:
-        from carflow.imageio import decode_small
+    p, d, _ = pipeline_signature(data)
+    return p, d
 
-        small = decode_small(data, 32)
-    except ImportError:  # pragma: no cover
-        from PIL import Image
 
-        small = Image.open(io.BytesIO(data)).convert("RGB")
+def pipeline_signature(data: bytes) -> tuple[int, int, np.ndarray]:
+    """pHash, dHash and the 8×8 colour thumbnail (``colour_thumb``, 192 uint8), as the
+    clean stage computes them from its one small decode."""
+    from carflow.imagehash import colour_thumb
+    from carflow.imageio import decode_small
+
+    small = decode_small(data, 32)
     g32, g9 = gray_for_hash(small)
-    return phash64(g32), dhash64(g9)
+    return phash64(g32), dhash64(g9), np.frombuffer(colour_thumb(small), np.uint8)
+
+
+def studio_pairs(pose_seeds: int = 3) -> list[tuple[str, str, int, int, float]]:
+    """Every pair of the demo's car classes shot in one studio pose on white
+    (``demo.render.render_studio``, the same frame and seed): different cars, same
+    silhouette family. Returns (class a, class b, pHash, dHash, thumb distance)."""
+    from itertools import combinations
+
+    from carflow.imagehash import thumb_distance
+    from demo.render import CAR_STYLES, jpeg, render_studio
+
+    out = []
+    for seed in range(pose_seeds):
+        frac = (0.8, 0.7, 0.6)[seed % 3]
+        sig = {k: pipeline_signature(jpeg(render_studio(st, (640, 480), np.random.default_rng(seed), frac=frac).image))
+               for k, st in CAR_STYLES.items()}
+        for a, b in combinations(sig, 2):
+            (pa, da, ta), (pb, db, tb) = sig[a], sig[b]
+            out.append((a, b, (pa ^ pb).bit_count(), (da ^ db).bit_count(), float(thumb_distance(ta, tb)[0])))
+    return out
 
 
 def edits(im) -> dict[str, bytes]:
@@ -244,16 +271,22 @@ def tune(count: int, negatives: int, seed: int, radii: list[int], dhash_radius: 
     pos: dict[str, list[tuple[int, int]]] = {}
     hard_p, hard_d = [], []
     orig_p, orig_d = [], []
+    from carflow.imagehash import thumb_distance
+    from carflow.settings import DedupSettings
+
+    dflt = DedupSettings()
     for k in range(max(count, negatives)):
         im = car_photo(seed + k)
-        p, dh = pipeline_hashes(jpeg_bytes(im, 92))
+        p, dh, th = pipeline_signature(jpeg_bytes(im, 92))
         orig_p.append(p)
         orig_d.append(dh)
         if k >= count:
             continue
         for name, data in edits(im).items():
-            ep, ed = pipeline_hashes(data)
-            pos.setdefault(name, []).append(((p ^ ep).bit_count(), (dh ^ ed).bit_count()))
+            ep, ed, et = pipeline_signature(data)
+            pos.setdefault(name, []).append(
+                ((p ^ ep).bit_count(), (dh ^ ed).bit_count(), float(thumb_distance(th, et)[0]))
+            )
         reshot = car_photo(seed + k, shift=0.15 if k % 2 else -0.15, recolour=k % 3 == 0)
         hp, hd = pipeline_hashes(jpeg_bytes(reshot, 92))
         hard_p.append((p ^ hp).bit_count())
@@ -303,6 +336,22 @@ def tune(count: int, negatives: int, seed: int, radii: list[int], dhash_radius: 
             f"{np.mean((hard_p_a <= r) & (hard_d_a <= dhash_radius)):6.1%}  "
             f"{np.mean((neg_p <= r) & (neg_d <= dhash_radius)):9.4%}  {int(ok.sum()):5d}  {big_d:7d}"
         )
+
+    # the defaults (pHash ≤ hamming_radius, dHash ≤ dhash_radius), with and without the
+    # colour-thumbnail confirmation, per edit; then studio pairs of different cars
+    r, rd, rt = dflt.hamming_radius, dflt.dhash_radius, dflt.thumb_radius
+    print(f"\ndefaults: pHash ≤ {r}, dHash ≤ {rd}; confirmed: + colour thumbnail ≤ {rt:g}")
+    print(f"  {'edit':<14s} {'hashes':>7s} {'+ thumb':>8s}   thumb distance p50 / max")
+    for name, vals in pos.items():
+        a = np.array(vals)
+        hashed = (a[:, 0] <= r) & (a[:, 1] <= rd)
+        print(f"  {name:<14s} {hashed.mean():7.1%} {(hashed & (a[:, 2] <= rt)).mean():8.1%}   "
+              f"{np.median(a[:, 2]):5.1f} / {a[:, 2].max():5.1f}")
+    studio = np.array([x[2:] for x in studio_pairs()], dtype=float)
+    hashed = (studio[:, 0] <= r) & (studio[:, 1] <= rd)
+    print(f"  studio pairs (different cars, one pose, white; {len(studio)} pairs): merged by hashes "
+          f"{int(hashed.sum())}, + thumb {int((hashed & (studio[:, 2] <= rt)).sum())}; thumb distance of the "
+          f"hash-merged ones: min {studio[hashed, 2].min() if hashed.any() else float('nan'):.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,10 @@ so the helpers are safe to call from many threads at once.
   other formats are decoded fully and reduced by an integer box filter.
 - :func:`load_truncated_jpeg` decodes a JPEG whose end is missing by appending an EOI
   marker (libjpeg then fills what is missing with mid-grey) and
-  :func:`decoded_rows` measures how many leading rows really decoded.
+  :func:`decoded_rows` / :func:`image_decoded_rows` measure how many leading rows
+  really decoded (the grey fill is found whether or not the file ends with EOI: a file
+  cut short and given an EOI by a broken uploader decodes "successfully" with it).
+- :func:`jpeg_scans` counts a JPEG's scans (a progressive JPEG cut short has fewer).
 """
 
 from __future__ import annotations
@@ -150,6 +153,31 @@ def has_jpeg_eoi(data: bytes) -> bool:
     return data.rfind(JPEG_EOI) > sos
 
 
+def jpeg_scans(data: bytes) -> int:
+    """The number of scans (SOS markers) of the main image of a JPEG.
+
+    Segments are walked from SOI to the first SOS (so an EXIF thumbnail inside APP1,
+    which has its own SOS, is skipped), then SOS markers are counted: entropy-coded data
+    never contains ``FF DA`` (0xFF bytes there are stuffed). A baseline JPEG has 1 scan
+    (3 for a non-interleaved one); libjpeg writes 10 for a progressive colour JPEG and 6
+    for a grey one. 0 when no scan starts."""
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return 0
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:
+            return data.count(JPEG_SOS, pos)
+        if 0xD0 <= marker <= 0xD8 or marker == 0x01:  # standalone markers
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return 0
+
+
 def is_progressive_jpeg(im: Image.Image) -> bool:
     return bool(im.info.get("progressive") or im.info.get("progression"))
 
@@ -278,6 +306,37 @@ def decoded_rows(arr: np.ndarray, fill: int = JPEG_FILL_VALUE, max_partial: int 
     return rows
 
 
+def image_decoded_rows(
+    im: Image.Image, fill: int = JPEG_FILL_VALUE, max_partial: int = 16, band_pixels: int = 1 << 20
+) -> int:
+    """:func:`decoded_rows` of a decoded image, without an array of the whole image.
+
+    Any truncation leaves at least the bottom-right block as fill (it is the last one
+    in every scan order), so the common case looks at 8 pixels only. Otherwise bands of
+    about ``band_pixels`` are read from the bottom up until a row that is not all fill,
+    and the partial MCU row above it is measured in one small band."""
+    width, height = im.size
+    if width == 0 or height == 0:
+        return height
+    corner = np.asarray(im.crop((max(width - 8, 0), height - 1, width, height)))
+    if not (corner == fill).all():
+        return height
+    band = max(max_partial, band_pixels // width)
+    last = 0  # rows above `last` hold at least one real pixel
+    y1 = height
+    while y1 > 0:
+        y0 = max(0, y1 - band)
+        arr = np.asarray(im.crop((0, y0, width, y1)))
+        full = (arr == fill).reshape(y1 - y0, -1).all(axis=1)
+        real = np.flatnonzero(~full)
+        if real.size:
+            last = y0 + int(real[-1]) + 1
+            break
+        y1 = y0
+    top = max(0, last - max_partial)
+    return top + decoded_rows(np.asarray(im.crop((0, top, width, last))), fill, max_partial) if last else 0
+
+
 # ---------------------------------------------------------------------------------------
 # one upload/photo through the fixer's checks (serving)
 # ---------------------------------------------------------------------------------------
@@ -379,7 +438,9 @@ __all__ = [
     "draft_scale",
     "draft_small",
     "has_jpeg_eoi",
+    "image_decoded_rows",
     "is_progressive_jpeg",
+    "jpeg_scans",
     "load_truncated_jpeg",
     "open_checked",
     "reduce_to",

@@ -105,13 +105,17 @@ class IngestSettings(_Section):
     listing_regex: str = r"^(?P<listing>[^_]+)_(?:(?P<photo>\d+)_)?"
     #: regex on the class folder name giving make/model/year (named groups; optional year)
     label_regex: str = r"^(?P<make>[^_]+)_(?P<model>.+?)(?:_(?P<year>\d{4}))?$"
+    #: folder import decides from the content (a JPEG named ``.jfif`` or with no extension is
+    #: a photo); a file with one of these names is imported even when its content is not an
+    #: image, so the clean stage records it with a reason instead of it being skipped
     image_extensions: list[str] = Field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"])
 
 
 class FixSettings(_Section):
     """What the fixer keeps, and how it re-encodes."""
 
-    #: smaller files are ``empty`` (0-byte files always are)
+    #: a file smaller than this whose header does not parse is ``truncated`` (0 bytes is
+    #: ``empty``; a valid tiny image goes on to the size checks, e.g. ``too_small``)
     min_bytes: int = Field(100, ge=0)
     #: declared width*height above this is ``too_large`` (refused from the header)
     max_pixels: int = Field(40_000_000, gt=0)
@@ -130,6 +134,9 @@ class FixSettings(_Section):
     check_size: int = Field(32, ge=16, le=1024)
     #: keep progressive JPEGs as they are (they decode everywhere); False re-encodes them baseline
     keep_progressive: bool = True
+    #: decoded-pixel memory (MiB, estimated from the headers) that one shard's threads may
+    #: hold at once; a full decode waits for room, one larger than this runs alone
+    decode_memory_mb: int = Field(1024, ge=64)
 
     @field_validator("allowed_formats")
     @classmethod
@@ -204,6 +211,13 @@ class DedupSettings(_Section):
     #: cluster whose leader (best image, in representative order) it is within the
     #: radius of, so chains of false pairs cannot grow one giant cluster
     linkage: Literal["single", "leader"] = "single"
+    #: confirm every near pair (pHash/dHash, grey silhouettes) on the 8×8 colour thumbnail
+    #: of the small decode: ``carflow.imagehash.thumb_distance`` ≤ ``thumb_radius``. Two
+    #: different cars in one pose on a white studio background share their silhouette
+    #: (pHash 2, dHash 1 apart) but not their colour and detail (distance ≥ 18.6); JPEG
+    #: re-encodes, resizes and +10 % brightness stay ≤ 13.1 (``bench/near_dup.py --tune``)
+    confirm_thumb: bool = True
+    thumb_radius: float = Field(16.0, ge=0, le=255)
 
 
 class CarFilterSettings(_Section):

@@ -219,7 +219,8 @@ class S3Storage(Storage):
             from botocore.config import Config
 
             cfg = Config(
-                retries={"max_attempts": self.max_attempts, "mode": "adaptive"},
+                # total_max_attempts counts the first try (botocore's "max_attempts" counts retries)
+                retries={"total_max_attempts": self.max_attempts, "mode": "adaptive"},
                 max_pool_connections=self.max_pool_connections,
                 s3={"addressing_style": "path"} if self.endpoint_url else None,
             )

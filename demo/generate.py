@@ -49,6 +49,10 @@ Planted problems (the ``problem`` of a photo reference; ``null`` = a clean car p
 ``bomb``           valid 1-bit PNG declaring 20000×20000 px, ~50 KB on disk
 ``http_404``       an ``<img>`` whose URL the server does not have (``sha256`` null)
 ``oversized``      a > 1.5 MB photo (the demo crawl profile caps downloads at 1 MB)
+``studio``         a press/dealer studio shot: the car side-on, centred, on plain white, in
+                   the same pose as the other half of its ``studio_pair`` (a car of another
+                   class, preferably the same or a similar body): different cars whose grey
+                   silhouettes hash alike; dedup must keep both (``is_car`` true)
 =================  ======================================================================
 
 One listing (``problem: "missing_label"``) shows neither make nor model, so its label is null.
@@ -126,8 +130,11 @@ MANAGED_DIRS = ("img", "cdn", "listing", "search", "private")
 PHOTO_PROBLEMS = (
     "interior", "dashboard", "wheel", "text_banner", "dealer_banner", "exact_duplicate",
     "near_duplicate", "truncated", "empty", "html_as_jpg", "cmyk", "palette", "rgba",
-    "exif_rotated", "animated", "tiny", "bomb", "http_404", "oversized",
+    "exif_rotated", "animated", "tiny", "bomb", "http_404", "oversized", "studio",
 )
+#: body pairs whose side-on silhouettes are closest, best first (studio pairs pick from these)
+_STUDIO_BODIES = (("sedan", "sedan"), ("hatch", "hatch"), ("suv", "suv"), ("hatch", "estate"),
+                  ("estate", "suv"), ("sedan", "estate"), ("hatch", "suv"), ("hatch", "sedan"))
 NON_CAR_KINDS = ("interior", "dashboard", "wheel", "text_banner")
 
 
@@ -268,6 +275,7 @@ def _counts(n: int) -> dict[str, int]:
         "truncated": max(2, n // 30),
         "single": max(1, n // 60),
         "cdn": max(2, n // 20),
+        "studio_pairs": max(1, n // 30),
     }
 
 
@@ -381,6 +389,29 @@ class _Planner:
         hosts = [lst for lst in listings if lst.has_jsonld and lst.photos[0].uid not in used]
         for lst in sorted(rnd.sample(hosts, min(c["cdn"], len(hosts))), key=lambda x: x.index):
             lst.photos[0].alt_url = f"/cdn/{lst.photos[0].name}.jpg"
+        # studio pairs: two different cars in one studio pose, in two listings of two classes
+        by_class: dict[str, list[Listing]] = {}
+        for lst in listings:
+            if lst.problem is None:
+                by_class.setdefault(lst.spec.key, []).append(lst)
+        keys = [k for k in by_class]
+        bodies = {k: R.CAR_STYLES[k].body for k in keys}
+        rank = {frozenset(b) if b[0] != b[1] else frozenset((b[0], b[0] + "*")): i for i, b in enumerate(_STUDIO_BODIES)}
+
+        def closeness(a: str, b: str) -> int:
+            pair = frozenset((bodies[a], bodies[b])) if bodies[a] != bodies[b] else frozenset((bodies[a], bodies[a] + "*"))
+            return rank.get(pair, len(rank))
+
+        class_pairs = sorted(((a, b) for i, a in enumerate(keys) for b in keys[i + 1:]),
+                             key=lambda ab: (closeness(*ab), keys.index(ab[0]), keys.index(ab[1])))
+        class_pairs = class_pairs or [(k, k) for k in keys]  # a one-class site: two cars of that class
+        for k in range(c["studio_pairs"]):
+            if not class_pairs:
+                break
+            a_key, b_key = class_pairs[k % len(class_pairs)]
+            for key in (a_key, b_key):
+                lst = by_class[key][rnd.randrange(len(by_class[key]))]
+                self.insert(lst, self.photo("car", "studio", "jpg", class_key=key, variant={"pair": k}))
 
 
 # ---------------------------------------------------------------------------------------
@@ -476,6 +507,12 @@ def _render(p: Photo, seed: int, size: tuple[int, int], looks: dict[str, str] | 
                 p.extra["kept_fraction"] = frac
                 p.extra["original_size_bytes"] = len(p.data)
                 p.data = p.data[: int(len(p.data) * frac)]
+    elif prob == "studio":
+        pair = int(p.variant["pair"])
+        r = R.render_studio(style, size, rng, frac=0.8 - 0.1 * (pair % 3))  # pairs differ in scale
+        p.data = R.jpeg(r.image, q())
+        p.bbox, (p.width, p.height), p.fmt, p.mode = r.bbox, size, "jpeg", "RGB"
+        p.extra["studio_pair"] = pair
     elif prob == "palette":
         r = car()
         p.data = R.encode(r.image.quantize(64, method=Image.Quantize.FASTOCTREE), "PNG")

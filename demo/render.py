@@ -388,6 +388,26 @@ def render_car(style: CarStyle, size: tuple[int, int], rng: np.random.Generator,
     return Rendered(img, bbox)
 
 
+def render_studio(style: CarStyle, size: tuple[int, int], rng: np.random.Generator, *,
+                  frac: float = 0.8, noise: float = 1.5) -> Rendered:
+    """A press/dealer "studio" shot: the car side-on, centred, ``frac`` of the width
+    long, on a plain white background, in the same pose whatever the class. Two cars of
+    one body type shot this way share their silhouette (their grey pHash/dHash are a few
+    bits apart) and differ in colour and detail: the near-duplicate trap of real
+    studio photos."""
+    w, h = size
+    layer = draw_car_layer(style, int(frac * w), rng)
+    layer = layer.crop(layer.getchannel("A").getbbox())
+    bg = Image.new("RGBA", size, (255, 255, 255, 255))
+    x = (w - layer.width) // 2
+    y = int(h * 0.78) - layer.height
+    bg.alpha_composite(layer, (x, y))
+    box = alpha_bbox(np.asarray(layer.getchannel("A")))
+    assert box is not None
+    bbox = (x + box[0], y + box[1], x + box[2], y + box[3])
+    return Rendered(add_noise(bg.convert("RGB"), rng, noise), bbox)
+
+
 # ---------------------------------------------------------------------------------------
 # Non-car photos
 # ---------------------------------------------------------------------------------------

@@ -56,17 +56,16 @@ def ingest(
     cfg = get_settings()
     store = open_storage(storage)
     stats: Counter = Counter()
+    report: list[str] = []  # what a person running the import must see (main prints it)
 
     if folders:
         listing_regex = listing_regex or cfg.ingest.listing_regex
         label_regex = label_regex or cfg.ingest.label_regex
         source = check_folder_dataset(folders)
-        keys, list_stats = list_folder_dataset(source, cfg.ingest.image_extensions)
+        keys, list_stats = list_folder_dataset(source)
         if not keys:
-            raise UserError(
-                f"no image files ({', '.join(cfg.ingest.image_extensions)}) in class folders under "
-                f"{source.uri()}: expected <class>/<listing>_<photo>_<id>.jpg ({dict(list_stats) or 'empty'})"
-            )
+            raise UserError(f"no files in class folders under {source.uri()}: expected "
+                            f"<class>/<listing>_<photo>_<id>.jpg ({dict(list_stats) or 'empty'})")
         stats.update(list_stats)
         # shard by listing, so that no listing is split across two feed parts
         groups: dict[str, list[str]] = {}
@@ -77,7 +76,9 @@ def ingest(
         for group in shards(sorted(groups), max(1, per_shard // 4)):
             batches.append([k for lid in group for k in groups[lid]])
         futures = [
-            import_folder_shard_task.submit(folders, batch, storage, site, listing_regex, label_regex)
+            import_folder_shard_task.submit(
+                folders, batch, storage, site, listing_regex, label_regex, cfg.ingest.image_extensions
+            )
             for batch in batches
         ]
         import_id = "import-" + hashlib.sha256(json.dumps([source.uri(), keys]).encode()).hexdigest()[:12]
@@ -85,7 +86,17 @@ def ingest(
             records, shard_stats = fut.result()
             stats.update({f"import:{k}": v for k, v in shard_stats.items()})
             write_listing_records(store, site, import_id, records, part)
-        logger.info("imported %d files from %s as site %r", len(keys), source.uri(), site)
+        skipped = {k.removeprefix("import:").removeprefix("skipped_"): v for k, v in stats.items() if "skipped_" in k}
+        imported = stats["import:stored"]
+        logger.info("imported %d files from %s as site %r", imported, source.uri(), site)
+        files = len(keys) + stats["skipped_not_in_class_folder"]
+        skips = ", ".join(f"{n} skipped ({why})" for why, n in sorted(skipped.items())) or "none skipped"
+        report.append(f"folder import {source.uri()}: {files} files, {imported} photos stored, {skips}")
+        if stats["import:label_conflict_listings"]:
+            report.append(f"  {stats['import:label_conflict_listings']} listing(s) found in two class folders: "
+                          "label_conflict, settled by classes.conflict_policy in the dataset stage")
+        for line in report:
+            logger.info(line)
 
     if sites and folders and site not in sites:
         sites = [*sites, site]
@@ -108,7 +119,10 @@ def ingest(
         "labels": len({x for x in manifest.column("label").to_pylist() if x}),
         "rejected_refs": rejects.num_rows,
         "rejected_by_reason": dict(sorted(reasons.items())),
+        "skipped": {k.removeprefix("import:"): v for k, v in sorted(stats.items()) if "skipped_" in k},
+        "label_conflict_listings": stats["import:label_conflict_listings"],
         "stats": dict(sorted(stats.items())),
+        "report": report,
     }
     create_table_artifact(
         key="ingest-counts",
@@ -143,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.folders:
         check_folder_dataset(args.folders)  # a typo is one line, before any flow run
     summary = ingest(storage=args.storage, sites=args.sites, folders=args.folders, site=args.import_site)
-    print(json.dumps({k: v for k, v in summary.items() if k != "stats"}, indent=2))
+    for line in summary["report"]:
+        print(line)
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("stats", "report")}, indent=2))
     return 0
 
 

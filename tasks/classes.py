@@ -22,7 +22,10 @@ Steps (all vectorised over unique labels / groupby; no per-row Python):
    more). ``conflict_policy='majority'``: every row of the cluster gets the label most
    of its rows carry; a tie cannot be decided and drops the cluster's kept rows.
    ``'drop'``: the kept rows of every conflicting cluster are dropped. Reason
-   ``label_conflict``.
+   ``label_conflict``. The same policy, through the same function, first settles a
+   *listing* whose photos carry several labels (a folder import that found one listing
+   id under ``ford_ranger_2017/`` and ``ford_ranger_2018/``: no conflict once years
+   merge; ``ford_ranger/`` and ``bmw_x5/``: the majority of its photos, a tie drops it).
 4. **Ignore list**: a kept row whose raw label, base label or class matches an entry
    (exact or shell glob ``bmw_*``) is dropped, reason ``ignored_class``.
 5. **Rare classes**: classes with fewer than ``min_images`` *kept* rows after all the
@@ -181,25 +184,31 @@ def _matches(values: pd.Series, patterns: list[str]) -> np.ndarray:
 
 
 def resolve_label_conflicts(
-    df: pd.DataFrame, labels: pd.Series, policy: str = "majority"
+    df: pd.DataFrame,
+    labels: pd.Series,
+    policy: str = "majority",
+    group: str = "dup_cluster",
+    flag: str | None = "label_conflict",
 ) -> tuple[pd.Series, np.ndarray, dict[str, int]]:
-    """Majority vote (or drop) inside dedup clusters whose rows carry several class labels.
+    """Majority vote (or drop) inside groups whose rows carry several class labels: dedup
+    clusters (``group='dup_cluster'``: one photo, several labels) or listings
+    (``group='listing_id'``, ``flag=None``: one listing filed under two class folders).
 
     Returns (new labels, mask of rows to drop with ``label_conflict``, counters). Only
-    clusters flagged ``label_conflict`` by dedup are looked at (placeholders are never
-    flagged); when the column is missing every cluster is. A cluster is a conflict only
-    if its rows still carry ≥ 2 distinct labels after year collapse and merges."""
+    groups flagged in column ``flag`` are looked at (dedup never flags placeholders);
+    when the column is missing every group is. A group is a conflict only if its rows
+    still carry ≥ 2 distinct labels after year collapse and merges."""
     n = len(df)
     drop = np.zeros(n, dtype=bool)
     stats = {"conflict_clusters": 0, "conflict_resolved": 0, "conflict_dropped": 0, "relabelled_rows": 0}
-    if "dup_cluster" not in df.columns or n == 0:
+    if group not in df.columns or n == 0:
         return labels.copy(), drop, stats
-    cand = df["dup_cluster"].notna().to_numpy() & labels.notna().to_numpy()
-    if "label_conflict" in df.columns:
-        cand &= df["label_conflict"].fillna(False).astype(bool).to_numpy()
+    cand = df[group].notna().to_numpy() & labels.notna().to_numpy()
+    if flag is not None and flag in df.columns:
+        cand &= df[flag].fillna(False).astype(bool).to_numpy()
     if not cand.any():
         return labels.copy(), drop, stats
-    sub = pd.DataFrame({"c": df["dup_cluster"].to_numpy()[cand], "l": labels.to_numpy()[cand]})
+    sub = pd.DataFrame({"c": df[group].to_numpy()[cand], "l": labels.to_numpy()[cand]})
     votes = sub.groupby(["c", "l"], sort=True).size().rename("n").reset_index()
     n_labels = votes.groupby("c")["l"].transform("size")
     votes = votes[n_labels > 1]
@@ -211,7 +220,7 @@ def resolve_label_conflicts(
     second = top.groupby("c").nth(1).set_index("c")
     tie = first["n"] == second["n"].reindex(first.index)
     stats["conflict_clusters"] = len(first)
-    cluster_col = df["dup_cluster"]
+    cluster_col = df[group]
     in_conflict = cluster_col.isin(first.index).to_numpy()
     kept = (df["status"] != DROPPED).to_numpy()
     new = labels.copy()
@@ -260,7 +269,12 @@ def assign_classes(
 
     base = base_labels(out, cfg.merge_years)
     labels = apply_merge_map(base, merge_map)
+    # a listing filed under two class folders (folder import), then a photo with two labels
+    labels, listing_drop, listing_stats = resolve_label_conflicts(
+        out, labels, cfg.conflict_policy, group="listing_id", flag=None
+    )
     labels, conflict_drop, conflict_stats = resolve_label_conflicts(out, labels, cfg.conflict_policy)
+    conflict_drop |= listing_drop
     drops = {NO_LABEL: _drop(status, reason, labels.isna().to_numpy(), NO_LABEL)}
     drops[LABEL_CONFLICT] = _drop(status, reason, conflict_drop, LABEL_CONFLICT)
     ignored = _matches(labels, cfg.ignore) | _matches(base, cfg.ignore)
@@ -286,6 +300,7 @@ def assign_classes(
         "merge_map": dict(merge_map),
         "dropped": {k: v for k, v in drops.items()},
         "conflicts": conflict_stats,
+        "listing_conflicts": listing_stats,
         "ignored_labels": sorted(set(labels[ignored].dropna()) | set(base[ignored].dropna())),
     }
     return out, info

@@ -25,12 +25,12 @@ from carflow.caching import content_key, shard_cache_key_fn
 from carflow.manifest import DROPPED, KEPT
 from carflow.settings import FixSettings, QualitySettings
 from carflow.storage import Storage, open_storage
-from tasks.fix import inspect_schema, inspect_shard, shard_stats
+from tasks.fix import MISSING, inspect_schema, inspect_shard, shard_stats
 from tasks.shards import load_shard_results, plan_shards  # noqa: F401 - re-exported
 
 STAGE = "inspect"
 #: bump when fix/quality/hash code changes in a way that changes results
-VERSION = "1"
+VERSION = "2"
 
 
 def _config(fix_cfg: FixSettings, quality_cfg: QualitySettings) -> dict[str, Any]:
@@ -46,14 +46,19 @@ def inspect_shard_to_storage(
 ) -> dict[str, Any]:
     """Inspect one shard: read originals, fix/score/hash, store re-encoded images
     content-addressed, and write the shard's rows as Parquet under ``work/inspect/``.
-    Returns ``{"key", "stats"}`` (small, so Prefect can persist it as the cached result)."""
+    Returns ``{"key", "stats"}`` (small, so Prefect can persist it as the cached result).
+
+    An original missing from storage is a row with reason ``missing``, and the shard is
+    then *incomplete*: its rows go to ``<key>.partial.parquet`` (never the done key)
+    and the result says ``incomplete``, so a later run computes it again rather than
+    keep a transient miss forever (:func:`tasks.shards.run_shards`)."""
     key = f"work/{STAGE}/{content_key(STAGE, VERSION, image_ids, _config(fix_cfg, quality_cfg))}.parquet"
 
-    def load(image_id: str) -> tuple[str, bytes]:
+    def load(image_id: str) -> tuple[str, bytes | None]:
         try:
             return image_id, storage.get_image(image_id)
         except KeyError:
-            return image_id, b""  # lost original: the fixer records it as `empty`
+            return image_id, None  # not in storage: `missing`, not an empty file
 
     with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound (S3 GETs)
         items = pool.map(load, image_ids)
@@ -63,6 +68,9 @@ def inspect_shard_to_storage(
     for row in rows:
         row.pop("out_bytes", None)
     stats = shard_stats(rows)
+    incomplete = stats["reasons"].get(MISSING, 0)
+    if incomplete:
+        key = key.removesuffix(".parquet") + ".partial.parquet"
     table = pa.Table.from_pylist(rows, schema=inspect_schema(with_out_bytes=False))
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
@@ -70,7 +78,7 @@ def inspect_shard_to_storage(
     storage.put_text(
         key.removesuffix(".parquet") + ".stats.json", json.dumps(stats, sort_keys=True)
     )
-    return {"key": key, "stats": stats}
+    return {"key": key, "stats": stats, **({"incomplete": incomplete} if incomplete else {})}
 
 
 @task(

@@ -16,7 +16,12 @@ status and reason, and get nulls in the columns added here.
    *distinct* phash values within Hamming distance ``hamming_radius`` come from
    :func:`carflow.imagehash.hamming_pairs` (exact multi-index hashing, vectorised; no
    N×N matrix). With ``use_dhash`` a pair must also be within ``dhash_radius`` in dHash
-   (the search then runs over distinct (phash, dhash) values).
+   (the search then runs over distinct (phash, dhash) values). With ``confirm_thumb``
+   every hash pair (equal hashes included) must also be within ``thumb_radius`` on the
+   8×8 colour thumbnail (:func:`confirm_by_thumb`): the hashes see grey silhouettes, so
+   two different cars in one pose on a white studio background matched them. A false
+   merge costs two good photos, not one: the pair's labels conflict and a tie drops the
+   representative too.
 4. **Clusters**: connected components of those links (:func:`connected_components`,
    vectorised hook-to-minimum + pointer jumping). ``dup_cluster`` is the smallest
    ``image_id`` of the cluster (stable: it does not depend on sizes, dates or settings
@@ -93,7 +98,7 @@ import numpy as np
 import pandas as pd
 
 from carflow.graph import connected_components
-from carflow.imagehash import hamming_pairs, popcount64
+from carflow.imagehash import THUMB_SIDE, hamming_pairs, popcount64, thumb_distance
 from carflow.manifest import DROPPED, KEPT
 from carflow.settings import DedupSettings, as_settings
 
@@ -248,6 +253,31 @@ def near_duplicate_edges(
     return (same_u[keep], same_v[keep]), (rep[i], rep[j])
 
 
+def confirm_by_thumb(
+    thumbs: np.ndarray, u: np.ndarray, v: np.ndarray, radius: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the hash pairs ``(u, v)`` whose colour thumbnails (192-byte ``thumb`` values
+    per node, :func:`carflow.imagehash.colour_thumb`) are within ``radius``
+    (:func:`carflow.imagehash.thumb_distance`). pHash and dHash see grey silhouettes
+    only: two different cars in the same pose on a white background pass both. A pair
+    where either node has no thumbnail (a manifest from before the column) is kept."""
+    if u.size == 0:
+        return u, v
+    has = np.array([isinstance(t, (bytes, bytearray)) and len(t) == 3 * THUMB_SIDE**2 for t in thumbs])
+    check = has[u] & has[v]
+    keep = np.ones(u.size, dtype=bool)
+    if check.any():
+        flat = np.zeros((thumbs.size, 3 * THUMB_SIDE**2), np.uint8)
+        idx = np.flatnonzero(has)
+        flat[idx] = np.frombuffer(b"".join(thumbs[idx]), np.uint8).reshape(idx.size, -1)
+        cu, cv = u[check], v[check]
+        keep[check] = thumb_distance(flat[cu], flat[cv]) <= radius
+    dropped = int((~keep).sum())
+    if dropped:
+        log.info("dedup: %d hash pair(s) not confirmed by the colour thumbnail (radius %.1f)", dropped, radius)
+    return u[keep], v[keep]
+
+
 # ---------------------------------------------------------------------------------------
 # the stage
 # ---------------------------------------------------------------------------------------
@@ -314,6 +344,10 @@ def dedup_manifest(df: pd.DataFrame, cfg: Any = None) -> pd.DataFrame:
                 dh, dh_ok = hash_column(sub["dhash"].iloc[first_row], "dhash")
                 ph_ok = ph_ok & dh_ok
             (su, sv), (nu, nv) = near_duplicate_edges(ph, dh, ph_ok, cfg)
+            if cfg.confirm_thumb and "thumb" in sub.columns:
+                thumbs = sub["thumb"].iloc[first_row].to_numpy(dtype=object)
+                su, sv = confirm_by_thumb(thumbs, su, sv, cfg.thumb_radius)
+                nu, nv = confirm_by_thumb(thumbs, nu, nv, cfg.thumb_radius)
             us.append(su)
             vs.append(sv)
         else:

@@ -12,16 +12,19 @@ Drop reasons, in the order they are tested:
 
 | reason | when |
 |---|---|
-| ``empty`` | 0 bytes, or fewer than ``min_bytes`` that are not an image (a tiny real image, e.g. a 43-byte 1×1 GIF, is ``too_small``) |
+| ``empty`` | 0 bytes |
 | ``not_image`` | the magic bytes say HTML/XML, text or PDF, or nothing Pillow knows |
 | ``unsupported_format`` | a recognised image format outside ``allowed_formats`` (TIFF, HEIC, AVIF, SVG, ICO… by default), or one Pillow identifies that has no magic number we know |
 | ``too_large`` | declared ``width × height > max_pixels``; refused from the header, nothing allocated |
 | ``too_small`` | shortest side < ``min_side`` (tested on the header and again on the output) |
-| ``truncated`` | a JPEG without its end whose decoded share of rows is < ``min_decoded_fraction``, or another format whose data ends early |
+| ``truncated`` | a JPEG whose decoded share of rows is < ``min_decoded_fraction`` (with or without its EOI marker), another format whose data ends early (Pillow's "truncated"/"Truncated File Read"/"incomplete", any case), or a file under ``min_bytes`` whose header does not parse |
 | ``decode_error`` | anything else that went wrong; the message is in ``error`` |
 
-A kept image whose original bytes are already a clean RGB JPEG (EOI present, no EXIF
-orientation other than 1, not CMYK/grey, baseline or progressive) is kept as is: ``out_bytes`` is ``None`` and
+(``missing``, an original that storage does not have, is set by the clean shard, not here.)
+
+A kept image whose original bytes are already a clean RGB JPEG (EOI present, no grey
+fill at the bottom, no EXIF orientation other than 1, not CMYK/grey, not MPO, baseline
+or progressive) is kept as is: ``out_bytes`` is ``None`` and
 only a draft-mode (1/2–1/8 scale) decode is made. Anything else is fully decoded,
 fixed and re-encoded as a baseline RGB JPEG at ``jpeg_quality`` (``out_bytes``); the
 caller stores those bytes as a new content-addressed object. Fixes, listed in
@@ -31,7 +34,13 @@ caller stores those bytes as a new content-addressed object. Fixes, listed in
   EOI is appended; nothing global is switched). libjpeg fills the missing blocks with
   grey 128; we find that fill (whole trailing rows plus the partial MCU row) and **crop
   the image to the rows that really decoded**, so no grey band reaches the dataset.
-  ``decoded_fraction`` is that share of rows.
+  ``decoded_fraction`` is that share of rows. The fill is looked for in *every* JPEG
+  (8 pixels in the common case), because a file cut short and then given an EOI
+  decodes without an error. A progressive JPEG cut after its first scan has every row
+  at a lower quality: ``decoded_fraction`` is then None (unknown) and ``jpeg_scans``
+  says how many scans it kept.
+- ``mpo_to_jpeg``: an MPO (a JPEG with a second image appended, as phones write them)
+  becomes its first image as a plain JPEG.
 - ``exif_transpose``: EXIF orientation 2–8 applied (the output has no EXIF).
 - ``first_frame``: animated GIF/WebP/PNG: frame 0.
 - ``alpha_on_white``: RGBA/LA/PA and palette or colour-key transparency composited on
@@ -57,23 +66,26 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from carflow.imagehash import to_int64
+from carflow.imagehash import colour_thumb, dhash64, gray_for_hash, phash64, pixel_sha256, to_int64
 from carflow.imageio import (
     NOT_IMAGE_FORMATS,
     ImageTooLarge,
-    decoded_rows,
     draft_small,
     has_jpeg_eoi,
+    image_decoded_rows,
     is_progressive_jpeg,
+    jpeg_scans,
     load_truncated_jpeg,
     open_checked,
     reduce_to,
@@ -85,10 +97,15 @@ from tasks.quality import apply_quality, quality_scores
 
 STAGE = "fix"
 #: bump when a change here changes any output column (it is part of the cache key)
-VERSION = "1"
+VERSION = "2"
 
+
+#: an original that storage does not have (set by the shard, never by the fixer); a
+#: shard with such a row is not stored as done, so a later run tries the image again
+MISSING = "missing"
 
 REASONS = (
+    MISSING,
     "empty",
     "not_image",
     "unsupported_format",
@@ -131,8 +148,11 @@ class FixResult:
     src_width: int | None = None
     src_height: int | None = None
     actions: list[str] = field(default_factory=list)
-    #: share of rows that really decoded (truncated JPEGs; 1.0 for other decoded images)
+    #: share of rows that really decoded (truncated JPEGs; 1.0 for other decoded images;
+    #: None for a progressive JPEG cut after its first scan: every row, fewer details)
     decoded_fraction: float | None = None
+    #: scans present in a truncated progressive JPEG (libjpeg writes 10 for colour, 6 for grey)
+    jpeg_scans: int | None = None
     #: the small decode of the output image (RGB, short side ≥ check_size and long side ≥ 2 × check_size where the image allows)
     small: Image.Image | None = field(default=None, repr=False)
     #: 32×32 grey (uint8), the input of ``phash64``
@@ -153,49 +173,92 @@ def _orientation(im: Image.Image) -> int | None:
     return value if value in _TRANSPOSE else None
 
 
-def _to_rgb(im: Image.Image, actions: list[str]) -> Image.Image:
+#: pixels of a deep-grey image converted at once (bounds the temporary arrays)
+_BAND_PIXELS = 1 << 18
+
+
+def _deep_grey_to_l(im: Image.Image) -> tuple[Image.Image, np.ndarray | None]:
+    """16/32-bit grey or float → 8-bit ``L``, band by band, and the colour-key mask.
+
+    16-bit values are scaled (``round(v / 257)``, in integers: no float copy of the
+    image), ``I`` is scaled only when it holds values above 255, ``F`` in [0, 1] is
+    multiplied by 255. The temporary arrays are one band of about 0.25 Mpx, so converting
+    a 40 Mpx 16-bit PNG costs the 8-bit output, not several float64 copies of the input.
+    Returns the ``L`` image and, when the PNG has a ``tRNS`` grey key, a boolean mask of
+    the transparent pixels (else None)."""
     mode = im.mode
-    if mode == "RGB":
+    width, height = im.size
+    lo, hi = im.getextrema()
+    key = im.info.get("transparency")
+    key = key if isinstance(key, (int, float)) and not isinstance(key, bool) else None
+    scale16 = mode.startswith("I;16") or (mode == "I" and hi > 255)
+    unit_float = mode == "F" and hi <= 1.0
+    out = np.empty((height, width), np.uint8)
+    mask = np.zeros((height, width), bool) if key is not None else None
+    band = max(1, _BAND_PIXELS // max(width, 1))
+    for y0 in range(0, height, band):
+        y1 = min(height, y0 + band)
+        arr = np.asarray(im.crop((0, y0, width, y1)))
+        if mask is not None:
+            mask[y0:y1] = arr == key
+        if mode == "F":
+            part = np.rint(arr * 255.0 if unit_float else arr)
+        elif scale16:  # round(v / 257) in integers (v / 257 never ends in .5)
+            part = arr.astype(np.uint32 if mode.startswith("I;16") else np.int64)
+            part *= 2
+            part += 257
+            part //= 514
+        else:
+            part = arr
+        np.clip(part, 0, 255, out=out[y0:y1], casting="unsafe")
+    return Image.fromarray(out, "L"), mask
+
+
+def _on_white(rgba: Image.Image) -> Image.Image:
+    out = Image.new("RGB", rgba.size, (255, 255, 255))
+    out.paste(rgba, mask=rgba.getchannel("A"))
+    return out
+
+
+def _to_rgb(im: Image.Image, actions: list[str]) -> Image.Image:
+    """Any mode → RGB. Transparency (an alpha channel, a palette's transparent
+    entries, a ``tRNS`` colour key of an RGB, grey or 16-bit grey PNG) is composited on
+    white (``alpha_on_white``); the colour conversion is ``<mode>_to_rgb``."""
+    mode = im.mode
+    has_key = im.info.get("transparency") is not None
+    if mode == "RGB" and not has_key:
         return im
-    if "transparency" in im.info and mode in ("P", "L", "RGB"):
-        im = im.convert("RGBA" if mode != "L" else "LA")
-        mode_base = {"P": "p", "L": "l", "RGB": "rgb"}[mode]
-        mode = im.mode
-    else:
-        mode_base = _ALPHA_MODES.get(mode)
-    if mode in _ALPHA_MODES:
-        rgba = im.convert("RGBA")
-        out = Image.new("RGB", im.size, (255, 255, 255))
-        out.paste(rgba, mask=rgba.getchannel("A"))
-        actions.append("alpha_on_white")
-        if mode_base != "rgb":
-            actions.append(f"{mode_base}_to_rgb")
-        return out
     if mode in _GREY_DEEP:
-        arr = np.asarray(im)
-        if mode.startswith("I;16") or (mode == "I" and arr.max(initial=0) > 255):
-            arr = arr / 257.0
-        elif mode == "F" and arr.max(initial=0) <= 1.0:
-            arr = arr * 255.0
-        im = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+        grey, mask = _deep_grey_to_l(im)
+        actions.append(f"{mode.lower().replace(';', '')}_to_rgb")
+        if mask is not None and mask.any():
+            grey.paste(255, mask=Image.fromarray(mask.view(np.uint8) * 255, "L"))
+            actions.append("alpha_on_white")
+        return grey.convert("RGB")
+    if has_key and mode in ("P", "L", "RGB", "1"):
+        base = {"P": "p", "L": "l", "RGB": "rgb", "1": "1"}[mode]
+        out = _on_white(im.convert("RGBA"))  # Pillow applies the key/palette transparency
+        actions.append("alpha_on_white")
+        if base != "rgb":
+            actions.append(f"{base}_to_rgb")
+        return out
+    if mode in _ALPHA_MODES:
+        out = _on_white(im.convert("RGBA"))
+        actions.append("alpha_on_white")
+        if _ALPHA_MODES[mode] != "rgb":
+            actions.append(f"{_ALPHA_MODES[mode]}_to_rgb")
+        return out
     actions.append(f"{mode.lower().replace(';', '')}_to_rgb")
-    if im.mode == "1":
+    if mode == "1":
         im = im.convert("L")
     return im.convert("RGB")
 
 
-def _is_truncation(exc: OSError) -> bool:
-    return "truncated" in str(exc) or "incomplete" in str(exc)
-
-
-def _hash_inputs(small: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-    """The grey 32×32 (phash) and 8×9 (dhash) arrays, resized as imagehash does
-    (grey first, then Lanczos)."""
-    grey = small.convert("L")
-    return (
-        np.asarray(grey.resize((32, 32), Image.Resampling.LANCZOS)),
-        np.asarray(grey.resize((9, 8), Image.Resampling.LANCZOS)),
-    )
+def _is_truncation(exc: BaseException) -> bool:
+    """Pillow's ways of saying the data ended early ("image file is truncated",
+    "Truncated File Read", "incomplete"…), in any case."""
+    text = str(exc).lower()
+    return "truncated" in text or "incomplete" in text
 
 
 def _finish_small(res: FixResult, small: Image.Image, check_size: int) -> None:
@@ -208,7 +271,7 @@ def _finish_small(res: FixResult, small: Image.Image, check_size: int) -> None:
     if short >= 4 * check_size:
         small = small.reduce(short // (2 * check_size))
     res.small = small
-    res.gray32, res.gray9x8 = _hash_inputs(small)
+    res.gray32, res.gray9x8 = gray_for_hash(small)
 
 
 def _drop(res: FixResult, reason: str, error: str | None = None) -> FixResult:
@@ -218,19 +281,54 @@ def _drop(res: FixResult, reason: str, error: str | None = None) -> FixResult:
     return res
 
 
-def _decodes(data: bytes) -> bool:
-    """A few bytes that still decode as an image (a 1×1 GIF is 43 bytes)."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-        return True
-    except Exception:  # noqa: BLE001 - anything Pillow cannot read is not a tiny image
-        return False
+class DecodeBudget:
+    """Bounds the decoded-pixel memory that a shard's threads hold at once.
+
+    Each full decode first takes its estimated size (:func:`decode_cost`) from the
+    budget and waits while the others hold too much; an image larger than the whole
+    budget waits until it can run alone. ``peak`` is the most that was ever held (for
+    tests and stats)."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit = max(1, int(limit_bytes))
+        self.held = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, cost: int) -> Iterator[None]:
+        cost = min(max(0, int(cost)), self.limit)
+        with self._cond:
+            self._cond.wait_for(lambda: self.held + cost <= self.limit)
+            self.held += cost
+            self.peak = max(self.peak, self.held)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.held -= cost
+                self._cond.notify_all()
 
 
-def _fix(data: bytes, cfg: FixSettings, res: FixResult) -> FixResult:
-    if not data or (len(data) < cfg.min_bytes and not _decodes(data)):
-        return _drop(res, "empty", f"{len(data)} bytes")
+#: bytes per pixel of a decoded Pillow image (RGB is stored as 4 bytes a pixel)
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2, "LA": 4, "PA": 4}
+
+
+def decode_cost(im: Image.Image, small: bool = False) -> int:
+    """Estimated peak bytes of fixing ``im`` (just opened, header only): the decoded
+    source plus the RGB output (and the RGBA copy for transparency). A clean JPEG kept
+    as is is only draft-decoded (1/64 of the pixels at 1/8 scale)."""
+    pixels = im.width * im.height
+    if small:
+        return pixels * 4 // 16  # draft decode at 1/4 or smaller: a bound, not an estimate
+    src = _MODE_BYTES.get(im.mode, 4)
+    extra = 4 if ("transparency" in im.info or im.mode in _ALPHA_MODES) else 0
+    return pixels * (src + 4 + extra)
+
+
+def _fix(data: bytes, cfg: FixSettings, res: FixResult, budget: DecodeBudget | None = None) -> FixResult:
+    if not data:
+        return _drop(res, "empty", "0 bytes")
 
     fmt = sniff(data)
     res.src_format = fmt
@@ -253,6 +351,10 @@ def _fix(data: bytes, cfg: FixSettings, res: FixResult) -> FixResult:
     except ImageTooLarge as exc:
         res.src_width, res.src_height = exc.width, exc.height
         return _drop(res, "too_large", str(exc))
+    except Exception as exc:  # noqa: BLE001 - a header that ends early is a truncated file
+        if len(data) < cfg.min_bytes or _is_truncation(exc):
+            return _drop(res, "truncated", f"{len(data)} bytes, the header does not parse: {exc}"[:500])
+        raise
     res.src_mode = im.mode
     res.src_width, res.src_height = im.size
     if min(im.size) < cfg.min_side:
@@ -262,15 +364,32 @@ def _fix(data: bytes, cfg: FixSettings, res: FixResult) -> FixResult:
     complete = not is_jpeg or has_jpeg_eoi(data)
     orientation = _orientation(im) if is_jpeg else None
     progressive = is_jpeg and is_progressive_jpeg(im)
-
-    # --- the common case: a clean RGB JPEG, kept as is, decoded small only ------------
-    if (
-        is_jpeg
+    as_is = (
+        im.format == "JPEG"  # an MPO (a phone's JPEG + a second image) is re-encoded
         and complete
         and im.mode == "RGB"
         and orientation is None
         and (cfg.keep_progressive or not progressive)
-    ):
+    )
+    with budget.hold(decode_cost(im, small=as_is)) if budget is not None else nullcontext():
+        return _decode(data, im, cfg, res, fmt, is_jpeg, complete, orientation, progressive, as_is)
+
+
+def _decode(
+    data: bytes,
+    im: Image.Image,
+    cfg: FixSettings,
+    res: FixResult,
+    fmt: str,
+    is_jpeg: bool,
+    complete: bool,
+    orientation: int | None,
+    progressive: bool,
+    as_is: bool,
+) -> FixResult:
+    mpo = im.format == "MPO"
+    # --- the common case: a clean RGB JPEG, kept as is, decoded small only ------------
+    if as_is:
         try:
             small = draft_small(im, cfg.check_size)
         except OSError as exc:
@@ -278,10 +397,15 @@ def _fix(data: bytes, cfg: FixSettings, res: FixResult) -> FixResult:
                 raise
             complete = False  # an EOI that was not the image's own: decode as truncated
         else:
-            res.width, res.height = res.src_width, res.src_height
-            _finish_small(res, small, cfg.check_size)
-            res.status, res.decoded_fraction = KEPT, 1.0
-            return res
+            if image_decoded_rows(small) == small.height:
+                res.width, res.height = res.src_width, res.src_height
+                _finish_small(res, small, cfg.check_size)
+                res.status, res.decoded_fraction = KEPT, 1.0
+                return res
+            # grey fill at the bottom although the file ends with EOI: it was cut and an
+            # EOI appended. Decode it fully and measure the fill at full size.
+            im.close()
+            im = open_checked(data, cfg.max_pixels, fmt)
 
     # --- everything else: full decode, fix, re-encode ----------------------------------
     actions = res.actions
@@ -304,17 +428,28 @@ def _fix(data: bytes, cfg: FixSettings, res: FixResult) -> FixResult:
     if not complete:
         im.close()
         im = load_truncated_jpeg(data, cfg.max_pixels)
-        rows = decoded_rows(np.asarray(im))
-        res.decoded_fraction = rows / im.height
-        if rows == 0 or res.decoded_fraction < cfg.min_decoded_fraction:
-            return _drop(
-                res,
-                "truncated",
-                f"only {res.decoded_fraction:.1%} of rows decoded (< min_decoded_fraction {cfg.min_decoded_fraction})",
-            )
-        if rows < im.height:
-            im = im.crop((0, 0, im.width, rows))
-        actions.append("reencode_truncated")
+    if is_jpeg:
+        rows = image_decoded_rows(im) if im.mode in ("RGB", "L") else im.height
+        cut = not complete or rows < im.height
+        if cut:
+            actions.append("reencode_truncated")
+            res.decoded_fraction = rows / im.height
+            if progressive:
+                # a progressive JPEG cut after its first (DC) scan has every row, at a
+                # lower quality: its decoded share is not known, only its scan count
+                res.jpeg_scans = jpeg_scans(data)
+                if rows == im.height:
+                    res.decoded_fraction = None
+            if rows == 0 or (res.decoded_fraction is not None and res.decoded_fraction < cfg.min_decoded_fraction):
+                return _drop(
+                    res,
+                    "truncated",
+                    f"only {rows / im.height:.1%} of rows decoded (< min_decoded_fraction {cfg.min_decoded_fraction})",
+                )
+            if rows < im.height:
+                im = im.crop((0, 0, im.width, rows))
+        if mpo:
+            actions.append("mpo_to_jpeg")
 
     if orientation is not None:
         im = im.transpose(_TRANSPOSE[orientation])
@@ -339,16 +474,18 @@ def _fix(data: bytes, cfg: FixSettings, res: FixResult) -> FixResult:
     return res
 
 
-def fix_image(data: bytes, cfg: FixSettings | None = None) -> FixResult:
+def fix_image(data: bytes, cfg: FixSettings | None = None, budget: DecodeBudget | None = None) -> FixResult:
     """Classify one image and fix it if needed (see the module docstring). Never raises
-    on bad input: an unexpected failure is ``dropped`` with reason ``decode_error``."""
+    on bad input: data that ends early is ``truncated``, any other unexpected failure is
+    ``dropped`` with reason ``decode_error``. ``budget`` bounds the memory of concurrent
+    full decodes (:class:`DecodeBudget`)."""
     cfg = as_settings(FixSettings, cfg)
     res = FixResult(status=DROPPED)
     try:
-        return _fix(bytes(data) if not isinstance(data, bytes) else data, cfg, res)
+        return _fix(bytes(data) if not isinstance(data, bytes) else data, cfg, res, budget)
     except Exception as exc:  # noqa: BLE001 - bad input must never stop a run
         message = f"{type(exc).__name__}: {exc}"
-        return _drop(res, "decode_error", message[:500])
+        return _drop(res, "truncated" if _is_truncation(exc) else "decode_error", message[:500])
 
 
 # ---------------------------------------------------------------------------------------
@@ -377,6 +514,7 @@ COLUMNS = (
     "width",
     "height",
     "decoded_fraction",
+    "jpeg_scans",
     "out_bytes",
     "out_image_id",
     *SCORE_COLUMNS,
@@ -384,6 +522,7 @@ COLUMNS = (
     "phash",
     "dhash",
     "pixel_hash",
+    "thumb",
 )
 
 
@@ -404,6 +543,7 @@ def inspect_schema(with_out_bytes: bool = True):
         "width": pa.int64(),
         "height": pa.int64(),
         "decoded_fraction": pa.float64(),
+        "jpeg_scans": pa.int64(),
         "out_bytes": pa.binary(),
         "out_image_id": pa.string(),
         **{c: pa.float64() for c in SCORE_COLUMNS},
@@ -412,6 +552,7 @@ def inspect_schema(with_out_bytes: bool = True):
         "phash": pa.int64(),
         "dhash": pa.int64(),
         "pixel_hash": pa.string(),
+        "thumb": pa.binary(),
     }
     names = ["image_id", *COLUMNS]
     if not with_out_bytes:
@@ -419,31 +560,31 @@ def inspect_schema(with_out_bytes: bool = True):
     return pa.schema([pa.field(n, types[n]) for n in names])
 
 
-def _hashers():
-    from carflow import imagehash  # another engineer's module; imported on first use
-
-    return imagehash
-
-
 def inspect_image(
-    data: bytes,
+    data: bytes | None,
     fix_cfg: FixSettings | None = None,
     quality_cfg: QualitySettings | None = None,
+    budget: DecodeBudget | None = None,
 ) -> dict[str, Any]:
-    """One decode → the clean stage's columns for one image.
+    """One decode → the clean stage's columns for one image (``data=None``: the
+    original is missing from storage, reason ``missing``).
 
     ``phash``/``dhash`` are stored as **signed int64** (the 64 hash bits reinterpreted;
     XOR/popcount distances are unchanged; :func:`to_int64`). ``pixel_hash`` is
     ``pixel_sha256`` of the small decode (equal for files whose coded pixels are
     identical but whose bytes differ, e.g. metadata-only edits). A quality check with
     action ``drop`` sets ``status='dropped'`` and ``reason`` to the check name; hashes
-    and scores are still filled in for such rows. Never raises on bad input (a missing
-    ``carflow.imagehash`` or an invalid config does raise)."""
+    and scores are still filled in for such rows. ``thumb`` (8×8 RGB, 192 bytes) lets
+    dedup confirm a near pair on colour and layout. Never raises on bad input (an invalid
+    config does raise)."""
     fix_cfg = as_settings(FixSettings, fix_cfg)
     quality_cfg = as_settings(QualitySettings, quality_cfg)
-    ih = _hashers()  # a missing hash module is a broken install, not a bad image: raise
-    res = fix_image(data, fix_cfg)
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    if data is None:  # the original is not in storage: not an empty file
+        row.update(status=DROPPED, reason=MISSING, error="original not found in storage", fix_actions=[],
+                   quality_flags=[])
+        return row
+    res = fix_image(data, fix_cfg, budget)
     row.update(
         status=res.status,
         reason=res.reason,
@@ -454,6 +595,7 @@ def inspect_image(
         width=res.width,
         height=res.height,
         decoded_fraction=res.decoded_fraction,
+        jpeg_scans=res.jpeg_scans,
         out_bytes=res.out_bytes,
         out_image_id=hashlib.sha256(res.out_bytes).hexdigest()
         if res.out_bytes is not None
@@ -470,9 +612,10 @@ def inspect_image(
             row[key] = scores[key]
         flags, drop = apply_quality(scores, quality_cfg)
         row["quality_flags"] = flags
-        row["phash"] = to_int64(ih.phash64(res.gray32))
-        row["dhash"] = to_int64(ih.dhash64(res.gray9x8))
-        row["pixel_hash"] = ih.pixel_sha256(res.small)
+        row["phash"] = to_int64(phash64(res.gray32))
+        row["dhash"] = to_int64(dhash64(res.gray9x8))
+        row["pixel_hash"] = pixel_sha256(res.small)
+        row["thumb"] = colour_thumb(res.small)
     except Exception as exc:  # noqa: BLE001
         row.update(
             status=DROPPED,
@@ -488,12 +631,13 @@ def inspect_image(
 
 
 def inspect_shard(
-    items: Iterable[tuple[str, bytes]],
+    items: Iterable[tuple[str, bytes | None]],
     fix_cfg: FixSettings | None = None,
     quality_cfg: QualitySettings | None = None,
     *,
     workers: int = 1,
     put_image: Callable[[bytes], str] | None = None,
+    budget: DecodeBudget | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`inspect_image` over ``(image_id, bytes)`` pairs → one dict per item, in
     input order, each starting with ``image_id``.
@@ -505,13 +649,19 @@ def inspect_shard(
     ``4 × workers`` images are in flight, so ``items`` may be a lazy generator. With ``put_image`` each
     re-encoded image is handed to it as soon as it is made (it returns the new
     image_id, which must equal ``out_image_id``) and ``out_bytes`` is dropped from the
-    row, so a shard's re-encoded bytes are never all held in memory."""
+    row, so a shard's re-encoded bytes are never all held in memory.
+
+    The full decodes in flight share one :class:`DecodeBudget` of
+    ``fix.decode_memory_mb`` (or ``budget``): four threads that each meet a 40 Mpx PNG
+    take turns instead of holding four decoded copies at once."""
     fix_cfg = as_settings(FixSettings, fix_cfg)
     quality_cfg = as_settings(QualitySettings, quality_cfg)
+    if budget is None:
+        budget = DecodeBudget(fix_cfg.decode_memory_mb << 20)
 
     def one(item: tuple[str, bytes]) -> dict[str, Any]:
         image_id, data = item
-        row = inspect_image(data, fix_cfg, quality_cfg)
+        row = inspect_image(data, fix_cfg, quality_cfg, budget)
         if put_image is not None and row["out_bytes"] is not None:
             stored = put_image(row["out_bytes"])
             if stored != row["out_image_id"]:
@@ -561,8 +711,10 @@ def shard_stats(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
 
 __all__ = [
     "COLUMNS",
+    "DecodeBudget",
     "FixResult",
     "FixSettings",
+    "MISSING",
     "REASONS",
     "SCORE_COLUMNS",
     "as_settings",

@@ -27,12 +27,16 @@ import pyarrow as pa
 from prefect import task
 
 from carflow.errors import UserError
+from carflow.imageio import IMAGE_FORMATS, sniff
 from carflow.labels import make_label, normalise_make, normalise_model, normalise_year
 from carflow.manifest import INGEST_SCHEMA, KEPT, REJECTS_SCHEMA, from_records
 from carflow.storage import LocalStorage, Storage, image_key, open_storage
 
 STAGE = "ingest"
 VERSION = "1"
+
+#: per-photo label fields of a folder import (a listing may sit in two class folders)
+_LABEL_FIELDS = ("make", "model", "year", "label", "make_raw", "model_raw")
 
 CONTENT_TYPES = {
     ".jpg": "image/jpeg",
@@ -134,6 +138,7 @@ def build_manifest(records: list[dict]) -> tuple[pa.Table, pa.Table, Counter]:
                 stats["same_photo_twice_in_listing"] += 1
                 continue
             seen.add(image_id)
+            own = "label" in img  # a folder import: this photo's own folder labels it
             rows.append(
                 {
                     "image_id": image_id,
@@ -141,12 +146,12 @@ def build_manifest(records: list[dict]) -> tuple[pa.Table, pa.Table, Counter]:
                     "site": site,
                     "url": img.get("url"),
                     "photo_index": index,
-                    "make": make,
-                    "model": model,
-                    "year": year,
-                    "label": label,
-                    "make_raw": rec.get("make_raw"),
-                    "model_raw": rec.get("model_raw"),
+                    "make": img.get("make") if own else make,
+                    "model": img.get("model") if own else model,
+                    "year": img.get("year") if own else year,
+                    "label": img.get("label") if own else label,
+                    "make_raw": img.get("make_raw") if own else rec.get("make_raw"),
+                    "model_raw": img.get("model_raw") if own else rec.get("model_raw"),
                     "raw_key": image_key(image_id),
                     "bytes": int(img.get("bytes") or 0),
                     "content_type": img.get("content_type"),
@@ -182,21 +187,33 @@ def check_folder_dataset(uri: str) -> Storage:
     return source
 
 
-def list_folder_dataset(source: Storage, extensions: list[str]) -> tuple[list[str], Counter]:
-    """Keys ``<class>/<file>`` of image files in a folder dataset (deeper or shallower
-    keys and other extensions are counted and skipped)."""
+def list_folder_dataset(source: Storage) -> tuple[list[str], Counter]:
+    """Keys ``<class>/<file>`` of a folder dataset, whatever their names (a photo named
+    ``.jfif`` or without an extension is still a photo: :func:`import_folder_shard`
+    decides from the content). Files outside a class folder are counted
+    (``skipped_not_in_class_folder``) and skipped."""
     keys, stats = [], Counter()
-    exts = {e.lower() for e in extensions}
     for key in source.list(""):
-        parts = key.split("/")
-        if len(parts) < 2:
+        if len(key.split("/")) < 2:
             stats["skipped_not_in_class_folder"] += 1
-            continue
-        if PurePosixPath(key).suffix.lower() not in exts:
-            stats["skipped_extension"] += 1
             continue
         keys.append(key)
     return keys, stats
+
+
+def is_photo(data: bytes, key: str, extensions: list[str]) -> str | None:
+    """The format of a folder-dataset file that is a photo, else None.
+
+    The content decides (:func:`carflow.imageio.sniff`): any image format is imported,
+    whatever the file is called. A file *named* like an image (``extensions``) is
+    imported even when its content is not one, so that the clean stage records it
+    (``not_image``, ``truncated``…) instead of it vanishing here; ``"unknown"`` then."""
+    fmt = sniff(data)
+    if fmt in IMAGE_FORMATS:
+        return fmt
+    if PurePosixPath(key).suffix.lower() in {e.lower() for e in extensions}:
+        return "unknown"
+    return None
 
 
 def parse_folder_key(key: str, site: str, listing_regex: str, label_regex: str) -> dict:
@@ -244,8 +261,20 @@ def import_folder_shard(
     listing_regex: str,
     label_regex: str,
     threads: int = 8,
+    extensions: list[str] | None = None,
 ) -> tuple[list[dict], Counter]:
-    """Store the photos of one shard content-addressed and return listing records."""
+    """Store the photos of one shard content-addressed and return listing records.
+
+    Photos are told from other files by content (:func:`is_photo`); the rest is counted
+    as ``skipped_not_image``. Every image entry carries its own folder's label fields,
+    so a listing id found under two class folders keeps both labels (counted as
+    ``label_conflict_listings`` and listed in the record's ``attributes.folders``); the
+    class stage settles it with the dedup conflict policy
+    (:func:`tasks.classes.resolve_label_conflicts` by listing)."""
+    if extensions is None:
+        from carflow.settings import IngestSettings
+
+        extensions = IngestSettings().image_extensions
     source = open_storage(source_uri)
     stats: Counter = Counter()
     now = datetime.now(timezone.utc).isoformat()
@@ -259,6 +288,9 @@ def import_folder_shard(
         if not data:
             return key, {"url": source.uri(key), "image_id": None, "status": "rejected", "reason": "empty",
                          "bytes": 0}
+        fmt = is_photo(data, key, extensions)
+        if fmt is None:
+            return key, None
         image_id = dest.put_image(data)
         return key, {
             "url": source.uri(key),
@@ -266,14 +298,19 @@ def import_folder_shard(
             "status": "stored",
             "reason": None,
             "bytes": len(data),
-            "content_type": CONTENT_TYPES.get(PurePosixPath(key).suffix.lower(), "application/octet-stream"),
+            "content_type": CONTENT_TYPES.get(f".{fmt}", f"image/{fmt}" if fmt != "unknown" else "application/octet-stream"),
         }
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         loaded = dict(pool.map(load, keys))
 
     by_listing: dict[str, dict] = {}
+    folders: dict[str, set[str]] = {}
     for key in keys:
+        img = loaded[key]
+        if img is None:
+            stats["skipped_not_image"] += 1
+            continue
         info = parse_folder_key(key, site, listing_regex, label_regex)
         for p in info["problems"]:
             stats[p] += 1
@@ -300,12 +337,17 @@ def import_folder_shard(
                 "_order": [],
             },
         )
-        img = loaded[key]
+        img.update({f: info[f] for f in _LABEL_FIELDS})  # this photo's own folder
+        folders.setdefault(info["listing_id"], set()).add(info["folder"])
         rec["images"].append(img)
         rec["_order"].append(info["photo"] if info["photo"] is not None else 10**6 + len(rec["_order"]))
         stats["stored" if img["image_id"] else f"rejected:{img['reason']}"] += 1
     records = []
     for rec in by_listing.values():
+        seen = sorted(folders[rec["listing_id"]])
+        if len({img["label"] for img in rec["images"]}) > 1:
+            stats["label_conflict_listings"] += 1
+            rec["attributes"] = {"folder": rec["attributes"]["folder"], "folders": seen, "label_conflict": True}
         order = rec.pop("_order")
         rec["images"] = [img for _, img in sorted(zip(order, rec["images"]), key=lambda t: (t[0], t[1]["url"]))]
         rec["image_urls"] = [img["url"] for img in rec["images"]]
@@ -330,7 +372,14 @@ def read_listing_feeds_task(storage_uri: str | None, sites: list[str] | None) ->
 
 @task(name="import-folder-shard", retries=2, retry_delay_seconds=5)
 def import_folder_shard_task(
-    source_uri: str, keys: list[str], storage_uri: str | None, site: str, listing_regex: str, label_regex: str
+    source_uri: str,
+    keys: list[str],
+    storage_uri: str | None,
+    site: str,
+    listing_regex: str,
+    label_regex: str,
+    extensions: list[str] | None = None,
 ) -> tuple[list[dict], dict]:
-    records, stats = import_folder_shard(source_uri, keys, open_storage(storage_uri), site, listing_regex, label_regex)
+    records, stats = import_folder_shard(source_uri, keys, open_storage(storage_uri), site, listing_regex, label_regex,
+                                         extensions=extensions)
     return records, dict(stats)

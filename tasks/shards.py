@@ -7,7 +7,9 @@ tail shard and the new shards get new cache keys.
 
 :func:`run_shards` submits one cached Prefect task per shard. Each shard task writes its
 rows to storage and returns ``{"key": ...}``; a cached result whose file has since been
-deleted from storage is run again (``refresh_cache``) instead of failing the flow.
+deleted from storage is run again (``refresh_cache``) instead of failing the flow, and so
+is a cached result marked ``incomplete`` (an input was missing: a transient miss is not
+kept forever).
 """
 
 from __future__ import annotations
@@ -56,7 +58,12 @@ def run_shards(
     wait_with_progress(futures, [len(ids) for ids in shards], getattr(task, "name", "shards"))
     results = [f.result() for f in futures]
     for i, ids in enumerate(shards):
-        if not store.exists(results[i]["key"]):
+        if results[i].get("incomplete") and futures[i].state.name == "Cached":
+            log.warning("shard %d: cached result %s had %s missing input(s); recomputing", i, results[i]["key"],
+                        results[i]["incomplete"])
+            futures[i] = task.with_options(refresh_cache=True).submit(**arguments(ids))
+            results[i] = futures[i].result()
+        elif not store.exists(results[i]["key"]):
             log.warning("shard %d: cached result %s is missing from storage; recomputing", i, results[i]["key"])
             futures[i] = task.with_options(refresh_cache=True).submit(**arguments(ids))
             results[i] = futures[i].result()

@@ -30,7 +30,7 @@ def _rows(spec: list[tuple[str, str, int | None, int]], start: int = 0) -> pd.Da
             rows.append(
                 {
                     "image_id": f"img{i:06d}",
-                    "listing_id": f"demo:{i // 4:05d}-{make}-{model}",
+                    "listing_id": f"demo:{i // 4:05d}-{make}-{model}-{year}",  # one year per listing
                     "make": make,
                     "model": model,
                     "year": year,
@@ -156,3 +156,33 @@ def test_classes_json_is_versioned_by_content(tmp_path):
     assert uri.endswith(classes_key(doc["version"]))
     saved = json.loads(store.get(classes_key(doc["version"])))
     assert saved["classes"] == ["audi_a4", "bmw_x5"] and saved["counts"] == {"audi_a4": 3, "bmw_x5": 3}
+
+
+def test_a_listing_in_two_class_folders_is_settled_by_the_conflict_policy():
+    """A folder import gives each photo its own folder's label; one listing under two
+    folders is a label conflict, settled like dedup's (majority; a tie drops)."""
+    def row(listing, image, make, model, year):
+        return {"listing_id": listing, "image_id": image, "make": make, "model": model, "year": year,
+                "label": f"{make}_{model}_{year}", "status": "kept", "reason": None,
+                "dup_cluster": image, "label_conflict": False}
+
+    df = pd.DataFrame([
+        row("seed:L1", "a", "ford", "ranger", 2017),  # 2017 + 2018: one class once years merge
+        row("seed:L1", "b", "ford", "ranger", 2018),
+        row("seed:L2", "c", "ford", "ranger", 2017),  # 2 × ranger, 1 × x5: the majority wins
+        row("seed:L2", "d", "ford", "ranger", 2017),
+        row("seed:L2", "e", "bmw", "x5", 2017),
+        row("seed:L3", "f", "ford", "ranger", 2017),  # a tie: dropped
+        row("seed:L3", "g", "bmw", "x5", 2017),
+    ])
+    out, info = assign_classes(df, ClassesSettings(min_images=1))
+    by = out.set_index("image_id")
+    assert list(by.loc[["a", "b"], "class_label"]) == ["ford_ranger", "ford_ranger"]
+    assert (by.loc[["a", "b"], "status"] == "kept").all()
+    assert list(by.loc[["c", "d", "e"], "class_label"]) == ["ford_ranger"] * 3
+    assert (by.loc[["c", "d", "e"], "status"] == "kept").all()
+    assert list(by.loc[["f", "g"], "reason"]) == ["label_conflict", "label_conflict"]
+    assert info["listing_conflicts"]["conflict_clusters"] == 2
+    assert info["dropped"]["label_conflict"] == 2
+    dropped, _ = assign_classes(df, ClassesSettings(min_images=1, conflict_policy="drop"))
+    assert set(dropped.loc[dropped["reason"] == "label_conflict", "image_id"]) == set("cdefg")

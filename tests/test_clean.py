@@ -7,6 +7,7 @@ import io
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
@@ -191,6 +192,56 @@ def test_a_shard_of_only_broken_files_completes(tmp_path, prefect_server):
     assert set(summary["dropped_by_reason"]) <= {"empty", "not_image", "truncated", "decode_error", "unsupported_format"}
 
 
+def _ingest_rows(store, blobs: list[bytes], stored: list[bool]) -> list[dict]:
+    import hashlib
+
+    rows = []
+    for i, (data, keep) in enumerate(zip(blobs, stored, strict=True)):
+        image_id = store.put_image(data) if keep else hashlib.sha256(data).hexdigest()
+        rows.append({"image_id": image_id, "listing_id": f"x:{i}", "site": "x", "url": None, "photo_index": 0,
+                     "make": None, "model": None, "year": None, "label": None, "make_raw": None, "model_raw": None,
+                     "raw_key": f"raw/{image_id[:2]}/{image_id}", "bytes": len(data), "content_type": None,
+                     "source": "folders", "crawl_id": None, "first_seen": i, "status": "kept", "reason": None})
+    write_manifest(store, manifest_key("ingest"), from_records(rows, INGEST_SCHEMA), INGEST_SCHEMA)
+    return rows
+
+
+def test_a_missing_original_is_missing_and_retried(tmp_path, prefect_server):
+    """An original that storage does not have (yet) is `missing`, not `empty`, and the
+    shard is not cached as done: once the object is there, the next run keeps it."""
+    from flows.clean import clean
+
+    store = open_storage(str(tmp_path))
+    blobs = []
+    rng = np.random.default_rng(0)
+    for _ in range(3):  # three different photos (noise: no two are near duplicates)
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+        blobs.append(buf.getvalue())
+    rows = _ingest_rows(store, blobs, [True, False, True])
+    first = clean(storage=str(tmp_path))
+    df = to_pandas(pq_read(store, manifest_key("clean")))
+    reasons = dict(zip(df["image_id"], df["reason"], strict=True))
+    assert reasons[rows[1]["image_id"]] == "missing"
+    assert first["dropped_by_reason"].get("empty") is None
+    assert not [k for k in store.list("work/inspect/") if k.endswith(".parquet") and ".partial" not in k]
+
+    assert store.put_image(blobs[1]) == rows[1]["image_id"]  # the object arrives
+    again = clean(storage=str(tmp_path))
+    df = to_pandas(pq_read(store, manifest_key("clean")))
+    status = dict(zip(df["source_id"], df["status"], strict=True))
+    assert status[rows[1]["image_id"]] == "kept"
+    assert "missing" not in again["dropped_by_reason"]
+    third = clean(storage=str(tmp_path))  # now complete: served from the cache
+    assert third["cached_shards"] == 1
+
+
+def pq_read(store, key):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO(store.get(key)))
+
+
 def test_settings_reach_the_stage(monkeypatch):
     monkeypatch.setenv("CARFLOW_DEDUP__HAMMING_RADIUS", "4")
     monkeypatch.setenv("CARFLOW_QUALITY__DARK_ACTION", "drop")
@@ -240,9 +291,25 @@ def test_dedup_on_the_full_demo_site(tmp_path):
             rows.append({"image_id": sha, "source_id": sha, "listing_id": listing["listing_id"],
                          "label": listing["label"], "first_seen": n * 10 + k, "status": r["status"],
                          "reason": r["reason"], "width": r["width"], "height": r["height"],
-                         "phash": r["phash"], "dhash": r["dhash"], "pixel_hash": r["pixel_hash"]})
+                         "phash": r["phash"], "dhash": r["dhash"], "pixel_hash": r["pixel_hash"],
+                         "thumb": r["thumb"]})
     df = pd.DataFrame(rows).astype({"phash": "Int64", "dhash": "Int64"})
     out = dedup_manifest(df, DedupSettings())
+    # studio pairs (two different cars, one pose, white background) stay apart; the grey
+    # hashes alone merge at least one of them (the trap is real)
+    studio: dict[int, list[str]] = defaultdict(list)
+    for lst in gt["listings"]:
+        for photo in lst["photos"]:
+            if photo["problem"] == "studio":
+                studio[photo["studio_pair"]].append(photo["sha256"])
+    assert len(studio) == 2 and all(len(v) == 2 for v in studio.values())
+
+    def merged_pairs(result: pd.DataFrame) -> int:
+        cl = dict(zip(result["source_id"], result["dup_cluster"], strict=True))
+        return sum(cl[a] == cl[b] for a, b in studio.values())
+
+    assert merged_pairs(out) == 0
+    assert merged_pairs(dedup_manifest(df, DedupSettings(confirm_thumb=False))) >= 1
     photo_of = {p["sha256"]: p for lst in gt["listings"] for p in lst["photos"] if p["sha256"]}
     clustered = out[out["dup_cluster"].notna()]
     cluster_of = dict(zip(clustered["source_id"], clustered["dup_cluster"]))

@@ -100,11 +100,22 @@ def test_planted_leak_fails_check_and_flow(first_run, cleaned, monkeypatch):
         return out, asg, info
 
     store = open_storage(cleaned)
-    before = store.get("datasets/assignments.parquet")
+
+    def snapshot() -> dict[str, bytes]:
+        keys = [*store.list("datasets/"), *store.list(manifest_key("dataset").rsplit("/", 1)[0] + "/")]
+        return {k: store.get(k) for k in keys}
+
+    before = snapshot()
+    latest = json.loads(before["datasets/latest.json"])
+    assert {"datasets/assignments.parquet", manifest_key("dataset"), latest["classes"]} <= set(before)
     monkeypatch.setattr(mod, "assign_splits_task", leaky)
+    # min_images=1 gives other classes than the first run: a write would show in classes.json
     with pytest.raises(LeakageError):
         mod.dataset(storage=cleaned, min_images=1, run="leaky")
-    assert store.get("datasets/assignments.parquet") == before  # nothing persisted
+    after = snapshot()
+    assert set(after) == set(before)  # no new classes.json version, no new file
+    for key in before:  # assignments, the dataset manifest, classes.json, latest.json
+        assert after[key] == before[key], f"{key} changed although the flow failed"
 
 
 def test_second_run_keeps_assignments_and_exports(first_run, cleaned, s3_uri):

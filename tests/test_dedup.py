@@ -549,3 +549,27 @@ def test_result_does_not_depend_on_row_order(seed):
     b = b.sort_values("listing_id")
     cols = ["image_id", "status", "reason", "dup_cluster", "dup_of", "is_representative", "label_conflict"]
     pd.testing.assert_frame_equal(a[cols].reset_index(drop=True), b[cols].reset_index(drop=True))
+
+
+def test_hash_pairs_are_confirmed_by_the_colour_thumbnail():
+    """Equal pHash/dHash (grey silhouettes) but a different colour thumbnail: two cars,
+    not a duplicate. The same thumbnail (or none, an older manifest) still merges."""
+    from PIL import Image
+
+    from carflow.imagehash import colour_thumb
+
+    def thumb(colour):
+        im = Image.new("RGB", (64, 48), (255, 255, 255))
+        im.paste(colour, (8, 20, 56, 40))  # the car: a tenth of the frame and more
+        return colour_thumb(im)
+
+    blue, silver = thumb((26, 72, 172)), thumb((182, 184, 190))
+    rows = [row("a", "L1", thumb=blue, label="bmw_3-series"), row("b", "L2", thumb=silver, label="audi_a4"),
+            row("c", "L3", thumb=blue, label="bmw_3-series")]
+    out = dedup_manifest(frame(rows))
+    cluster = dict(zip(out["image_id"], out["dup_cluster"], strict=True))
+    assert cluster["a"] == cluster["c"] != cluster["b"]
+    assert not out["label_conflict"].any()
+    assert dedup_manifest(frame(rows), {"confirm_thumb": False})["dup_cluster"].nunique() == 1
+    no_thumbs = frame([{**r, "thumb": None} for r in rows])
+    assert dedup_manifest(no_thumbs)["dup_cluster"].nunique() == 1

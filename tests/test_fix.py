@@ -5,32 +5,37 @@ All inputs are generated here; nothing touches the network or the disk outside t
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
-import resource
+import json
 import struct
+import subprocess
 import sys
-import time
-import types
+import threading
+import tracemalloc
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
 from carflow.imageio import (
+    NOT_IMAGE_FORMATS,
     ImageTooLarge,
     decode_small,
     decoded_rows,
     has_jpeg_eoi,
+    image_decoded_rows,
+    jpeg_scans,
     open_checked,
     sniff,
 )
 from tasks.fix import (
     COLUMNS,
     REASONS,
+    DecodeBudget,
     FixSettings,
     fix_image,
     inspect_image,
@@ -41,31 +46,11 @@ from tasks.fix import (
 )
 from tasks.quality import QualitySettings
 
+ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------
-def _fallback_imagehash() -> types.ModuleType:
-    """Stand-in for carflow/imagehash.py (same names) when that module is not there."""
-    mod = types.ModuleType("carflow.imagehash")
-
-    def _bits(a: np.ndarray) -> int:
-        return int("".join("1" if b else "0" for b in a.ravel()), 2)
-
-    mod.phash64 = lambda g: _bits(
-        np.asarray(g, float)[:8, :8] > np.median(np.asarray(g, float)[:8, :8])
-    )
-    mod.dhash64 = lambda g: _bits(np.diff(np.asarray(g, int), axis=1) > 0)
-    mod.pixel_sha256 = lambda img: hashlib.sha256(img.tobytes()).hexdigest()
-    return mod
-
-
-@pytest.fixture(autouse=True)
-def _imagehash(monkeypatch):
-    if importlib.util.find_spec("carflow.imagehash") is None:
-        monkeypatch.setitem(sys.modules, "carflow.imagehash", _fallback_imagehash())
-
-
 def photo(w: int = 320, h: int = 240, seed: int = 0) -> Image.Image:
     """A colourful, noisy, non-grey test photo."""
     rng = np.random.default_rng(seed)
@@ -188,10 +173,35 @@ def test_decoded_rows_finds_fill_and_partial_mcu_row():
 # ---------------------------------------------------------------------------------------
 # drop reasons
 # ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("data", [b"", b"\xff\xd8\xff\xe0" + b"\x00" * 40])
-def test_empty(data):
-    res = fix_image(data)
+def test_empty_means_zero_bytes():
+    res = fix_image(b"")
     assert (res.status, res.reason, res.out_bytes) == ("dropped", "empty", None)
+
+
+def test_tiny_files_are_judged_by_their_content():
+    one_px = encode(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG")
+    assert len(one_px) < 100  # under min_bytes, but a valid image
+    assert fix_image(one_px).reason == "too_small"
+    # a JPEG that ends inside its header
+    assert fix_image(b"\xff\xd8\xff\xe0" + b"\x00" * 40).reason == "truncated"
+
+
+def test_truncated_file_read_is_truncated():
+    """Pillow's "Truncated File Read" (a PNG cut inside a chunk before its pixels)."""
+    data = encode(photo(), "PNG", pnginfo=_text_chunk("Comment", "x" * 5000))
+    cut = data[: data.index(b"tEXt") + 2000]
+    with pytest.raises(OSError, match="Truncated File Read"):
+        Image.open(io.BytesIO(cut)).load()
+    res = fix_image(cut)
+    assert (res.status, res.reason) == ("dropped", "truncated"), res.error
+
+
+def _text_chunk(key: str, value: str):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(key, value)
+    return info
 
 
 @pytest.mark.parametrize(
@@ -235,16 +245,42 @@ def test_allowed_formats_setting_is_validated():
         FixSettings(max_pixels=0)
 
 
+_PEAK_RSS = """
+import json, struct, zlib
+from tasks.fix import fix_image
+{helpers}
+
+
+def hwm():  # this process's own peak RSS (ru_maxrss keeps the parent's high-water mark across exec)
+    return int(next(x for x in open("/proc/self/status") if x.startswith("VmHWM:")).split()[1])
+
+
+fix_image(bomb_png(64, 64))  # warm up: imports, Pillow plugins
+before = hwm()
+reasons = [fix_image(bomb_png(*size)).reason for size in ((30000, 30000), (8000, 6000))]
+after = hwm()
+print(json.dumps({"reasons": reasons, "grew_kib": after - before, "before_kib": before}))
+"""
+
+
 def test_too_large_from_header_without_allocating():
-    data = bomb_png(30000, 30000)  # 2.7 GB of RGB if it were ever allocated
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
-    res = fix_image(data)
-    assert time.perf_counter() - t0 < 0.5
-    assert (res.status, res.reason) == ("dropped", "too_large")
+    """Measured in a fresh process (its own VmHWM): this test process's high-water mark
+    is already far above what a decoded bomb would need, so ru_maxrss here could not
+    move (and a child's ru_maxrss starts from the parent's)."""
+    import inspect
+
+    helpers = inspect.getsource(png_chunk) + inspect.getsource(bomb_png)
+    script = _PEAK_RSS.replace("{helpers}", helpers)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["reasons"] == ["too_large", "too_large"]
+    assert out["before_kib"] < 1_000_000  # the fresh process is small, so growth would show
+    assert out["grew_kib"] < 50_000  # a decode would add ≥ 144 MB (8000×6000 RGB)
     res = fix_image(bomb_png(8000, 6000))  # over our 40 MP, under Pillow's own limit
     assert (res.reason, res.src_width, res.src_height) == ("too_large", 8000, 6000)
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 200_000  # KiB
     assert fix_image(jpeg(), FixSettings(max_pixels=1000)).reason == "too_large"
 
 
@@ -325,8 +361,6 @@ def test_small_decode_is_bounded_for_big_photos():
 def test_hash_inputs_match_imagehash_gray_for_hash():
     from carflow import imagehash
 
-    if not hasattr(imagehash, "gray_for_hash"):
-        pytest.skip("carflow.imagehash has no gray_for_hash")
     res = fix_image(jpeg(photo(640, 480)))
     g32, g9x8 = imagehash.gray_for_hash(res.small)
     assert np.array_equal(g32, res.gray32) and np.array_equal(g9x8, res.gray9x8)
@@ -449,12 +483,29 @@ _SEED_JPEG = jpeg(photo(96, 80))
 _SEED_PNG = encode(photo(96, 80).convert("RGBA"), "PNG")
 
 
+def _pillow_reads(data: bytes) -> bool:
+    """Plain Pillow decodes the first frame without an error."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=2048))
+@example(b"")
+@example(b"<html><body>gone</body></html>")
 def test_random_bytes_never_raise(data):
     res = fix_image(data)
     assert res.status in ("kept", "dropped")
-    assert res.status == "kept" or res.reason is not None
+    if not data:
+        assert res.reason == "empty"
+    elif sniff(data) in NOT_IMAGE_FORMATS or (sniff(data) is None and not _pillow_reads(data)):
+        assert res.reason == "not_image", (res.reason, res.error)
+    else:
+        assert res.status == "kept" or res.reason is not None
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -463,7 +514,13 @@ def test_random_bytes_never_raise(data):
     st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=12),
     st.integers(0, 10_000),
 )
+@example(_SEED_JPEG, [(0, 0xFF)], 10_000)  # unchanged
+@example(_SEED_PNG, [(0, 0x89)], 10_000)  # unchanged
+@example(_SEED_PNG, [(0, 0x89)], len(_SEED_PNG) // 2)  # cut in the pixels
+@example(_SEED_JPEG, [(len(_SEED_JPEG) - 300, 0x55)], 10_000)  # a flipped byte in the scan
 def test_corrupted_images_never_raise(seed, edits, cut):
+    """Each reason must be the right one, not just any: a fixer that dropped every image
+    as ``decode_error`` fails here."""
     data = bytearray(seed)
     for pos, value in edits:
         data[pos % len(data)] = value
@@ -471,11 +528,19 @@ def test_corrupted_images_never_raise(seed, edits, cut):
     res = fix_image(data)
     row = inspect_image(data)
     assert res.status in ("kept", "dropped") and row["status"] in ("kept", "dropped")
+    assert (row["status"], row["reason"]) == (res.status, res.reason)
     if res.status == "dropped":
         assert res.reason in REASONS
         assert res.out_bytes is None
+        if res.reason == "decode_error":  # only what Pillow cannot read either
+            assert not _pillow_reads(data), res.error
+        if res.reason == "truncated":  # only what really ends early
+            assert len(data) < len(seed) or not _pillow_reads(data) or seed is _SEED_JPEG, res.error
     else:
         assert res.small is not None
+        assert res.out_bytes is not None or data.endswith(b"\xff\xd9")
+    if data == seed:
+        assert res.status == "kept"
 
 
 def test_decode_error_has_a_message():
@@ -595,3 +660,157 @@ def test_inspect_shard_accepts_other_settings_objects():
     assert rows[0]["reason"] == "too_small"
     with pytest.raises(ValueError):
         inspect_shard([("x", jpeg())], {"no_such_setting": 1})
+
+
+# ---------------------------------------------------------------------------------------
+# odd files from the wild
+# ---------------------------------------------------------------------------------------
+def test_truncated_jpeg_with_eoi_appended_is_cropped():
+    """A file cut short whose uploader appended FF D9 decodes without an error; the grey
+    fill is what gives it away."""
+    data = jpeg(photo(320, 240, seed=5))
+    cut = data[: int(len(data) * 0.95)] + b"\xff\xd9"
+    assert has_jpeg_eoi(cut) and _pillow_reads(cut)
+    res = fix_image(cut)
+    assert "reencode_truncated" in res.actions
+    assert 0.85 <= res.decoded_fraction < 1.0
+    out = assert_rgb_jpeg(res)
+    assert res.height == round(res.decoded_fraction * 240) and _grey_band_rows(out) == 0
+    half = fix_image(data[: len(data) // 2] + b"\xff\xd9")  # 54% grey fill: not kept whole
+    assert (half.reason, half.status) == ("truncated", "dropped")
+    assert 0.3 < half.decoded_fraction < 0.7
+
+
+def test_grey_fill_check_leaves_real_grey_alone():
+    """An image whose bottom is mid-grey but not libjpeg's exact fill is kept as is."""
+    im = photo(320, 240, seed=6)
+    arr = np.asarray(im).copy()
+    arr[200:] = 128
+    arr[200:, ::7] = 131  # a real grey band still has detail
+    res = fix_image(jpeg(Image.fromarray(arr)))
+    assert (res.status, res.out_bytes, res.decoded_fraction) == ("kept", None, 1.0)
+
+
+def test_image_decoded_rows_matches_decoded_rows():
+    arr = np.full((300, 64, 3), 9, np.uint8)
+    arr[250:] = 128
+    arr[240:250, 40:] = 128
+    im = Image.fromarray(arr)
+    assert image_decoded_rows(im, band_pixels=64 * 16) == decoded_rows(arr) == 240
+    assert image_decoded_rows(Image.fromarray(np.full((40, 64, 3), 128, np.uint8))) == 0
+    assert image_decoded_rows(photo()) == 240
+
+
+def test_progressive_jpeg_cut_short_records_what_is_known():
+    data = jpeg(photo(320, 240, seed=7), progressive=True)
+    total = jpeg_scans(data)
+    assert total >= 6
+    # cut after the 4th scan starts: every row has its DC scan, details are missing
+    sos = [i for i in range(len(data) - 1) if data[i : i + 2] == b"\xff\xda"]
+    cut = data[: sos[3] + 40]
+    res = fix_image(cut)
+    assert res.status == "kept" and "reencode_truncated" in res.actions
+    assert res.decoded_fraction is None  # not 1.0: how much is missing is not known
+    assert res.jpeg_scans == 4
+    row = inspect_image(cut)
+    assert row["decoded_fraction"] is None and row["jpeg_scans"] == 4
+    assert fix_image(data).jpeg_scans is None  # a whole file: nothing to record
+
+
+def test_jpeg_scans_skips_the_exif_thumbnail():
+    thumb = jpeg(photo(32, 24))
+    payload = b"Exif\x00\x00" + thumb
+    data = jpeg()
+    with_app1 = data[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + data[2:]
+    assert jpeg_scans(with_app1) == 1
+    assert jpeg_scans(jpeg(progressive=True)) >= 6
+
+
+def test_rgb_colour_key_transparency_on_white():
+    arr = np.asarray(photo()).copy()
+    arr[:96, :96] = (0, 255, 0)  # the colour key: bright green
+    data = encode(Image.fromarray(arr), "PNG", transparency=(0, 255, 0))
+    assert Image.open(io.BytesIO(data)).mode == "RGB"
+    res = fix_image(data)
+    assert "alpha_on_white" in res.actions
+    out = np.asarray(assert_rgb_jpeg(res)).astype(int)
+    assert (out[8:88, 8:88] >= 245).all()  # white, not green
+    assert out[150:, 150:].mean() < 230
+
+
+def test_16_bit_grey_colour_key_on_white():
+    arr = np.tile(np.linspace(0, 40000, 256), (128, 1)).astype(np.uint16)
+    arr[:, :64] = 0  # black, and transparent through the tRNS key
+    data = encode(Image.fromarray(arr), "PNG", transparency=0)
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    res = fix_image(data)
+    assert "alpha_on_white" in res.actions
+    out = np.asarray(assert_rgb_jpeg(res)).astype(int)
+    assert (out[:, 4:56] >= 245).all()  # white, not black
+    assert 70 < out[:, 128:192].mean() < 125  # the rest scaled as before (20k–30k → 78–117)
+
+
+def test_16_bit_grey_conversion_makes_no_float_copies():
+    """numpy reports its allocations to tracemalloc: converting a 2 Mpx 16-bit PNG must
+    not allocate float64 copies of it (16 MB each); the 8-bit output is 2 MB."""
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 65535, (1000, 2000), dtype=np.uint16)
+    im = Image.open(io.BytesIO(encode(Image.fromarray(arr), "PNG")))
+    im.load()
+    from tasks.fix import _to_rgb
+
+    tracemalloc.start()
+    try:
+        out = _to_rgb(im, [])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 6 * 2**20, f"{peak / 2**20:.1f} MiB traced"
+    want = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
+    assert np.array_equal(np.asarray(out)[:, :, 0], want)  # same values as the float formula
+
+
+def test_mpo_becomes_a_plain_jpeg():
+    left = photo(320, 240, seed=8)
+    right = left.transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # the other eye, say
+    buf = io.BytesIO()
+    left.save(buf, "MPO", save_all=True, append_images=[right])
+    data = buf.getvalue()
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    res = fix_image(data)
+    assert "mpo_to_jpeg" in res.actions
+    out = assert_rgb_jpeg(res)
+    stored = Image.open(io.BytesIO(res.out_bytes))
+    assert stored.format == "JPEG" and getattr(stored, "n_frames", 1) == 1
+    assert data.count(b"\xff\xd8") == 2 and res.out_bytes.count(b"\xff\xd8") == 1  # one image
+    got = np.asarray(out.reduce(8)).astype(int)  # block means: JPEG noise averages out
+    to_left = np.abs(got - np.asarray(left.reduce(8)).astype(int)).mean()
+    to_right = np.abs(got - np.asarray(right.reduce(8)).astype(int)).mean()
+    assert to_left < 6 < to_right  # the first image
+
+
+def test_decode_budget_bounds_concurrent_decodes():
+    """Four threads over 1 Mpx PNGs with a budget of about two images: never more is
+    held, everything still completes (an image over the whole budget runs alone)."""
+    datas = [encode(photo(1000, 1000, seed=i), "PNG") for i in range(6)]
+    per_image = 1000 * 1000 * 8  # decode_cost of an RGB PNG: source + RGB output
+    budget = DecodeBudget(2 * per_image + 1)
+    seen = []
+    orig_hold = budget.hold
+
+    def spy(cost):
+        seen.append(threading.current_thread().name)
+        return orig_hold(cost)
+
+    budget.hold = spy
+    rows = inspect_shard([(str(i), d) for i, d in enumerate(datas)], workers=4, budget=budget)
+    assert [r["status"] for r in rows] == ["kept"] * 6
+    assert len(set(seen)) > 1  # the threads really ran concurrently through the budget
+    assert per_image <= budget.peak <= budget.limit
+    assert budget.held == 0
+    small = DecodeBudget(per_image // 2)  # smaller than one image: each runs alone
+    assert [r["status"] for r in inspect_shard([("a", datas[0]), ("b", datas[1])], workers=2, budget=small)] == [
+        "kept",
+        "kept",
+    ]
+    assert small.peak == small.limit

@@ -108,6 +108,11 @@ def _make_folder_dataset(store) -> dict[str, bytes]:
         "vw_golf_2016/L3_0_ddd.jpg": _jpeg(1),  # same bytes as L1_0 in another listing
         "vw_golf_2016/L3_1_eee.jpg": b"",  # 0-byte file
         "vw_golf_2016/notes.txt": b"not a photo",
+        "vw_golf_2016/L4_0_fff.jfif": _jpeg(4),  # a JPEG by content, whatever its name
+        "vw_golf_2016/L4_1_ggg": _jpeg(5),  # no extension
+        "vw_golf_2016/L5_0_hhh.jpg": b"<html>gone</html>",  # named .jpg: kept for clean to judge
+        "ford_ranger_2018/L1_2_iii.jpg": _jpeg(6),  # listing L1 again, in another class folder
+        "README.md": b"# my dataset",  # not in a class folder
     }
     for key, data in files.items():
         store.put(key, data)
@@ -128,12 +133,17 @@ def test_folder_import_flow_local_and_s3(storage_uri, tmp_path, prefect_server):
     assert got == sorted([
         ("seed:L1", _sha(files["ford_ranger_2017/L1_0_aaa.jpg"]), "ford_ranger_2017", 0),
         ("seed:L1", _sha(files["ford_ranger_2017/L1_1_bbb.jpg"]), "ford_ranger_2017", 1),
+        ("seed:L1", _sha(files["ford_ranger_2018/L1_2_iii.jpg"]), "ford_ranger_2018", 2),  # its own folder
         ("seed:L2", _sha(files["ford_ranger_2017/L2_0_ccc.jpg"]), "ford_ranger_2017", 0),
         ("seed:L3", _sha(files["vw_golf_2016/L3_0_ddd.jpg"]), "volkswagen_golf_2016", 0),
+        ("seed:L4", _sha(files["vw_golf_2016/L4_0_fff.jfif"]), "volkswagen_golf_2016", 0),
+        ("seed:L4", _sha(files["vw_golf_2016/L4_1_ggg"]), "volkswagen_golf_2016", 1),
+        ("seed:L5", _sha(files["vw_golf_2016/L5_0_hhh.jpg"]), "volkswagen_golf_2016", 0),
     ])
-    assert summary["images"] == 3 and summary["listings"] == 3
+    assert summary["images"] == 7 and summary["listings"] == 5
     assert summary["rejected_by_reason"] == {"empty": 1}
-    assert summary["stats"]["skipped_extension"] == 1
+    assert summary["skipped"] == {"skipped_not_image": 1, "skipped_not_in_class_folder": 1}
+    assert summary["label_conflict_listings"] == 1
     for image_id in {r["image_id"] for r in manifest}:
         assert _sha(dest.get_image(image_id)) == image_id
     raw_before = list(dest.list("raw/"))
@@ -156,5 +166,26 @@ def test_cli_ingest_folders(tmp_path, prefect_server):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout[proc.stdout.index("{"):])
-    assert out["images"] == len({_sha(b) for b in files.values() if b and b != b"not a photo"})
+    assert out["images"] == len({_sha(b) for k, b in files.items() if b and "/" in k and not k.endswith(".txt")})
+    # every skip is printed (through the flow's log), not only the photos imported
+    printed = proc.stdout + proc.stderr
+    assert "1 skipped (not_image)" in printed and "1 skipped (not_in_class_folder)" in printed
+    assert "1 listing(s) found in two class folders" in printed
     assert Path(out["manifest"].removeprefix("file://")).is_file()
+
+
+def test_entry_points_start_no_telemetry(tmp_path):
+    """A flow entry point imports `flows` before Prefect, so the temporary server it
+    starts has the telemetry heartbeat off (it raced the fresh SQLite database:
+    "database is locked")."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_SERVER_ANALYTICS")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    code = (
+        "import flows.ingest\n"
+        "from prefect.settings import get_current_settings\n"
+        "print(get_current_settings().server.analytics_enabled)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "False"

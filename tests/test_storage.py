@@ -99,9 +99,87 @@ def test_open_storage_specs(tmp_path, moto_server):
         open_storage("gs://nope/x")
 
 
-def test_s3_uses_adaptive_retries(s3_uri):
-    store = open_storage(s3_uri)
-    cfg = store.client.meta.config
-    assert cfg.retries["mode"] == "adaptive"
-    # botocore normalises max_attempts (retries) into total_max_attempts (first try + retries)
-    assert cfg.retries.get("max_attempts", cfg.retries.get("total_max_attempts", 0) - 1) == 10
+class _FlakyProxy:
+    """An HTTP proxy in front of the moto server that answers the next ``fail`` requests
+    with S3's 503 SlowDown, then forwards everything: S3's real throttling, on the wire."""
+
+    def __init__(self, upstream: str):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        self.fail = 0
+        self.requests: list[tuple[str, int]] = []  # (method, status)
+        target = urlsplit(upstream)
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *_a):
+                pass
+
+            def _handle(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy.fail > 0:
+                    proxy.fail -= 1
+                    proxy.requests.append((self.command, 503))
+                    payload = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                resp = conn.getresponse()
+                data = resp.read()
+                proxy.requests.append((self.command, resp.status))
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_s3_retries_throttling_on_the_wire(s3_uri, moto_server):
+    """Real retry behaviour: S3 answers 503 SlowDown twice, the put and the get still
+    succeed (botocore retried them, as configured), and with one attempt allowed the
+    same throttle is an error."""
+    from botocore.exceptions import ClientError
+
+    bucket, _, prefix = s3_uri.removeprefix("s3://").partition("/")
+    proxy = _FlakyProxy(moto_server)
+    try:
+        store = S3Storage(bucket, prefix, endpoint_url=proxy.url, max_attempts=4)
+        proxy.fail = 2
+        store.put("retry/a.bin", b"payload")
+        assert [r for r in proxy.requests if r[0] == "PUT"] == [("PUT", 503), ("PUT", 503), ("PUT", 200)]
+        proxy.fail = 2
+        assert store.get("retry/a.bin") == b"payload"
+        assert open_storage(s3_uri).get("retry/a.bin") == b"payload"  # really stored in moto
+
+        once = S3Storage(bucket, prefix, endpoint_url=proxy.url, max_attempts=1)
+        proxy.requests.clear()
+        proxy.fail = 1
+        with pytest.raises(ClientError, match="SlowDown|503"):
+            once.put("retry/b.bin", b"x")
+        assert proxy.requests == [("PUT", 503)]  # no second attempt
+        assert not open_storage(s3_uri).exists("retry/b.bin")
+    finally:
+        proxy.close()
