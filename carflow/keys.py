@@ -40,8 +40,8 @@ META_NAME = "meta.json"
 
 def image_key(image_id: str, prefix: str = IMAGE_PREFIX) -> str:
     """``raw/<id[:2]>/<id>``: the content-addressed home of an image's bytes."""
-    if len(image_id) < 3:
-        raise ValueError(f"not an image id: {image_id!r}")
+    if len(image_id) != 64 or any(c not in "0123456789abcdef" for c in image_id):
+        raise ValueError(f"not a sha256 hex image_id: {image_id!r}")
     return f"{prefix}/{image_id[:2]}/{image_id}"
 
 

@@ -168,5 +168,5 @@ def prefect_server():
     """One Prefect test server (temporary database) for the whole session."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=90):
+    with prefect_test_harness(server_startup_timeout=180):
         yield
