@@ -38,15 +38,13 @@ from tasks.car_filter import (
     REASON,
     STAGE,
     apply_threshold,
-    import_labels,
     load_scores,
     resolve_model,
-    sample_for_labelling,
     score_shard_task,
     scoring_config,
-    train_task,
-    write_labelling_kit,
 )
+from tasks.car_filter_train import train_task
+from tasks.labelling import import_labels, sample_for_labelling, write_labelling_kit
 from tasks.shards import plan_shards, run_shards
 
 

@@ -134,7 +134,7 @@ def bootstrap_key(storage: str | None, site_dir: str, recipe: dict[str, Any]) ->
     image, labelled from the ground truth) and the recipe. Computed before the kit is
     written, so a rerun with a trained model writes no kit."""
     from demo.labeller import photos_by_sha256, truth_label
-    from tasks.car_filter import sample_for_labelling
+    from tasks.labelling import sample_for_labelling
 
     df = _clean_manifest(open_storage(storage))
     source_ids = dict(zip(df["image_id"], df["source_id"], strict=True))
@@ -192,7 +192,7 @@ def yolo_dataset(site_dir: str, out_dir: str) -> dict[str, Any]:
 def held_out_hits(storage: str | None, version: str, weights: str, imgsz: int, conf: float,
                   held_out: list[dict[str, Any]], prefix: str = "models/detector") -> dict[str, Any]:
     """Held-out photos through the crop path: IoU ≥ 0.5 rate (cached next to the weights)."""
-    from tasks.detector_train import box_hits
+    from tasks.evaluation import box_hits
 
     store = open_storage(storage)
     key = f"{prefix}/{version}/held_out-imgsz{imgsz}-conf{conf:g}.json"
@@ -224,7 +224,7 @@ def check_model_stages(storage: str | None, site_dir: str) -> dict[str, Any]:
     """The car filter and crop manifests against the ground truth: per photo kind, how many
     unique images each stage saw and dropped; crop boxes (padded) vs true car boxes."""
     from demo.labeller import photos_by_sha256
-    from tasks.detector_train import iou
+    from tasks.evaluation import iou
 
     store = open_storage(storage)
     prefix = get_settings().runtime.manifests_prefix

@@ -11,8 +11,7 @@ stored weights and trains nothing (``force=True`` retrains).
 :func:`weights_spec` turns the stored key into what ``crop.weights`` accepts: a local path
 for local storage, the ``s3://`` URI otherwise.
 
-:func:`box_hits` runs the real crop path (:func:`tasks.crop.crop_images`) over photos with
-known boxes and reports how many cars come out with IoU ≥ 0.5.
+Scoring boxes against ground truth (``box_hits``) is in :mod:`tasks.evaluation`.
 """
 
 from __future__ import annotations
@@ -193,47 +192,6 @@ def _count_images(data_yaml: str | Path) -> int | None:
     return sum(1 for f in folder.iterdir() if f.is_file()) if folder.is_dir() else None
 
 
-
-
-# ---------------------------------------------------------------- scoring boxes
-
-
-def iou(a: Any, b: Any) -> float:
-    """Intersection over union of two ``[x0, y0, x1, y1]`` boxes."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
-
-
-def box_hits(photos: list[dict[str, Any]], weights: str, imgsz: int, conf: float = 0.25,
-             device: str = "") -> dict[str, Any]:
-    """Run the crop path (margin 0) over ground-truth ``photos`` (each with ``data``,
-    ``is_car``, ``bbox``) → car count, IoU ≥ 0.5 rate, mean IoU, cars without a box,
-    non-car photos that got a box."""
-    from carflow.settings import CropSettings
-    from models.detector import load_detector
-    from tasks.crop import crop_images
-
-    with tempfile.TemporaryDirectory(prefix="carflow-boxes-") as tmp:
-        store = LocalStorage(tmp)
-        ids = [store.put_image(p["data"]) for p in photos]
-        cfg = CropSettings(weights=weights, imgsz=imgsz, conf=conf, margin=0.0, min_side=1, device=device)
-        t0 = time.monotonic()
-        rows = crop_images(store, ids, load_detector(weights), cfg)
-        seconds = time.monotonic() - t0
-    cars = [(p, r) for p, r in zip(photos, rows, strict=True) if p["is_car"]]
-    ious = [iou(r["bbox"], p["bbox"]) if r["bbox"] else 0.0 for p, r in cars]
-    return {
-        "photos": len(photos),
-        "cars": len(cars),
-        "iou50_rate": round(sum(i >= 0.5 for i in ious) / len(ious), 4) if ious else None,
-        "mean_iou": round(sum(ious) / len(ious), 4) if ious else None,
-        "cars_without_box": sum(r["bbox"] is None for _, r in cars),
-        "non_car_with_box": sum(r["bbox"] is not None for p, r in zip(photos, rows, strict=True) if not p["is_car"]),
-        "seconds": round(seconds, 2),
-    }
 
 
 def dataset_fingerprint(data_yaml: str | Path) -> str:

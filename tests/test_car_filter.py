@@ -21,15 +21,10 @@ from carflow.manifest import manifest_key, to_pandas
 from carflow.settings import CarFilterSettings, reset_settings
 from carflow.storage import open_storage
 from models.car_filter import WeightsError, build_car_filter
-from tasks.car_filter import (
-    _at,
-    apply_threshold,
-    import_labels,
-    sample_for_labelling,
-    save_model_version,
-    split_train_val,
-    threshold_table,
-)
+from tasks.car_filter import apply_threshold
+from tasks.car_filter_train import save_model_version, split_train_val
+from tasks.evaluation import metrics_at, threshold_table
+from tasks.labelling import import_labels, sample_for_labelling
 
 ROOT = Path(__file__).resolve().parents[1]
 NON_CAR = ("interior", "dashboard", "wheel", "text_banner")
@@ -49,7 +44,7 @@ EPOCHS = 15
 
 def test_importing_loads_no_tensorflow():
     code = (
-        "import sys, models.car_filter, tasks.car_filter, flows.car_filter\n"
+        "import sys, models.car_filter, tasks.car_filter, tasks.car_filter_train, tasks.labelling, tasks.evaluation, flows.car_filter\n"
         "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TF imported eagerly'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
@@ -131,7 +126,7 @@ def test_weight_files_round_trip(tmp_path, s3_uri):
 def test_openvino_runtime_matches_keras(tmp_path):
     from carflow.frameworks import cpu_has_fast_bf16
     from carflow.storage import LocalStorage
-    from models.car_filter import OpenVinoModel, spread_random_init
+    from models.car_filter import CarFilterPredictor, OpenVinoModel, spread_random_init
     from tasks.car_filter import predict_ids
 
     model = build_car_filter("none", 32, alpha=0.35)
@@ -159,10 +154,31 @@ def test_openvino_runtime_matches_keras(tmp_path):
         Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(buf, format="JPEG")
         ids.append(store.put_image(buf.getvalue()))
     ids.insert(3, store.put_image(b"\xff\xd8\xff not a jpeg"))
-    keras_p = predict_ids(model, store, ids, 32, 4)
-    ov_p = predict_ids(fp32, store, ids, 32, 4)
+    keras_p = predict_ids(CarFilterPredictor(model), store, ids, 4)
+    ov_p = predict_ids(CarFilterPredictor(fp32, "openvino"), store, ids, 4)
     assert np.isnan(keras_p[3]) and np.isnan(ov_p[3])
     np.testing.assert_allclose(np.delete(ov_p, 3), np.delete(keras_p, 3), atol=2e-3)
+
+
+def test_predictor_takes_decoded_images_of_any_size():
+    """``CarFilterPredictor.predict``: uint8 (H, W, 3) images → ``p_car``, resized to the
+    model's input as training resizes (bilinear)."""
+    import tensorflow as tf
+
+    from models.car_filter import CarFilterPredictor, spread_random_init
+
+    model = spread_random_init(build_car_filter("none", 32, alpha=0.35))
+    rng = np.random.default_rng(2)
+    small = rng.integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
+    big = rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)
+    predictor = CarFilterPredictor(model, batch_size=2)
+    assert predictor.image_size == 32
+    got = predictor.predict([*small, big])
+    want_small = model.predict(small.astype("float32"), verbose=0).reshape(-1)
+    want_big = model.predict(tf.image.resize(big, (32, 32))[None], verbose=0).reshape(-1)
+    assert got.shape == (6,) and got.dtype == np.float32
+    np.testing.assert_allclose(got, np.concatenate([want_small, want_big]), atol=1e-3)  # batch-order float noise
+    assert predictor.predict(np.zeros((0, 32, 32, 3), np.uint8)).shape == (0,)
 
 
 def test_runtime_resolution_and_cache_key():
@@ -188,7 +204,7 @@ def test_runtime_resolution_and_cache_key():
 def test_threshold_metrics_and_apply():
     y = np.array([1, 1, 1, 0, 0])
     p = np.array([0.9, 0.8, 0.4, 0.2, 0.75])
-    at = _at(y, p, 0.7)
+    at = metrics_at(y, p, 0.7)
     assert at["precision"] == pytest.approx(2 / 3) and at["recall"] == pytest.approx(2 / 3)
     assert at["no_car_recall"] == pytest.approx(0.5) and at["accuracy"] == pytest.approx(0.6)
     table = threshold_table(y, p)
@@ -263,7 +279,7 @@ def train_env():
 @pytest.fixture(scope="module")
 def labels_csv(cleaned, site_dir, tmp_path_factory) -> Path:
     """The labelling kit over every kept image, 'labelled' from the ground truth."""
-    from tasks.car_filter import write_labelling_kit
+    from tasks.labelling import write_labelling_kit
 
     store = open_storage(cleaned)
     df = _read(store, manifest_key("clean"))

@@ -80,7 +80,7 @@ def _tiny_car_filter(store, site_dir) -> dict:
     import pandas as pd
 
     from carflow.settings import CarFilterSettings
-    from tasks.car_filter import train_car_filter
+    from tasks.car_filter_train import train_car_filter
 
     gt = load_ground_truth(site_dir)
     photos = [p for lst in gt["listings"] for p in lst["photos"]
