@@ -41,54 +41,22 @@ from prefect.artifacts import create_table_artifact
 
 from carflow.manifest import (
     CLEAN_SCHEMA,
+    CROP_MANIFEST_SCHEMA,
     DROPPED,
     KEPT,
     from_pandas,
+    input_key,
     manifest_key,
-    read_manifest,
+    read_input,
     to_pandas,
     write_manifest,
 )
 from carflow.settings import get_settings
 from carflow.storage import open_storage
-from tasks.crop import crop_config, crop_shard_task
-from tasks.detector_train import DEFAULT_PREFIX, finetune_task
+from models.detector import registered_weights
+from tasks.crop import CROP_COLUMNS, crop_config, crop_shard_task, merge_crops
+from tasks.detector_train import finetune_task
 from tasks.shards import load_shard_results, plan_shards, run_shards
-
-CROP_COLUMNS = ["bbox", "det_class", "det_conf", "crop_id"]
-
-
-def input_key(store, prefix: str, source: str | None = None) -> str:
-    """The manifest to crop: ``source`` (a stage name such as ``car_filter`` or a manifest
-    key) when given, else the car-filter manifest if that stage has run, else the clean
-    one. An explicit source that does not exist is an error, never a silent fallback."""
-    if source:
-        key = source if source.endswith(".parquet") else manifest_key(source, prefix=prefix)
-        if not store.exists(key):
-            raise FileNotFoundError(f"crop input {store.uri(key)} does not exist (run the {source} stage first)")
-        return key
-    car = manifest_key("car_filter", prefix=prefix)
-    return car if store.exists(car) else manifest_key("clean", prefix=prefix)
-
-
-def merge_crops(manifest: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
-    """Per-image crop rows → manifest rows (by ``image_id``). Rows dropped before this
-    stage keep their status and reason; a kept row without a result is ``not_cropped``."""
-    df = manifest.drop(columns=[c for c in CROP_COLUMNS if c in manifest.columns]).copy()
-    res = results[["image_id", "status", *CROP_COLUMNS, "reason"]].rename(
-        columns={"status": "crop_status", "reason": "crop_reason"}
-    )
-    df = df.merge(res, how="left", on="image_id")
-    was_kept = df["status"] == KEPT
-    missing = was_kept & df["crop_status"].isna()
-    df.loc[missing, "crop_status"] = DROPPED
-    df.loc[missing, "crop_reason"] = "not_cropped"
-    drop = was_kept & (df["crop_status"] == DROPPED)
-    df.loc[drop, "status"] = DROPPED
-    df.loc[drop, "reason"] = df.loc[drop, "crop_reason"]
-    # a dropped row keeps its bbox (too_small) but never a crop
-    df.loc[~was_kept, CROP_COLUMNS] = None
-    return df.drop(columns=["crop_status", "crop_reason"])
 
 
 @flow(name="crop", log_prints=True)
@@ -108,8 +76,10 @@ def crop(
     prefix = cfg.runtime.manifests_prefix
     overrides = {"weights": weights, "imgsz": imgsz, "conf": conf}
     crop_cfg = cfg.crop.model_copy(update={k: v for k, v in overrides.items() if v is not None})
-    source = input_key(store, prefix, source)
-    df = to_pandas(read_manifest(store, source))
+    # crop.weights=latest → the registered fine-tune's weights.pt (the key then names the version)
+    crop_cfg = crop_cfg.model_copy(update={"weights": registered_weights(crop_cfg.weights, store)})
+    source = read_input(store, input_key(store, "crop", source, prefix), CLEAN_SCHEMA)
+    df = to_pandas(source.table)
     shards = plan_shards(df, shard_size or cfg.ingest.shard_size)
     config = crop_config(crop_cfg)
     results, fresh = run_shards(
@@ -125,11 +95,12 @@ def crop(
     df = merge_crops(df, cropped)
     table = from_pandas(df)
     # the input (clean, or car_filter = clean + its columns) keeps its contract
-    uri = write_manifest(store, manifest_key("crop", prefix=prefix), table, CLEAN_SCHEMA)
+    uri = write_manifest(store, manifest_key("crop", prefix=prefix), table, CROP_MANIFEST_SCHEMA,
+                         lineage=source.lineage())
     reasons = Counter(df.loc[df["status"] == DROPPED, "reason"].tolist())
     summary = {
         "manifest": uri,
-        "input": store.uri(source),
+        "input": store.uri(source.key),
         "rows": len(df),
         "kept": int((df["status"] == KEPT).sum()),
         "crops": int(df["crop_id"].notna().sum()),
@@ -160,18 +131,17 @@ def train_detector(
     model: str | None = None,
     device: str | None = None,
     force: bool = False,
-    prefix: str = DEFAULT_PREFIX,
     command: str | None = None,
     params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune the detector on a YOLO ``data.yaml`` → ``<prefix>/<version>/weights.pt``
-    (reused when the same data and parameters were trained before, unless ``force``).
+    """Fine-tune the detector on a YOLO ``data.yaml`` → the registered version
+    ``models/detector/<version>/weights.pt``, promoted to ``latest`` (reused when the same data and parameters were trained before, unless ``force``).
     ``params`` are more ultralytics ``train`` arguments (``lr0``, ``warmup_epochs``…) over
     ``tasks.detector_train.TRAIN_DEFAULTS``; the named arguments win over them."""
     logger = get_run_logger()
     named = {"epochs": epochs, "imgsz": imgsz, "batch": batch, "model": model, "device": device}
     merged = {**(params or {}), **{k: v for k, v in named.items() if v is not None}}
-    result = finetune_task(storage, data, merged, prefix, force, command)
+    result = finetune_task(storage, data, merged, force, command)
     create_table_artifact(
         key="detector-train",
         table=[{"version": result["version"], "weights": result["uri"], "cached": result["cached"],

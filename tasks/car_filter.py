@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +32,7 @@ from prefect import task
 
 from carflow.caching import content_key
 from carflow.manifest import DROPPED, KEPT, to_pandas
+from carflow.registry import MAKE_HINTS, Registry, RegistryError
 from carflow.settings import CarFilterSettings
 from carflow.storage import Storage, open_storage
 from models.car_filter import CarFilterPredictor, has_gpu
@@ -85,39 +85,25 @@ def predict_ids(
 # ---------------------------------------------------------------- scoring
 
 
-def resolve_model(store: Storage, cfg: CarFilterSettings, model: str | None = None) -> dict[str, Any]:
-    """Which model to score with: ``model`` (a version folder or its ``model.keras``, path
-    or URI), else ``cfg.model``, else ``<models_prefix>/latest.json`` in ``store``.
-    Returns ``{"model": URI of model.keras, "version", "image_size", "alpha"}``."""
-    from models.car_filter import WeightsError
+#: the setting a car filter model spec comes from, for error messages
+MODEL_SETTING = "car_filter.model [CARFLOW_CAR_FILTER__MODEL]"
 
-    spec = model or cfg.model
-    if not spec:
-        key = f"{cfg.models_prefix.rstrip('/')}/latest.json"
-        try:
-            latest = json.loads(store.get_text(key))
-        except KeyError:
-            raise WeightsError(
-                f"no car filter model: {store.uri(key)} does not exist; train one "
-                "(python -m flows.car_filter train) or set car_filter.model [CARFLOW_CAR_FILTER__MODEL]"
-            ) from None
-        spec = latest["model"]
-    if "://" not in spec:
-        spec = os.path.abspath(os.path.expanduser(spec))
-    if not spec.endswith(".keras"):
-        spec = spec.rstrip("/") + "/model.keras"
-    head = spec.rpartition("/")[0]
-    folder = open_storage(head)
-    try:
-        config = json.loads(folder.get_text("config.json"))
-    except KeyError:
-        config = {}
-    version = config.get("version") or head.rstrip("/").rsplit("/", 1)[-1]
+
+def resolve_model(store: Storage, cfg: CarFilterSettings, model: str | None = None) -> dict[str, Any]:
+    """Which model to score with, through the registry (:meth:`Registry.resolve`):
+    ``model``, else ``cfg.model``, else ``latest`` — a version id, a version folder or its
+    ``model.keras`` (path or URI). Returns ``{"model": URI of model.keras, "version",
+    "image_size", "alpha"}``; a missing model raises :class:`RegistryError` naming
+    ``car_filter.model`` and the command that trains one."""
+    version = Registry(store).resolve("car_filter", model or cfg.model or "latest", setting=MODEL_SETTING)
+    if not version.exists(version.main):
+        raise RegistryError(f"car filter {version.version} ({MODEL_SETTING}): {version.uri(version.main)} does not "
+                            f"exist; {MAKE_HINTS['car_filter']}")
     return {
-        "model": spec,
-        "version": version,
-        "image_size": config.get("image_size"),
-        "alpha": config.get("alpha", cfg.alpha),
+        "model": version.uri(version.main),
+        "version": version.version,
+        "image_size": version.meta.get("image_size"),
+        "alpha": version.meta.get("alpha", cfg.alpha),
     }
 
 

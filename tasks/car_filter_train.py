@@ -3,8 +3,9 @@
 :func:`train_car_filter`: labels (``image_id,label``) → tf.data from the images' bytes in
 storage (decoded as the scoring stage decodes them: :func:`models.car_filter.decode_resize`),
 a stratified seeded train/val split, class weights, early stopping → a new version
-``models/car_filter/<version>/`` with ``model.keras``, ``config.json``, ``metrics.json``
-(threshold table from :mod:`tasks.evaluation`) and ``split.csv``.
+``models/car_filter/<version>/`` in the registry with ``model.keras``, ``metrics.json``
+(threshold table from :mod:`tasks.evaluation`), ``split.csv`` and ``meta.json`` (the
+config, the command that made it and the metrics summary), then the ``latest`` pointer.
 
 Training holds a slot of the Prefect global concurrency limit ``gpu`` (when the limit does
 not exist, or there is no Prefect API, it just runs).
@@ -18,6 +19,7 @@ import os
 import shlex
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from carflow.frameworks import import_keras, import_tensorflow
+from carflow.registry import Registry, Version, new_version_id
 from carflow.settings import CarFilterSettings
 from carflow.storage import Storage, open_storage
 from models.car_filter import build_car_filter, decode_resize, has_gpu
@@ -55,7 +58,7 @@ def model_version(labels: pd.DataFrame, cfg: CarFilterSettings, extra: dict[str,
     for image_id, label in sorted(zip(labels["image_id"], labels["label"], strict=True)):
         h.update(f"{image_id}\t{label}\n".encode())
     h.update(json.dumps({"cfg": cfg.model_dump(mode="json"), "extra": extra or {}}, sort_keys=True).encode())
-    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{h.hexdigest()[:10]}"
+    return new_version_id(h.hexdigest())
 
 
 def save_model_version(
@@ -67,19 +70,15 @@ def save_model_version(
     metrics: dict[str, Any] | None = None,
     split: pd.DataFrame | None = None,
     set_latest: bool = True,
-) -> str:
-    """Write ``<models_prefix>/<version>/model.keras`` (+ ``config.json``, ``metrics.json``,
-    ``split.csv``) to storage; returns the version folder's URI."""
+) -> Version:
+    """Register ``model`` as car filter ``version`` (:class:`carflow.registry.Registry`):
+    ``models/car_filter/<version>/model.keras`` (+ ``metrics.json``, ``split.csv``), then
+    ``meta.json`` (the config, the command, the metrics summary), then, with
+    ``set_latest``, the ``latest`` pointer."""
     import tempfile
 
-    prefix = f"{cfg.models_prefix.rstrip('/')}/{version}"
-    with tempfile.TemporaryDirectory(prefix="carflow-model-") as tmp:
-        path = os.path.join(tmp, "model.keras")
-        model.save(path)
-        with open(path, "rb") as fh:
-            store.put(f"{prefix}/model.keras", fh.read(), content_type="application/octet-stream")
-    config = {
-        "version": version,
+    registry = Registry(store)
+    meta = {
         "stage": STAGE,
         "image_size": int(model.input_shape[1]),
         "alpha": cfg.alpha,
@@ -87,17 +86,20 @@ def save_model_version(
         "settings": cfg.model_dump(mode="json"),
         **(config or {}),
     }
-    store.put_text(f"{prefix}/config.json", json.dumps(config, indent=2, sort_keys=True, default=str))
     if metrics is not None:
-        store.put_text(f"{prefix}/metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
-    if split is not None:
-        store.put_text(f"{prefix}/split.csv", split.to_csv(index=False))
+        meta["metrics"] = {k: v for k, v in metrics.items() if k not in ("thresholds", "history")}
+    with tempfile.TemporaryDirectory(prefix="carflow-model-") as tmp:
+        path = os.path.join(tmp, "model.keras")
+        model.save(path)
+        files: dict[str, Any] = {"model.keras": Path(path)}
+        if metrics is not None:
+            files["metrics.json"] = json.dumps(metrics, indent=2, sort_keys=True).encode()
+        if split is not None:
+            files["split.csv"] = split.to_csv(index=False).encode()
+        stored = registry.put_version("car_filter", files, meta, version=version)
     if set_latest:
-        store.put_text(
-            f"{cfg.models_prefix.rstrip('/')}/latest.json",
-            json.dumps({"version": version, "model": store.uri(f"{prefix}/model.keras")}),
-        )
-    return store.uri(prefix)
+        registry.promote("car_filter", stored)
+    return stored
 
 
 def _load_training_bytes(store: Storage, ids: list[str]) -> list[bytes]:
@@ -108,21 +110,16 @@ def train_car_filter(
     store: Storage,
     labels_df: pd.DataFrame,
     cfg: CarFilterSettings,
-    out_prefix: str | None = None,
     epochs: int | None = None,
     command: str | None = None,
     verbose: int = 0,
 ) -> dict[str, Any]:
-    """Train the filter on ``labels_df`` (``image_id,label``) and export a new version.
-
-    ``out_prefix`` overrides ``cfg.models_prefix``. Returns ``{"version", "uri", "model",
-    "metrics", "counts"}``."""
+    """Train the filter on ``labels_df`` (``image_id,label``) and register a new version
+    (the ``latest`` pointer moves to it). Returns ``{"version", "uri", "model", "metrics",
+    "counts"}``."""
     keras = import_keras()
     tf = import_tensorflow()
 
-
-    if out_prefix:
-        cfg = cfg.model_copy(update={"models_prefix": out_prefix})
     epochs = int(epochs or cfg.epochs)
     labels = labels_df[["image_id", "label"]].drop_duplicates("image_id").reset_index(drop=True)
     data = _load_training_bytes(store, labels["image_id"].tolist())
@@ -208,7 +205,7 @@ def train_car_filter(
     data_counts = {"labels": len(labels_df), "missing_images": missing, "used": len(labels),
                    "train": n_train, "val": int(is_val.sum())}
     version = model_version(labels, cfg, {"epochs": epochs})
-    uri = save_model_version(
+    stored = save_model_version(
         store,
         model,
         version,
@@ -228,8 +225,8 @@ def train_car_filter(
     )
     return {
         "version": version,
-        "uri": uri,
-        "model": f"{uri}/model.keras",
+        "uri": stored.uri(),
+        "model": stored.uri("model.keras"),
         "metrics": {k: v for k, v in metrics.items() if k not in ("thresholds", "history")},
         "counts": data_counts,
         "class_balance": balance,

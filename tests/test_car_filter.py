@@ -321,9 +321,9 @@ def scored(trained, cleaned) -> tuple[dict, pd.DataFrame]:
 def test_model_export_has_config_and_metrics(trained, cleaned):
     store = open_storage(cleaned)
     prefix = f"models/car_filter/{trained['version']}"
-    for name in ("model.keras", "config.json", "metrics.json", "split.csv"):
+    for name in ("model.keras", "meta.json", "metrics.json", "split.csv"):
         assert store.exists(f"{prefix}/{name}"), name
-    config = json.loads(store.get_text(f"{prefix}/config.json"))
+    config = json.loads(store.get_text(f"{prefix}/meta.json"))
     assert config["settings"]["weights"] == "none" and config["image_size"] == 64
     assert config["class_balance"]["train"]["no_car"] > 0 and config["data_counts"]["val"] > 0
     assert "command" in config
@@ -397,6 +397,6 @@ def test_rescoring_is_cached_until_the_model_changes(scored, cleaned, train_env)
     assert store.exists(shard_files[0])
     cfg = CarFilterSettings(weights="none", image_size=64, alpha=0.35)
     new_version = save_model_version(store, build_car_filter("none", 64, 0.35), "test-v2", cfg, set_latest=False)
-    fresh = score(storage=cleaned, model=new_version, shard_size=250)
+    fresh = score(storage=cleaned, model=new_version.uri(), shard_size=250)
     assert fresh["model_version"] == "test-v2"
     assert fresh["cached_shards"] == 0 and fresh["scored_images"] == first["scored_images"]
