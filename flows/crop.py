@@ -2,13 +2,14 @@
 and the detector fine-tune that makes weights for it.
 
     python -m flows.crop [--storage URI] [--shard-size N] [--source clean|car_filter]
-                         [--weights PATH|URI] [--imgsz N] [--conf P]
+                         [--weights latest|PATH|URI|HUB-NAME|none] [--imgsz N] [--conf P]
     python -m flows.crop train --data data.yaml [--epochs N] [--imgsz N] [--batch N]
                                [--model yolov5nu.yaml|PATH] [--force]
 
 ``crop`` reads the manifest of ``source`` (a stage name or a manifest key) when given —
-the nightly and demo DAGs always pass it — else ``manifests/car_filter/manifest.parquet``
-when the car filter has run, else ``manifests/clean/manifest.parquet``; it writes
+the nightly and demo DAGs always pass it — else ``manifests/car_filter/manifest.parquet``,
+else (the car filter never ran here) ``manifests/clean/manifest.parquet``; the input must
+be current (its lineage is checked, :func:`carflow.manifest.read_input`). It writes
 ``manifests/crop/manifest.parquet`` with
 the input's columns plus ``bbox`` (padded crop box ``[x0, y0, x1, y1]``, x1/y1
 exclusive, in the image's pixels), ``det_class`` (``vehicle``), ``det_conf`` and
@@ -20,10 +21,10 @@ holds one slot of the Prefect global concurrency limit ``crop.gpu_limit`` (``gpu
 while it runs inference — a limit that does not exist is only a warning.
 
 ``train`` fine-tunes a YOLO model on an ultralytics ``data.yaml`` dataset
-(``tasks/detector_train.py``) and stores ``models/detector/<version>/weights.pt`` +
-``config.json``; the version hashes the dataset content and the training parameters, so
-the same data and parameters reuse the stored weights. Point ``crop.weights`` at the
-printed ``weights``.
+(``tasks/detector_train.py``) and registers ``models/detector/<version>/weights.pt`` +
+``meta.json``, then moves the registry's ``latest`` pointer to it; the version hashes the
+dataset content and the training parameters, so the same data and parameters reuse the
+stored weights. ``crop.weights=latest`` (``--weights latest``) crops with it.
 """
 
 from __future__ import annotations
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-size", type=int, help="images per shard task (default: ingest.shard_size)")
     parser.add_argument("--source", help="input stage (clean, car_filter) or manifest key (default: car_filter "
                                          "if it has run, else clean)")
-    parser.add_argument("--weights", help="crop.weights: .pt path, s3:// URI, hub name, or none")
+    parser.add_argument("--weights", help="crop.weights: latest (the registry's fine-tune), .pt path, s3:// URI, "
+                        "hub name, or none")
     parser.add_argument("--imgsz", type=int, help="crop.imgsz")
     parser.add_argument("--conf", type=float, help="crop.conf")
     sub = parser.add_subparsers(dest="command")

@@ -201,6 +201,33 @@ def test_runtime_resolution_and_cache_key():
     assert score_key("v1", ["a"], auto) != score_key("v1", ["a"], bf16)
 
 
+def test_scoring_resolves_the_model_through_the_registry(tmp_path):
+    """The scoring stage's model: ``latest`` (the pointer the training moved), a version id,
+    a version folder or its model.keras; one meta.json, no other pointer shape."""
+    from carflow.registry import RegistryError
+    from carflow.storage import LocalStorage
+    from tasks.car_filter import resolve_model
+
+    store = LocalStorage(tmp_path)
+    cfg = CarFilterSettings(weights="none", image_size=32, alpha=0.35)
+    with pytest.raises(RegistryError, match=r"car_filter.model.*carflow car-filter train"):
+        resolve_model(store, cfg)
+    model = build_car_filter("none", 32, 0.35)
+    v1 = save_model_version(store, model, "v1", cfg, metrics={"accuracy": 0.9, "thresholds": []})
+    save_model_version(store, model, "v2", cfg, set_latest=False)
+    latest = json.loads(store.get_text("models/car_filter/latest.json"))
+    assert latest["version"] == "v1" and latest["meta"] == "models/car_filter/v1/meta.json"
+    assert v1.meta["metrics"] == {"accuracy": 0.9} and v1.meta["image_size"] == 32
+    folder = tmp_path / "models/car_filter/v2"
+    for spec, version in ((None, "v1"), ("latest", "v1"), ("v2", "v2"), (str(folder), "v2"),
+                          (str(folder / "model.keras"), "v2")):
+        chosen = resolve_model(store, cfg, spec)
+        assert chosen["version"] == version and chosen["image_size"] == 32 and chosen["alpha"] == 0.35
+        assert chosen["model"].endswith(f"models/car_filter/{version}/model.keras")
+    with pytest.raises(RegistryError, match="v3"):
+        resolve_model(store, cfg, "v3")
+
+
 def test_threshold_metrics_and_apply():
     y = np.array([1, 1, 1, 0, 0])
     p = np.array([0.9, 0.8, 0.4, 0.2, 0.75])

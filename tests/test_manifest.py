@@ -130,7 +130,12 @@ def test_lineage_records_the_input_and_a_stale_chain_names_the_stages_to_rerun(t
 
 
 def test_stage_schemas_are_checked_on_write(tmp_path):
-    from carflow.manifest import CAR_FILTER_SCHEMA, CLEAN_SCHEMA, CROP_MANIFEST_SCHEMA, DATASET_SCHEMA
+    from carflow.manifest import (
+        CAR_FILTER_SCHEMA,
+        CLEAN_SCHEMA,
+        CROP_MANIFEST_SCHEMA,
+        DATASET_SCHEMA,
+    )
     from carflow.storage import LocalStorage
 
     store = LocalStorage(tmp_path)
