@@ -245,9 +245,14 @@ class Registry:
         try:
             meta = json.loads(self.storage.get(f"{prefix}/{keys.META_NAME}"))
         except KeyError:
-            raise RegistryError(
-                f"{kind} version {version!r} does not exist in {self.storage.uri(keys.registry_prefix(kind))}"
-            ) from None
+            where = self.storage.uri(keys.registry_prefix(kind))
+            if any(True for _ in self.storage.list(f"{prefix}/")):
+                raise RegistryError(
+                    f"{kind} version {version!r} does not exist in {where}: it has files but no {keys.META_NAME} "
+                    f"(an incomplete version, or one written before the registry existed); "
+                    f"{MAKE_HINTS.get(kind, 'make it again')}"
+                ) from None
+            raise RegistryError(f"{kind} version {version!r} does not exist in {where}") from None
         return Version(kind, version, self.storage, prefix, meta, meta.get("main") or MAIN_FILES.get(kind, ""))
 
     def latest(self, kind: str, pointer: str = "latest") -> Version | None:

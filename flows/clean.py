@@ -27,7 +27,7 @@ from carflow.manifest import (
     INGEST_SCHEMA,
     from_pandas,
     manifest_key,
-    read_manifest,
+    read_input,
     to_pandas,
     write_manifest,
 )
@@ -36,7 +36,7 @@ from carflow.storage import open_storage
 from flows.entry import entry_point
 from tasks.clean import inspect_shard_task, merge_inspection
 from tasks.dedup import dedup_manifest
-from tasks.quality import flag_odd_size
+from tasks.quality import apply_odd_size
 from tasks.report import contact_sheet
 from tasks.shards import load_shard_results, plan_shards, run_shards
 
@@ -46,22 +46,6 @@ def dedup_task(df: pd.DataFrame, config: dict[str, Any]) -> pd.DataFrame:
     from carflow.settings import DedupSettings
 
     return dedup_manifest(df, DedupSettings(**config))
-
-
-def apply_odd_size(df: pd.DataFrame, quality_cfg) -> pd.DataFrame:
-    """odd_size is a set-level check (cleanvision's IQR rule) over the kept images."""
-    kept = (df["status"] != DROPPED) & df["width"].notna()
-    if not kept.any() or quality_cfg.odd_size_action == "off":
-        return df
-    sizes = (df.loc[kept, "width"].astype(float) * df.loc[kept, "height"].astype(float)) ** 0.5
-    odd = pd.Series(flag_odd_size(sizes.to_numpy(), quality_cfg), index=sizes.index)
-    for idx in odd[odd].index:
-        current = df.at[idx, "quality_flags"]
-        df.at[idx, "quality_flags"] = [*(list(current) if current is not None else []), "odd_size"]
-        if quality_cfg.odd_size_action == "drop":
-            df.at[idx, "status"] = DROPPED
-            df.at[idx, "reason"] = "odd_size"
-    return df
 
 
 def publish_report(store, df: pd.DataFrame, prefix: str, per_reason: int = 12) -> dict[str, str]:
@@ -91,7 +75,8 @@ def clean(storage: str | None = None, shard_size: int | None = None) -> dict[str
     cfg = get_settings()
     store = open_storage(storage)
     prefix = cfg.runtime.manifests_prefix
-    df = to_pandas(read_manifest(store, manifest_key("ingest", prefix=prefix), INGEST_SCHEMA))
+    source = read_input(store, manifest_key("ingest", prefix=prefix), INGEST_SCHEMA)
+    df = to_pandas(source.table)
     shards = plan_shards(df, shard_size or cfg.ingest.shard_size)
     config = {"fix": cfg.fix.model_dump(mode="json"), "quality": cfg.quality.model_dump(mode="json")}
     results, fresh = run_shards(
@@ -106,7 +91,8 @@ def clean(storage: str | None = None, shard_size: int | None = None) -> dict[str
     df = apply_odd_size(df, cfg.quality)
     df = dedup_task(df, cfg.dedup.model_dump(mode="json"))
 
-    uri = write_manifest(store, manifest_key("clean", prefix=prefix), from_pandas(df), CLEAN_SCHEMA)
+    uri = write_manifest(store, manifest_key("clean", prefix=prefix), from_pandas(df), CLEAN_SCHEMA,
+                         lineage=source.lineage())
     reasons = Counter(df.loc[df["status"] == DROPPED, "reason"].tolist())
     flags = Counter(f for fl in df["quality_flags"].dropna() for f in fl)
     sheets = publish_report(store, df, prefix)

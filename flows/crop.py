@@ -2,13 +2,14 @@
 and the detector fine-tune that makes weights for it.
 
     python -m flows.crop [--storage URI] [--shard-size N] [--source clean|car_filter]
-                         [--weights PATH|URI] [--imgsz N] [--conf P]
+                         [--weights latest|PATH|URI|HUB-NAME|none] [--imgsz N] [--conf P]
     python -m flows.crop train --data data.yaml [--epochs N] [--imgsz N] [--batch N]
                                [--model yolov5nu.yaml|PATH] [--force]
 
 ``crop`` reads the manifest of ``source`` (a stage name or a manifest key) when given —
-the nightly and demo DAGs always pass it — else ``manifests/car_filter/manifest.parquet``
-when the car filter has run, else ``manifests/clean/manifest.parquet``; it writes
+the nightly and demo DAGs always pass it — else ``manifests/car_filter/manifest.parquet``,
+else (the car filter never ran here) ``manifests/clean/manifest.parquet``; the input must
+be current (its lineage is checked, :func:`carflow.manifest.read_input`). It writes
 ``manifests/crop/manifest.parquet`` with
 the input's columns plus ``bbox`` (padded crop box ``[x0, y0, x1, y1]``, x1/y1
 exclusive, in the image's pixels), ``det_class`` (``vehicle``), ``det_conf`` and
@@ -20,10 +21,10 @@ holds one slot of the Prefect global concurrency limit ``crop.gpu_limit`` (``gpu
 while it runs inference — a limit that does not exist is only a warning.
 
 ``train`` fine-tunes a YOLO model on an ultralytics ``data.yaml`` dataset
-(``tasks/detector_train.py``) and stores ``models/detector/<version>/weights.pt`` +
-``config.json``; the version hashes the dataset content and the training parameters, so
-the same data and parameters reuse the stored weights. Point ``crop.weights`` at the
-printed ``weights``.
+(``tasks/detector_train.py``) and registers ``models/detector/<version>/weights.pt`` +
+``meta.json``, then moves the registry's ``latest`` pointer to it; the version hashes the
+dataset content and the training parameters, so the same data and parameters reuse the
+stored weights. ``crop.weights=latest`` (``--weights latest``) crops with it.
 """
 
 from __future__ import annotations
@@ -41,55 +42,23 @@ from prefect.artifacts import create_table_artifact
 
 from carflow.manifest import (
     CLEAN_SCHEMA,
+    CROP_MANIFEST_SCHEMA,
     DROPPED,
     KEPT,
     from_pandas,
+    input_key,
     manifest_key,
-    read_manifest,
+    read_input,
     to_pandas,
     write_manifest,
 )
 from carflow.settings import get_settings
 from carflow.storage import open_storage
 from flows.entry import entry_point
-from tasks.crop import crop_config, crop_shard_task
-from tasks.detector_train import DEFAULT_PREFIX, finetune_task
+from models.detector import registered_weights
+from tasks.crop import CROP_COLUMNS, crop_config, crop_shard_task, merge_crops
+from tasks.detector_train import finetune_task
 from tasks.shards import load_shard_results, plan_shards, run_shards
-
-CROP_COLUMNS = ["bbox", "det_class", "det_conf", "crop_id"]
-
-
-def input_key(store, prefix: str, source: str | None = None) -> str:
-    """The manifest to crop: ``source`` (a stage name such as ``car_filter`` or a manifest
-    key) when given, else the car-filter manifest if that stage has run, else the clean
-    one. An explicit source that does not exist is an error, never a silent fallback."""
-    if source:
-        key = source if source.endswith(".parquet") else manifest_key(source, prefix=prefix)
-        if not store.exists(key):
-            raise FileNotFoundError(f"crop input {store.uri(key)} does not exist (run the {source} stage first)")
-        return key
-    car = manifest_key("car_filter", prefix=prefix)
-    return car if store.exists(car) else manifest_key("clean", prefix=prefix)
-
-
-def merge_crops(manifest: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
-    """Per-image crop rows → manifest rows (by ``image_id``). Rows dropped before this
-    stage keep their status and reason; a kept row without a result is ``not_cropped``."""
-    df = manifest.drop(columns=[c for c in CROP_COLUMNS if c in manifest.columns]).copy()
-    res = results[["image_id", "status", *CROP_COLUMNS, "reason"]].rename(
-        columns={"status": "crop_status", "reason": "crop_reason"}
-    )
-    df = df.merge(res, how="left", on="image_id")
-    was_kept = df["status"] == KEPT
-    missing = was_kept & df["crop_status"].isna()
-    df.loc[missing, "crop_status"] = DROPPED
-    df.loc[missing, "crop_reason"] = "not_cropped"
-    drop = was_kept & (df["crop_status"] == DROPPED)
-    df.loc[drop, "status"] = DROPPED
-    df.loc[drop, "reason"] = df.loc[drop, "crop_reason"]
-    # a dropped row keeps its bbox (too_small) but never a crop
-    df.loc[~was_kept, CROP_COLUMNS] = None
-    return df.drop(columns=["crop_status", "crop_reason"])
 
 
 @flow(name="crop", log_prints=True)
@@ -109,8 +78,10 @@ def crop(
     prefix = cfg.runtime.manifests_prefix
     overrides = {"weights": weights, "imgsz": imgsz, "conf": conf}
     crop_cfg = cfg.crop.model_copy(update={k: v for k, v in overrides.items() if v is not None})
-    source = input_key(store, prefix, source)
-    df = to_pandas(read_manifest(store, source))
+    # crop.weights=latest → the registered fine-tune's weights.pt (the key then names the version)
+    crop_cfg = crop_cfg.model_copy(update={"weights": registered_weights(crop_cfg.weights, store)})
+    source = read_input(store, input_key(store, "crop", source, prefix), CLEAN_SCHEMA)
+    df = to_pandas(source.table)
     shards = plan_shards(df, shard_size or cfg.ingest.shard_size)
     config = crop_config(crop_cfg)
     results, fresh = run_shards(
@@ -126,11 +97,12 @@ def crop(
     df = merge_crops(df, cropped)
     table = from_pandas(df)
     # the input (clean, or car_filter = clean + its columns) keeps its contract
-    uri = write_manifest(store, manifest_key("crop", prefix=prefix), table, CLEAN_SCHEMA)
+    uri = write_manifest(store, manifest_key("crop", prefix=prefix), table, CROP_MANIFEST_SCHEMA,
+                         lineage=source.lineage())
     reasons = Counter(df.loc[df["status"] == DROPPED, "reason"].tolist())
     summary = {
         "manifest": uri,
-        "input": store.uri(source),
+        "input": store.uri(source.key),
         "rows": len(df),
         "kept": int((df["status"] == KEPT).sum()),
         "crops": int(df["crop_id"].notna().sum()),
@@ -161,18 +133,17 @@ def train_detector(
     model: str | None = None,
     device: str | None = None,
     force: bool = False,
-    prefix: str = DEFAULT_PREFIX,
     command: str | None = None,
     params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune the detector on a YOLO ``data.yaml`` → ``<prefix>/<version>/weights.pt``
-    (reused when the same data and parameters were trained before, unless ``force``).
+    """Fine-tune the detector on a YOLO ``data.yaml`` → the registered version
+    ``models/detector/<version>/weights.pt``, promoted to ``latest`` (reused when the same data and parameters were trained before, unless ``force``).
     ``params`` are more ultralytics ``train`` arguments (``lr0``, ``warmup_epochs``…) over
     ``tasks.detector_train.TRAIN_DEFAULTS``; the named arguments win over them."""
     logger = get_run_logger()
     named = {"epochs": epochs, "imgsz": imgsz, "batch": batch, "model": model, "device": device}
     merged = {**(params or {}), **{k: v for k, v in named.items() if v is not None}}
-    result = finetune_task(storage, data, merged, prefix, force, command)
+    result = finetune_task(storage, data, merged, force, command)
     create_table_artifact(
         key="detector-train",
         table=[{"version": result["version"], "weights": result["uri"], "cached": result["cached"],
@@ -193,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-size", type=int, help="images per shard task (default: ingest.shard_size)")
     parser.add_argument("--source", help="input stage (clean, car_filter) or manifest key (default: car_filter "
                                          "if it has run, else clean)")
-    parser.add_argument("--weights", help="crop.weights: .pt path, s3:// URI, hub name, or none")
+    parser.add_argument("--weights", help="crop.weights: latest (the registry's fine-tune), .pt path, s3:// URI, "
+                        "hub name, or none")
     parser.add_argument("--imgsz", type=int, help="crop.imgsz")
     parser.add_argument("--conf", type=float, help="crop.conf")
     sub = parser.add_subparsers(dest="command")

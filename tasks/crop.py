@@ -36,6 +36,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any, NamedTuple
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
@@ -66,6 +67,30 @@ CROP_SCHEMA = pa.schema(
         pa.field("crop_height", pa.int64()),
     ]
 )
+
+
+#: the columns the crop stage adds to its input manifest (``CROP_MANIFEST_SCHEMA``)
+CROP_COLUMNS = ["bbox", "det_class", "det_conf", "crop_id"]
+
+
+def merge_crops(manifest: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
+    """Per-image crop rows → manifest rows (by ``image_id``). Rows dropped before this
+    stage keep their status and reason; a kept row without a result is ``not_cropped``."""
+    df = manifest.drop(columns=[c for c in CROP_COLUMNS if c in manifest.columns]).copy()
+    res = results[["image_id", "status", *CROP_COLUMNS, "reason"]].rename(
+        columns={"status": "crop_status", "reason": "crop_reason"}
+    )
+    df = df.merge(res, how="left", on="image_id")
+    was_kept = df["status"] == KEPT
+    missing = was_kept & df["crop_status"].isna()
+    df.loc[missing, "crop_status"] = DROPPED
+    df.loc[missing, "crop_reason"] = "not_cropped"
+    drop = was_kept & (df["crop_status"] == DROPPED)
+    df.loc[drop, "status"] = DROPPED
+    df.loc[drop, "reason"] = df.loc[drop, "crop_reason"]
+    # a dropped row keeps its bbox (too_small) but never a crop
+    df.loc[~was_kept, CROP_COLUMNS] = None
+    return df.drop(columns=["crop_status", "crop_reason"])
 
 
 # -- pure functions (one home: models/crop.py, shared with serving) ----------------------

@@ -58,8 +58,10 @@ import math
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from PIL import Image, ImageFilter
 
+from carflow.manifest import DROPPED
 from carflow.settings import QualitySettings
 
 #: checks in the order they are applied (the first ``drop`` check names the reason)
@@ -306,6 +308,7 @@ def apply_quality(
 __all__ = [
     "CHECKS",
     "QualitySettings",
+    "apply_odd_size",
     "apply_quality",
     "blur_target",
     "brightness",
@@ -315,3 +318,21 @@ __all__ = [
     "percentiles",
     "quality_scores",
 ]
+
+
+def apply_odd_size(df: pd.DataFrame, quality_cfg: QualitySettings) -> pd.DataFrame:
+    """``odd_size`` is a set-level check (cleanvision's IQR rule) over the kept images of
+    the whole manifest: flags them, and drops them with reason ``odd_size`` when
+    ``quality.odd_size_action`` is ``drop``."""
+    kept = (df["status"] != DROPPED) & df["width"].notna()
+    if not kept.any() or quality_cfg.odd_size_action == "off":
+        return df
+    sizes = (df.loc[kept, "width"].astype(float) * df.loc[kept, "height"].astype(float)) ** 0.5
+    odd = pd.Series(flag_odd_size(sizes.to_numpy(), quality_cfg), index=sizes.index)
+    for idx in odd[odd].index:
+        current = df.at[idx, "quality_flags"]
+        df.at[idx, "quality_flags"] = [*(list(current) if current is not None else []), "odd_size"]
+        if quality_cfg.odd_size_action == "drop":
+            df.at[idx, "status"] = DROPPED
+            df.at[idx, "reason"] = "odd_size"
+    return df

@@ -138,3 +138,56 @@ def test_second_run_keeps_assignments_and_exports(first_run, cleaned, s3_uri):
     assert len(keys) == folders["written"]
     sample = rows.iloc[0]
     assert f"{sample['split']}/{sample['class_label']}/{sample['image_id']}.jpg" in keys
+
+
+def test_clean_then_dataset_after_an_earlier_crop_never_builds_from_the_stale_crop(cleaned, tmp_path, monkeypatch):
+    """The README's sequence: the model stages ran once (here: pass-throughs, as a team
+    without models writes them), then clean is rerun on new data, then the dataset alone.
+    The crop manifest of the earlier run is stale: one line names the stages to rerun; the
+    dataset's `latest` moves only after its exports succeed."""
+    import shutil
+
+    import flows.dataset as mod
+    from carflow.manifest import INGEST_SCHEMA, InputError, from_pandas, lineage_of, write_manifest
+    from flows.clean import clean
+    from tasks.stages import passthrough
+
+    uri = str(tmp_path / "store")
+    shutil.copytree(cleaned, uri)
+    store = open_storage(uri)
+    passthrough.fn(uri, "car_filter", "clean")
+    passthrough.fn(uri, "crop", "car_filter")
+    first = mod.dataset(storage=uri, min_images=1, run="a")
+    assert first["input"].endswith("manifests/crop/manifest.parquet")  # current: used
+    out = read_manifest(store, manifest_key("dataset"))
+    assert lineage_of(out.schema.metadata)["input"] == "manifests/crop/manifest.parquet"
+    pointer = store.get("datasets/latest.json")
+    assert json.loads(pointer)["version"] == first["version"]
+
+    # a new ingest (one listing fewer) and clean rerun: the crop manifest is now stale
+    ingest = to_pandas(read_manifest(store, manifest_key("ingest")))
+    ingest = ingest[ingest["listing_id"] != ingest["listing_id"].iloc[0]]
+    write_manifest(store, manifest_key("ingest"), from_pandas(ingest), INGEST_SCHEMA)
+    clean(storage=uri, shard_size=40)
+    with pytest.raises(InputError) as err:
+        mod.dataset(storage=uri, min_images=1, run="b")
+    assert str(err.value) == ("manifests/crop/manifest.parquet was built from an older clean manifest: "
+                              "rerun `carflow car-filter score` and `carflow crop`")
+    assert store.get("datasets/latest.json") == pointer  # nothing was built
+
+    # asked for explicitly, the current clean manifest is used; a failed export leaves
+    # the `latest` dataset where it was
+    @task(name="export-folders-failing")
+    def failing(*_a, **_k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mod, "export_folders_task", failing)
+    with pytest.raises(OSError, match="disk full"):
+        mod.dataset(storage=uri, min_images=5, ignore=["ford_*"], run="c", source="clean",
+                    export_uri=str(tmp_path / "out"))
+    assert store.get("datasets/latest.json") == pointer
+    monkeypatch.undo()
+    second = mod.dataset(storage=uri, min_images=5, ignore=["ford_*"], run="c", source="clean")
+    assert second["input"].endswith("manifests/clean/manifest.parquet") and second["version"] != first["version"]
+    assert json.loads(store.get("datasets/latest.json"))["version"] == second["version"]
+    assert json.loads(store.get(f"datasets/{second['version']}/meta.json"))["input"] == "manifests/clean/manifest.parquet"

@@ -58,3 +58,19 @@ def test_missing_locations_name_the_setting(tmp_path):
         reg.resolve("classifier", str(tmp_path / "nope" / "model.keras"), setting="classifier.model")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         local_file(str(tmp_path / "missing.pt"))
+
+
+def test_a_pointer_left_by_an_earlier_carflow_gives_a_clear_error(tmp_path):
+    """Versions written before the registry (config.json, `{version, model}` pointers) are
+    not migrated; resolving one says so and names the command that makes a new one."""
+    import json
+
+    from carflow.registry import Registry, RegistryError
+    from carflow.storage import LocalStorage
+
+    store = LocalStorage(tmp_path)
+    store.put("models/car_filter/old1/model.keras", b"x")
+    store.put("models/car_filter/old1/config.json", b"{}")
+    store.put("models/car_filter/latest.json", json.dumps({"version": "old1", "model": "x"}).encode())
+    with pytest.raises(RegistryError, match=r"old1.*no meta.json.*before the registry.*carflow car-filter train"):
+        Registry(store).resolve("car_filter", "latest", setting="car_filter.model")
