@@ -20,7 +20,8 @@ from collections.abc import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from carflow.storage import Storage
+from carflow.errors import UserError
+from carflow.storage import Storage, StorageKeyError
 
 KEPT = "kept"
 DROPPED = "dropped"
@@ -173,9 +174,39 @@ def write_manifest(storage: Storage, key: str, table: pa.Table, schema: pa.Schem
     return storage.uri(key)
 
 
+#: the command that writes each stage's manifest (named in a missing-input error)
+STAGE_COMMANDS = {
+    "ingest": "carflow ingest",
+    "clean": "carflow clean",
+    "car_filter": "carflow car-filter score",
+    "crop": "carflow crop",
+    "dataset": "carflow dataset",
+}
+
+
+class ManifestMissing(UserError, StorageKeyError):
+    """An input manifest no stage has written yet (a user's mistake: run the stage).
+    Still a ``KeyError`` for code that asks whether a manifest exists."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+def _missing(storage: Storage, key: str) -> ManifestMissing:
+    parts = key.split("/")
+    stage = parts[-2] if len(parts) >= 2 else ""
+    command = STAGE_COMMANDS.get(stage)
+    how = f"run `{command}` first" if command else "run the stage that writes it first"
+    return ManifestMissing(f"{key} does not exist in {storage.uri()}: {how}")
+
+
 def read_manifest(storage: Storage, key: str, schema: pa.Schema | None = None) -> pa.Table:
-    """Read the Parquet manifest at ``key`` and validate it against ``schema``."""
-    data = storage.get(key)
+    """Read the Parquet manifest at ``key`` and validate it against ``schema``. A missing
+    manifest raises :class:`ManifestMissing` (one line naming the command that writes it)."""
+    try:
+        data = storage.get(key)
+    except StorageKeyError:
+        raise _missing(storage, key) from None
     try:
         table = pq.read_table(io.BytesIO(data))
     except pa.ArrowInvalid as exc:

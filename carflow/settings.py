@@ -13,6 +13,8 @@ so they never show up in reprs or logs. Without them boto3's normal credential c
 (``AWS_ACCESS_KEY_ID``…, instance roles) applies.
 
 An invalid value raises :class:`SettingsError` naming the setting and its env variable.
+Its message never holds a secret: values under a secret field are masked wherever they
+appear in the rejected input, and the secret values themselves are scrubbed from it.
 """
 
 from __future__ import annotations
@@ -38,12 +40,17 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from carflow.errors import UserError
+
 ENV_PREFIX = "CARFLOW_"
 SECRET_FIELDS = {("storage", "access_key_id"), ("storage", "secret_access_key")}
+#: field names whose values are never shown, in whatever section or input they appear
+SECRET_NAMES = frozenset(name for _section, name in SECRET_FIELDS)
+MASK = "**********"
 
 
-class SettingsError(ValueError):
-    """A setting has an invalid value. The message names the setting."""
+class SettingsError(UserError, ValueError):
+    """A setting has an invalid value. The message names the setting, never a secret."""
 
 
 class _Section(BaseModel):
@@ -330,12 +337,21 @@ class TrainSettings(_Section):
 
 
 class RuntimeSettings(_Section):
-    """How flows run: task runner and where the manifests go."""
+    """How flows run: worker threads and where the manifests go."""
 
-    task_runner: Literal["thread", "process", "dask"] = "thread"
+    #: the flows run their tasks on Prefect's thread pool; ``thread`` is the only runner
+    #: wired today (a Dask cluster comes with the orchestration work), so any other value
+    #: is refused rather than silently ignored
+    task_runner: str = "thread"
     max_workers: int = Field(2, ge=1, le=256)
-    dask_address: str | None = None
     manifests_prefix: str = "manifests"
+
+    @field_validator("task_runner")
+    @classmethod
+    def _wired_runner(cls, v: str) -> str:
+        if v != "thread":
+            raise ValueError(f"task runner {v!r} is not supported yet: the flows run on 'thread' only")
+        return v
 
 
 class ServeSettings(_Section):
@@ -396,7 +412,12 @@ class _YamlSource(PydanticBaseSettingsSource):
         try:
             data = yaml.safe_load(self.path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise SettingsError(f"{self.path}: not valid YAML: {exc}") from exc
+            # only the problem and its position: PyYAML's message quotes the offending
+            # line, which may hold a secret
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise SettingsError(f"{self.path}: not valid YAML: {problem}{where}") from None
         if not isinstance(data, dict):
             raise SettingsError(f"{self.path}: the top level must be a mapping of sections")
         for section, key in SECRET_FIELDS:
@@ -459,16 +480,53 @@ def _config_path() -> Path | None:
     return default if default.exists() else None
 
 
-def _explain(exc: ValidationError) -> SettingsError:
+def _mask(value: Any) -> Any:
+    """``value`` with everything under a secret field name replaced by :data:`MASK`."""
+    if isinstance(value, dict):
+        return {k: (MASK if str(k).lower() in SECRET_NAMES and v is not None else _mask(v)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_mask(v) for v in value)
+    if isinstance(value, SecretStr):
+        return MASK
+    return value
+
+
+def secret_values(overrides: dict[str, Any] | None = None) -> set[str]:
+    """The secret strings in play: from the environment and from keyword overrides."""
+    found = set()
+    for section, name in SECRET_FIELDS:
+        env = os.environ.get(f"{ENV_PREFIX}{section.upper()}__{name.upper()}")
+        if env:
+            found.add(env)
+        value = ((overrides or {}).get(section) or {})
+        value = value.get(name) if isinstance(value, dict) else getattr(value, name, None)
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, str) and value:
+            found.add(value)
+    return found
+
+
+def scrub(text: str, secrets: set[str] | None = None) -> str:
+    """``text`` with every secret value (:func:`secret_values`) replaced by :data:`MASK`."""
+    for secret in sorted(secrets if secrets is not None else secret_values(), key=len, reverse=True):
+        if len(secret) >= 4:  # shorter strings would mask unrelated text
+            text = text.replace(secret, MASK)
+    return text
+
+
+def _explain(exc: ValidationError, secrets: set[str] | None = None) -> SettingsError:
     lines = []
     for err in exc.errors():
         loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith("function-")]
         name = ".".join(loc) or "(settings)"
         env = ENV_PREFIX + "__".join(p.upper() for p in loc) if loc else ""
-        value = err.get("input")
-        shown = "" if any(s in name for s in ("secret", "access_key")) else f" (got {value!r})"
+        # the input of a section-level error is the whole section: mask by field name,
+        # not only when the failing field is itself a secret
+        secret_field = bool(loc) and loc[-1].lower() in SECRET_NAMES
+        shown = "" if secret_field else f" (got {_mask(err.get('input'))!r})"
         lines.append(f"setting {name} [{env}]: {err.get('msg')}{shown}")
-    return SettingsError("invalid carflow settings:\n  " + "\n  ".join(lines))
+    return SettingsError(scrub("invalid carflow settings:\n  " + "\n  ".join(lines), secrets))
 
 
 def as_settings(model: type[BaseModel], cfg: Any) -> Any:
@@ -485,10 +543,14 @@ def as_settings(model: type[BaseModel], cfg: Any) -> Any:
 
 def load_settings(**overrides: Any) -> Settings:
     """Build settings from overrides, the environment and the YAML file."""
+    from pydantic_settings import SettingsError as SourceError
+
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        raise _explain(exc) from None
+        raise _explain(exc, secret_values(overrides)) from None
+    except SourceError as exc:  # e.g. CARFLOW_STORAGE='{not json'
+        raise SettingsError(scrub(f"invalid carflow settings: {exc}", secret_values(overrides))) from None
 
 
 @lru_cache(maxsize=1)

@@ -34,6 +34,7 @@ from carflow.manifest import (
 )
 from carflow.settings import get_settings
 from carflow.storage import open_storage
+from flows.entry import entry_point
 from tasks.car_filter import (
     REASON,
     STAGE,
@@ -150,6 +151,7 @@ def score(
     return summary
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.car_filter", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -33,6 +33,7 @@ from carflow.manifest import (
 )
 from carflow.settings import get_settings
 from carflow.storage import open_storage
+from flows.entry import entry_point
 from tasks.clean import inspect_shard_task, merge_inspection
 from tasks.dedup import dedup_manifest
 from tasks.quality import flag_odd_size
@@ -137,6 +138,7 @@ def clean(storage: str | None = None, shard_size: int | None = None) -> dict[str
     return summary
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.clean", description=clean.__doc__)
     parser.add_argument("--storage", help="storage URI (default: settings storage)")

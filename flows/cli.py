@@ -3,7 +3,9 @@
 ``main``). ``carflow --help`` lists them; ``carflow <command> --help`` shows the flow's own.
 
 The CLI lives in ``flows/`` because it runs flows; the core package never imports it.
-Nothing is imported until a sub-command runs.
+Nothing else is imported until a sub-command runs. Every flow's ``main`` goes through
+``flows.entry.entry_point``: a user's mistake (``carflow.errors.UserError``: a missing
+path or input manifest, a bad setting or profile) is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import argparse
 import importlib
 import json
 import sys
+
+from flows.entry import entry_point
 
 #: command → ("module[:function]" taking argv, default ``main``; argv prefix; one-line help)
 COMMANDS: dict[str, tuple[str, list[str], str]] = {
@@ -29,7 +33,8 @@ COMMANDS: dict[str, tuple[str, list[str], str]] = {
 }
 
 
-def settings_main(argv: list[str]) -> int:
+@entry_point
+def settings_main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(prog="carflow settings", description="print the effective settings").parse_args(argv)
     from carflow.settings import get_settings
 
@@ -56,13 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     target, prefix, _help = COMMANDS[name]
     module, _, function = target.partition(":")
-    from carflow.settings import SettingsError
-
-    try:
-        result = getattr(importlib.import_module(module), function or "main")([*prefix, *rest])
-    except SettingsError as exc:
-        print(f"carflow: {exc}", file=sys.stderr)
-        return 2
+    # every flow's main goes through flows.entry.entry_point: Prefect defaults, settings
+    # first, a UserError as one line with exit code 2
+    result = getattr(importlib.import_module(module), function or "main")([*prefix, *rest])
     return result if isinstance(result, int) else 0
 
 

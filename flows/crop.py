@@ -51,6 +51,7 @@ from carflow.manifest import (
 )
 from carflow.settings import get_settings
 from carflow.storage import open_storage
+from flows.entry import entry_point
 from tasks.crop import crop_config, crop_shard_task
 from tasks.detector_train import DEFAULT_PREFIX, finetune_task
 from tasks.shards import load_shard_results, plan_shards, run_shards
@@ -184,6 +185,7 @@ def train_detector(
     return result
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.crop", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -54,6 +54,7 @@ from carflow.manifest import (
 )
 from carflow.settings import ClassesSettings, SplitSettings, get_settings
 from carflow.storage import open_storage
+from flows.entry import entry_point
 from tasks.classes import assign_classes_task, classes_document, write_classes
 from tasks.export import (
     export_folders_task,
@@ -234,6 +235,7 @@ def dataset(
     return summary
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.dataset", description=dataset.__doc__)
     parser.add_argument("--storage", help="storage URI (default: settings storage)")

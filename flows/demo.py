@@ -52,6 +52,7 @@ from flows.clean import clean
 from flows.crawl import crawl
 from flows.crop import train_detector
 from flows.dataset import dataset
+from flows.entry import entry_point
 from flows.ingest import ingest
 from flows.pipeline import (
     check_car_filter_model,
@@ -401,6 +402,7 @@ def _line(name: str, s: dict[str, Any]) -> str:
     return f"{name}: kept={s['kept']} dropped={s.get('dropped_by_reason', {})}"
 
 
+@entry_point
 def site_main(argv: list[str] | None = None) -> int:
     """``carflow demo-site``: generate the demo marketplace, and optionally serve it."""
     parser = argparse.ArgumentParser(prog="carflow demo-site", description=site_main.__doc__)
@@ -428,6 +430,7 @@ def site_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -10,17 +10,21 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 from collections import Counter
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from carflow.caching import shards
+from carflow.errors import UserError
 from carflow.manifest import INGEST_SCHEMA, REJECTS_SCHEMA, manifest_key, write_manifest
 from carflow.settings import get_settings
 from carflow.storage import open_storage
+from flows.entry import entry_point
 from tasks.ingest import (
     build_manifest,
+    check_folder_dataset,
     import_folder_shard_task,
     list_folder_dataset,
     parse_folder_key,
@@ -56,8 +60,13 @@ def ingest(
     if folders:
         listing_regex = listing_regex or cfg.ingest.listing_regex
         label_regex = label_regex or cfg.ingest.label_regex
-        source = open_storage(folders)
+        source = check_folder_dataset(folders)
         keys, list_stats = list_folder_dataset(source, cfg.ingest.image_extensions)
+        if not keys:
+            raise UserError(
+                f"no image files ({', '.join(cfg.ingest.image_extensions)}) in class folders under "
+                f"{source.uri()}: expected <class>/<listing>_<photo>_<id>.jpg ({dict(list_stats) or 'empty'})"
+            )
         stats.update(list_stats)
         # shard by listing, so that no listing is split across two feed parts
         groups: dict[str, list[str]] = {}
@@ -117,7 +126,8 @@ def ingest(
     return summary
 
 
-def main(argv: list[str] | None = None) -> dict:
+@entry_point
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.ingest", description=ingest.__doc__)
     parser.add_argument("path", nargs="?", help="a seed-style class-folder dataset to import (path or s3://)")
     parser.add_argument("--layout", choices=["crawl", "folders"], default="crawl",
@@ -130,10 +140,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.path and args.layout != "folders":
         parser.error("PATH needs --layout folders (crawl feeds are read from storage)")
     args.folders = args.folders or args.path
+    if args.folders:
+        check_folder_dataset(args.folders)  # a typo is one line, before any flow run
     summary = ingest(storage=args.storage, sites=args.sites, folders=args.folders, site=args.import_site)
     print(json.dumps({k: v for k, v in summary.items() if k != "stats"}, indent=2))
-    return summary
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -32,6 +32,7 @@ from flows.clean import clean
 from flows.crawl import crawl
 from flows.crop import crop
 from flows.dataset import dataset
+from flows.entry import entry_point
 from flows.ingest import ingest
 
 #: the model stages in DAG order, and the stage each one reads
@@ -185,6 +186,7 @@ def nightly(
             "car_filter": filtered, "crop": cropped, "dataset": data}
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -12,7 +12,7 @@ from typing import Any, Literal, TypedDict
 PhotoStatus = Literal["stored", "known", "rejected"]
 
 #: reasons a photo is never stored
-REJECT_REASONS = ("empty", "not_image", "oversized", "download_error")  # plus http_<code>
+REJECT_REASONS = ("empty", "not_image", "placeholder", "oversized", "download_error")  # plus http_<code>
 
 
 class PhotoRecord(TypedDict):

@@ -19,10 +19,20 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import parse_qsl, urlencode, urlparse, urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from carflow.errors import UserError
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
@@ -41,7 +51,15 @@ POLITENESS_SETTINGS: dict[str, str] = {
 }
 
 
-class ProfileError(ValueError):
+#: where lazy-loading scripts keep a photo's URL (srcset variants first: their largest
+#: candidate), then ``src`` (often a placeholder GIF while the page loads) and ``href``
+DEFAULT_IMAGE_ATTRIBUTES = (
+    "srcset", "data-srcset", "data-lazy-srcset", "data-src", "data-lazy-src", "data-lazy", "data-original",
+    "data-url", "src", "href",
+)
+
+
+class ProfileError(UserError, ValueError):
     """A site profile is missing or invalid; the message names the file and the field."""
 
 
@@ -123,15 +141,33 @@ class SiteProfile(_Model):
     fields: FieldSelectors = Field(default_factory=FieldSelectors)
     #: attributes of a photo element holding its URL, in order of preference
     image_attributes: list[str] = Field(
-        default_factory=lambda: ["srcset", "data-srcset", "data-src", "data-lazy-src", "data-original", "src", "href"]
+        default_factory=lambda: list(DEFAULT_IMAGE_ATTRIBUTES)
     )
-    #: currency when the page gives none
-    default_currency: str | None = Field(None, min_length=3, max_length=3)
+    #: the site's currency (ISO 4217): what an ambiguous symbol in a price means (``$``
+    #: is USD, MXN, ARS, CAD…; ``kr`` SEK, NOK, DKK; ``¥`` JPY, CNY) and the currency of
+    #: a price that names none. An ISO code on the page (JSON-LD ``priceCurrency``) wins.
+    #: ``default_currency`` is its old name.
+    currency: str | None = Field(
+        None, min_length=3, max_length=3, validation_alias=AliasChoices("currency", "default_currency")
+    )
     #: extra raw make → canonical make aliases (added to carflow.labels.MAKE_ALIASES)
     make_aliases: dict[str, str] = Field(default_factory=dict)
     politeness: Politeness = Field(default_factory=Politeness)
     #: any other Scrapy setting for this site (e.g. DEFAULT_REQUEST_HEADERS)
     scrapy_settings: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("currency")
+    @classmethod
+    def _iso_currency(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        if not v.isalpha():
+            raise ValueError(f"not an ISO 4217 code (three letters, e.g. EUR, USD, MXN): {v!r}")
+        return v.upper()
+
+    @property
+    def default_currency(self) -> str | None:  # the old name
+        return self.currency
 
     @field_validator("listing_links", "pagination")
     @classmethod
@@ -179,8 +215,13 @@ class SiteProfile(_Model):
         return re.compile(self.listing_id_regex)
 
     def listing_site_id(self, url: str) -> str | None:
-        """The site's own listing id from a listing URL, or None when the regex misses."""
-        match = self.listing_id_pattern.search(url)
+        """The site's own listing id from a listing URL, or None when the regex misses.
+
+        The regex sees the URL without its fragment and without the query parameters
+        whose value is itself a URL or a path: a login link ``/login?next=/cars/123``
+        carries a listing URL but is not a listing. Its own parameters stay
+        (``/detail.php?id=123``)."""
+        match = self.listing_id_pattern.search(own_url(url))
         if not match:
             return None
         value = match.group("id") if "id" in match.re.groupindex else match.group(1)
@@ -224,6 +265,16 @@ class ResolvedProfile(BaseModel):
     base_url: str | None
     start_urls: list[str]
     allowed_domains: list[str]
+
+
+def own_url(url: str) -> str:
+    """``url`` without its fragment and without query parameters that carry another URL
+    or path (``next=``, ``return_to=``, ``redirect=``…)."""
+    parts = urlsplit(url)
+    if not parts.query:
+        return urlunsplit(parts._replace(fragment=""))
+    kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if "/" not in v]
+    return urlunsplit(parts._replace(query=urlencode(kept), fragment=""))
 
 
 def _explain(source: str, exc: ValidationError) -> ProfileError:

@@ -12,13 +12,14 @@ from typing import Any
 
 from prefect import task
 
+from carflow.errors import retry_unless_user_error
 from carflow.storage import open_storage
-from spiders.run import CrawlError, run_crawl
+from spiders.run import CrawlError, CrawlFailed, run_crawl, site_name
 
-__all__ = ["CrawlError", "crawl_task", "run_crawl"]
+__all__ = ["CrawlError", "CrawlFailed", "crawl_task", "run_crawl", "site_name"]
 
 
-@task(name="crawl-site", retries=1, retry_delay_seconds=30)
+@task(name="crawl-site", retries=1, retry_delay_seconds=30, retry_condition_fn=retry_unless_user_error)
 def crawl_task(
     site: str,
     storage: str | None = None,
@@ -29,8 +30,9 @@ def crawl_task(
     max_listings: int | None = None,
 ) -> dict[str, Any]:
     """Run the crawl to the end; returns its stats (with ``crawl_id``). A retry with the
-    same JOBDIR resumes where the failed attempt stopped."""
-    # the crawl process runs from the repo root: hand it an absolute storage URI, so a
-    # relative local root (the default ``data``) means the caller's folder, not the repo's
+    same JOBDIR resumes where the failed attempt stopped; a bad profile or argument
+    (a ``UserError``) is not retried."""
+    # hand the crawl process an absolute storage URI: a relative local root (the
+    # default ``data``) means the caller's folder
     storage = open_storage(storage).uri()
     return run_crawl(site, storage, jobdir, crawl_id, overrides, max_listings, base_url=base_url)

@@ -12,7 +12,7 @@ Drop reasons, in the order they are tested:
 
 | reason | when |
 |---|---|
-| ``empty`` | fewer than ``min_bytes`` bytes (0-byte files included) |
+| ``empty`` | 0 bytes, or fewer than ``min_bytes`` that are not an image (a tiny real image, e.g. a 43-byte 1×1 GIF, is ``too_small``) |
 | ``not_image`` | the magic bytes say HTML/XML, text or PDF, or nothing Pillow knows |
 | ``unsupported_format`` | a recognised image format outside ``allowed_formats`` (TIFF, HEIC, AVIF, SVG, ICO… by default), or one Pillow identifies that has no magic number we know |
 | ``too_large`` | declared ``width × height > max_pixels``; refused from the header, nothing allocated |
@@ -218,8 +218,18 @@ def _drop(res: FixResult, reason: str, error: str | None = None) -> FixResult:
     return res
 
 
+def _decodes(data: bytes) -> bool:
+    """A few bytes that still decode as an image (a 1×1 GIF is 43 bytes)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+        return True
+    except Exception:  # noqa: BLE001 - anything Pillow cannot read is not a tiny image
+        return False
+
+
 def _fix(data: bytes, cfg: FixSettings, res: FixResult) -> FixResult:
-    if len(data) < max(cfg.min_bytes, 1):
+    if not data or (len(data) < cfg.min_bytes and not _decodes(data)):
         return _drop(res, "empty", f"{len(data)} bytes")
 
     fmt = sniff(data)

@@ -26,9 +26,10 @@ from typing import Any
 import pyarrow as pa
 from prefect import task
 
+from carflow.errors import UserError
 from carflow.labels import make_label, normalise_make, normalise_model, normalise_year
 from carflow.manifest import INGEST_SCHEMA, KEPT, REJECTS_SCHEMA, from_records
-from carflow.storage import Storage, image_key, open_storage
+from carflow.storage import LocalStorage, Storage, image_key, open_storage
 
 STAGE = "ingest"
 VERSION = "1"
@@ -166,6 +167,21 @@ def build_manifest(records: list[dict]) -> tuple[pa.Table, pa.Table, Counter]:
 # ---------------------------------------------------------------------------------------
 # folder datasets (the seeds' layout)
 # ---------------------------------------------------------------------------------------
+def check_folder_dataset(uri: str) -> Storage:
+    """The folder dataset at ``uri`` opened as a storage; a local folder that does not
+    exist, or an ``s3://`` prefix with nothing under it, is a :class:`UserError`."""
+    source = open_storage(uri)
+    if isinstance(source, LocalStorage):
+        if not source.root.is_dir():
+            what = "is not a folder" if source.root.exists() else "does not exist"
+            raise UserError(f"folder dataset {source.root} {what}: give the folder of class folders "
+                            "(`carflow ingest PATH --layout folders`)")
+    elif next(iter(source.list("")), None) is None:
+        raise UserError(f"folder dataset {source.uri()} holds no objects: check the bucket and prefix "
+                        "(`carflow ingest s3://bucket/prefix --layout folders`)")
+    return source
+
+
 def list_folder_dataset(source: Storage, extensions: list[str]) -> tuple[list[str], Counter]:
     """Keys ``<class>/<file>`` of image files in a folder dataset (deeper or shallower
     keys and other extensions are counted and skipped)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -52,6 +53,7 @@ def run_shards(
     """Submit ``task(**arguments(ids))`` for every shard; returns the results and the
     shards that really ran (not served from Prefect's cache, not reused from storage)."""
     futures = [task.submit(**arguments(ids)) for ids in shards]
+    wait_with_progress(futures, [len(ids) for ids in shards], getattr(task, "name", "shards"))
     results = [f.result() for f in futures]
     for i, ids in enumerate(shards):
         if not store.exists(results[i]["key"]):
@@ -66,13 +68,83 @@ def run_shards(
     return results, fresh
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def wait_with_progress(futures: list[Any], sizes: list[int], what: str) -> None:
+    """Wait for shard futures, logging one line per finished shard with the images per
+    second so far and the time left (a long stage shows it is moving)."""
+    if len(futures) <= 1:
+        return
+    from prefect.futures import as_completed
+
+    logger = _logger()
+    size_of = {id(f): n for f, n in zip(futures, sizes, strict=True)}
+    total, done, start = sum(sizes), 0, time.monotonic()
+    for i, future in enumerate(as_completed(futures), 1):
+        done += size_of[id(future)]
+        elapsed = max(time.monotonic() - start, 1e-6)
+        rate = done / elapsed
+        eta = (total - done) / rate if rate > 0 else 0.0
+        logger.info("%s: shard %d/%d done, %d/%d images, %.1f img/s, %s left",
+                    what, i, len(futures), done, total, rate, _duration(eta))
+
+
+def _logger() -> Any:
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - outside a flow run
+        return log
+
+
+#: concurrency limit name → does it exist on the Prefect API (checked once per process)
+_LIMITS: dict[tuple[str, str], bool | None] = {}
+
+
+def limit_exists(name: str) -> bool | None:
+    """Whether the global concurrency limit ``name`` exists (None: the API did not say).
+    Asked once per process and API: a missing limit is logged once, not per shard."""
+    try:
+        from prefect.settings import PREFECT_API_URL
+
+        api = str(PREFECT_API_URL.value() or "ephemeral")
+    except Exception:  # noqa: BLE001
+        api = "?"
+    key = (api, name)
+    if key in _LIMITS:
+        return _LIMITS[key]
+    exists: bool | None
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound
+
+        try:
+            with get_client(sync_client=True) as client:
+                client.read_global_concurrency_limit_by_name(name)
+            exists = True
+        except ObjectNotFound:
+            exists = False
+            log.warning("Prefect has no global concurrency limit %r: the model stages run without a slot "
+                        "(to share a GPU between runs: `prefect gcl create %s --limit 1`)", name, name)
+    except Exception as exc:  # noqa: BLE001 - no API: run without the slot
+        log.warning("concurrency limit %r not checked (%s); running without it", name, exc)
+        exists = None
+    _LIMITS[key] = exists
+    return exists
+
+
 @contextmanager
 def gpu_slot(name: str = "gpu") -> Iterator[None]:
     """Hold one slot of the Prefect global concurrency limit ``name`` around the body
-    (the model stages' inference and training). A missing limit (``strict=False``) or an
-    unreachable Prefect API never fails the run; an empty ``name`` takes no slot."""
+    (the model stages' inference and training). A missing limit is logged once per
+    process (:func:`limit_exists`) and the body runs without a slot; an unreachable
+    Prefect API never fails the run; an empty ``name`` takes no slot."""
     with ExitStack() as stack:
-        if name:
+        if name and limit_exists(name):
             try:
                 from prefect.concurrency.sync import concurrency
 

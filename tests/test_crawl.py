@@ -7,6 +7,7 @@ import json
 import signal
 import time
 from collections import Counter
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
@@ -16,6 +17,8 @@ from demo.truth import CRAWL_REJECTED, expected_ingest, load_ground_truth
 from spiders.run import read_stats, run_crawl, start_crawl
 
 pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
 
 #: loopback: no need for politeness delays in tests (the defaults stay polite)
 FAST = {"AUTOTHROTTLE_ENABLED": False, "DOWNLOAD_DELAY": 0, "CONCURRENT_REQUESTS_PER_DOMAIN": 8}
@@ -171,3 +174,82 @@ def test_interrupted_crawl_resumes_with_the_same_result(demo_site_dir, tmp_path)
     assert {k: v for k, v in resumed.items() if k.startswith("carflow/photo_rejected/")} == {
         f"carflow/photo_rejected/{k}": v for k, v in expected_ingest(gt)["rejected_by_reason"].items()
     }
+
+
+def test_killed_crawl_resumes_with_the_same_result_and_downloads_nothing_twice(demo_site_dir, tmp_path):
+    """SIGKILL (out of memory, eviction) gives the crawl no chance to flush its feed or
+    save ``spider.state``: the journal in its JOBDIR must carry it."""
+    from demo.server import DemoSite
+
+    store_uri = str(tmp_path / "store")
+    jobdir = tmp_path / "job"
+    gt = load_ground_truth(demo_site_dir)
+    slow = {**FAST, "CONCURRENT_REQUESTS_PER_DOMAIN": 2, "CARFLOW_FEED_PART_SIZE": 4}
+    raw = tmp_path / "store" / "raw"
+    with DemoSite(demo_site_dir, latency_ms=30) as site:
+        log_start = len(site.requests_log)
+        proc, crawl_id = start_crawl("demo", store_uri, jobdir, None, slow, base_url=site.url)
+        try:
+            deadline = time.monotonic() + 90
+            # mid-crawl: some photos stored, most listings still to do
+            while sum(1 for _ in raw.glob("*/*")) < 20 if raw.exists() else True:
+                assert proc.poll() is None, open(proc.log_path).read()[-3000:]
+                assert time.monotonic() < deadline, "the crawl made no progress"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)  # no shutdown: nothing is flushed or saved
+            assert proc.wait(30) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        first_paths = _paths(site, log_start)
+        store = open_storage(store_uri)
+        stored_after_kill = {key.rsplit("/", 1)[-1] for key in store.list("raw/")}
+        assert not store.exists(f"crawls/demo/{crawl_id}/stats.json")  # it never closed
+        assert not (jobdir / "spider.state").exists()
+        assert len(_records(store, crawl_id)) < len(gt["listings"])
+
+        log_start = len(site.requests_log)
+        resumed = run_crawl("demo", store_uri, jobdir, overrides=slow, base_url=site.url, timeout=120)
+        second_paths = set(_paths(site, log_start))
+
+    assert resumed["crawl_id"] == crawl_id  # kept in the journal from the start
+    assert resumed["finish_reason"] == "finished"
+    records = _records(store, crawl_id)
+    assert len({r["listing_id"] for r in records}) == len(records) == len(gt["listings"])
+    assert _pairs(records) == expected_ingest(gt)["pairs"]  # what an uninterrupted crawl stores
+    assert {key.rsplit("/", 1)[-1] for key in store.list("raw/")} == expected_ingest(gt)["image_ids"]
+
+    # nothing downloaded twice. A photo request means its listing page was parsed: that
+    # page is never requested again. A photo stored from its URL is never requested again.
+    first = set(first_paths)
+    sha_of, urls_of_sha, listing_of = {}, Counter(), {}
+    for truth in gt["listings"]:
+        for photo in truth["photos"]:
+            for path in _photo_paths(photo):
+                sha_of[path], listing_of[path] = photo.get("sha256"), _path(truth["url"])
+    urls_of_sha.update(sha_of[p] for p in first if p in sha_of)
+    parsed_first = {listing_of[p] for p in first if p in listing_of}
+    assert parsed_first and len(parsed_first) < len(gt["listings"])
+    assert not parsed_first & second_paths, sorted(parsed_first & second_paths)
+    stored_from = {p for p in first if p in sha_of and sha_of[p] in stored_after_kill and urls_of_sha[sha_of[p]] == 1}
+    assert stored_from and not stored_from & second_paths, sorted(stored_from & second_paths)
+    assert resumed.get("carflow/recovered/feed_parts", 0) + resumed.get("carflow/recovered/listings", 0) >= 1
+    assert not (jobdir / "carflow" / "scraped.jsonl").exists()  # a clean close drops the journal
+
+
+def test_crawl_that_reaches_nothing_fails_with_a_message(demo_site, tmp_path):
+    from conftest import free_port
+
+    from spiders.run import CrawlFailed
+
+    with pytest.raises(CrawlFailed, match="reached none of its search pages") as info:
+        run_crawl("demo", str(tmp_path / "a"), overrides={**FAST, "RETRY_TIMES": 0},
+                  base_url=f"http://127.0.0.1:{free_port()}", timeout=120)
+    assert "\n" not in str(info.value)
+
+    profile = tmp_path / "wrong.yaml"
+    profile.write_text((ROOT / "spiders" / "profiles" / "demo.yaml").read_text()
+                       .replace("a.listing-link::attr(href)", "a.no-such-link::attr(href)"))
+    with pytest.raises(CrawlFailed, match=r"found 0 listings on \d+ search page") as info:
+        run_crawl(str(profile), str(tmp_path / "b"), overrides=FAST, base_url=demo_site.url, timeout=120)
+    assert "listing_links" in str(info.value)

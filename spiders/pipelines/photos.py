@@ -16,6 +16,8 @@ recorded in the item as ``status='rejected'`` with a ``reason``:
 ====================  =============================================================
 ``empty``             0-byte body
 ``not_image``         the body is not an image (e.g. an HTML page served as .jpg)
+``placeholder``       an image under 16 px on its longer side: a lazy-load placeholder or
+                      spacer (1×1 GIF…) that a profile's attributes picked up, not a photo
 ``http_<code>``       HTTP error status (404, 410, 500 after retries, …)
 ``oversized``         larger than ``DOWNLOAD_MAXSIZE`` (the download is aborted)
 ``robots``/``offsite``  the request was filtered (robots.txt, not an allowed domain)
@@ -31,6 +33,7 @@ Counters (crawl stats): per photo reference of an item ``carflow/photo/ref/store
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 from typing import Any
@@ -60,6 +63,22 @@ except ImportError:  # pragma: no cover - Scrapy < 2.15
 
 
 logger = logging.getLogger(__name__)
+
+#: an image smaller than this on its longer side is a placeholder/spacer, never a photo
+PLACEHOLDER_MAX_SIDE = 16
+
+
+def is_placeholder(body: bytes) -> bool:
+    """A tiny image (1×1 GIF, 10×10 "loading" PNG…): read from the header only."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(body)) as im:
+            width, height = im.size
+    except Exception:  # noqa: BLE001 - not readable here: the clean stage decides
+        return False
+    return max(width, height) < PLACEHOLDER_MAX_SIDE
+
 
 def sniff_image(body: bytes) -> str | None:
     """The image format from the magic bytes (``carflow.imageio.sniff``), or None when the
@@ -146,6 +165,11 @@ class PhotosPipeline(MediaPipeline):
             return _reject(url, "oversized", len(body), ctype)
         if sniff_image(body) is None:
             return _reject(url, "not_image", len(body), ctype)
+        if is_placeholder(body):
+            return _reject(url, "placeholder", len(body), ctype)
+        journal = getattr(info.spider, "journal", None)
+        if journal is not None:  # before the put: a stored photo is always in the journal
+            journal.photo(url, sha256_hex(body), len(body), ctype)
         try:
             image_id, new = await run_in_thread(self._store, body, ctype)
         except Exception as exc:

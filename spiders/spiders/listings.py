@@ -12,7 +12,10 @@ the photos and ``feed.py`` writes the listing records.
 Incremental: on start the spider reads the listing feeds already in storage; a listing
 whose id (from its URL, via the profile's ``listing_id_regex``) is known is never
 requested, and a known photo URL is never downloaded again (``photos.py``).
-Resumable: with ``JOBDIR`` the crawl id is kept in ``spider.state``.
+Resumable: with ``JOBDIR`` the crawl keeps a journal there (``spiders/journal.py``): its
+crawl id from the start, every parsed listing, every stored photo and the feed part being
+filled. A crawl stopped gracefully (SIGINT/SIGTERM) or killed (SIGKILL, out of memory)
+resumes into the same crawl id with nothing lost and nothing stored downloaded again.
 """
 
 from __future__ import annotations
@@ -224,15 +227,29 @@ def parse_srcset(srcset: str) -> str | None:
     return best
 
 
+#: the file name of a lazy-load placeholder or spacer image (``/img/blank.gif``,
+#: ``lazy-placeholder.png``, ``spacer_1x1.gif``), never a listing photo
+PLACEHOLDER_URL = re.compile(
+    r"(?:^|/)[^/?#]*(?:blank|spacer|placeholder|transparent|lazy|loading|loader|pixel|1x1|dummy|empty)"
+    r"[^/?#]*\.(?:gif|png|svg|webp)(?:[?#]|$)",
+    re.IGNORECASE,
+)
+
+
+def is_placeholder_url(url: str) -> bool:
+    return url.lower().startswith(("data:", "javascript:", "about:", "blob:")) or bool(PLACEHOLDER_URL.search(url))
+
+
 def element_image_url(attrs: dict[str, str], attributes: list[str]) -> str | None:
     """The photo URL of one ``<img>``/``<source>``/``<a>``: the first usable attribute
-    (srcset → its largest candidate); ``data:`` URIs (lazy-load placeholders) are ignored."""
+    (srcset → its largest candidate); lazy-load placeholders (``data:`` URIs, ``blank.gif``,
+    ``spacer.png``…) are skipped, so the attribute holding the real photo is read next."""
     for name in attributes:
         value = (attrs.get(name) or "").strip()
         if not value:
             continue
         url = parse_srcset(value) if name.endswith("srcset") else value
-        if url and not url.lower().startswith(("data:", "javascript:", "about:", "blob:")):
+        if url and not is_placeholder_url(url):
             return url
     return None
 
@@ -367,6 +384,11 @@ class ListingsSpider(scrapy.Spider):
         #: photo URL → {"image_id", "bytes", "content_type"} from earlier records
         self.known_photos: dict[str, dict[str, Any]] = {}
         self.listings_scheduled = 0
+        #: listing ids requested (or recovered) in this session: one request per listing,
+        #: however many links or URLs point at it
+        self.scheduled_ids: set[str] = set()
+        self.journal = None  # a CrawlJournal when the crawl has a JOBDIR (from_crawler)
+        self.killed_before = False
 
     @classmethod
     def from_crawler(cls, crawler, *args: Any, **kwargs: Any) -> ListingsSpider:
@@ -375,10 +397,31 @@ class ListingsSpider(scrapy.Spider):
         # command line (priority "cmdline") still beats the profile
         for key, value in spider.profile.scrapy_overrides().items():
             crawler.settings.set(key, value, priority="spider")
+        spider.open_journal(crawler.settings.get("JOBDIR"))
         spider.open_storage()
         return spider
 
     # -- set-up ---------------------------------------------------------------------
+    def open_journal(self, jobdir: str | None) -> None:
+        """With a JOBDIR: open the crawl journal. When the last crawl there was killed,
+        Scrapy's request queue and seen-requests file are discarded now, before the
+        scheduler opens them: they are incomplete after a kill, and the seen file would
+        filter the search pages so that the resumed crawl finds nothing. The search pages
+        are walked again instead; what the journal recovered is known and skipped."""
+        if not jobdir:
+            return
+        from spiders.journal import CrawlJournal
+
+        self.journal = CrawlJournal(jobdir)
+        if self.journal.killed():
+            self.killed_before = True
+            gone = self.journal.discard_scheduler_state()
+            logger.warning(
+                "the last crawl in %s was killed before it could close: resuming crawl %s from its journal "
+                "(discarded Scrapy's %s; the search pages are read again, known listings are skipped)",
+                jobdir, self.journal.read_marker().get("crawl_id"), ", ".join(gone) or "nothing",
+            )
+
     def open_storage(self) -> None:
         from carflow.storage import open_storage
 
@@ -388,11 +431,11 @@ class ListingsSpider(scrapy.Spider):
         self.crawler.stats.inc_value(f"{STAT}/{key}", count)
 
     def resolve_crawl_id(self) -> str:
-        """``-a crawl_id`` > the id kept in ``spider.state`` (JOBDIR resume) > a new one."""
+        """``-a crawl_id`` > the id kept in the JOBDIR (journal, else ``spider.state``) > a new one."""
         state = getattr(self, "state", None)
         if state is None:  # no JOBDIR: SpiderState is not enabled
             state = self.state = {}
-        kept = state.get("crawl_id")
+        kept = (self.journal.read_marker().get("crawl_id") if self.journal else None) or state.get("crawl_id")
         if self.crawl_id_arg and kept and kept != self.crawl_id_arg:
             self.logger.warning("crawl_id %s given, JOBDIR state has %s: using %s", self.crawl_id_arg, kept, self.crawl_id_arg)
         crawl_id = self.crawl_id_arg or kept or new_crawl_id()
@@ -400,7 +443,45 @@ class ListingsSpider(scrapy.Spider):
             self.inc("resumed")
         state["crawl_id"] = crawl_id
         self.crawl_id = crawl_id
+        if self.journal is not None:
+            self.journal.begin(crawl_id, self.site)  # on disk now: a kill from here on resumes into it
         return crawl_id
+
+    def recover(self) -> list[ListingItem]:
+        """After an earlier session of this crawl (JOBDIR): its unwritten feed parts go to
+        storage (before :meth:`load_known` reads the feeds), its stored photos become known
+        photo URLs, and the listings it parsed but never finished are returned, to be
+        processed again without fetching their pages."""
+        if self.journal is None:
+            return []
+        from carflow.storage import image_key
+        from spiders.pipelines.feed import upload_pending_parts
+
+        parts = upload_pending_parts(self.storage, self.site, self.crawl_id, self.journal.feed_dir)
+        if parts:
+            self.inc("recovered/feed_parts", len(parts))
+        self.load_known()
+        photos = 0
+        for rec in self.journal.photos():
+            if rec["url"] not in self.known_photos and self.storage.exists(image_key(rec["image_id"])):
+                self.known_photos[rec["url"]] = {k: rec.get(k) for k in ("image_id", "bytes", "content_type")}
+                photos += 1
+        if photos:
+            self.inc("recovered/photos", photos)
+        items = []
+        fields = set(ListingItem.field_names())
+        for rec in self.journal.scraped_items():
+            if rec["listing_id"] in self.known_listing_ids:
+                continue
+            try:
+                item = ListingItem(**{k: v for k, v in rec.items() if k in fields})
+            except TypeError:
+                continue
+            item.crawl_id = self.crawl_id
+            items.append(item)
+        if items:
+            self.inc("recovered/listings", len(items))
+        return items
 
     def load_known(self) -> None:
         """Listing ids and photo URL → image_id of every earlier record of this site."""
@@ -434,18 +515,29 @@ class ListingsSpider(scrapy.Spider):
                 "this JOBDIR holds a crawl that already finished: its requests are marked seen and "
                 "nothing new will be crawled. Use a fresh JOBDIR for a new crawl."
             )
-        self.load_known()
+        recovered = self.recover() if self.journal is not None else []
+        if self.journal is None:
+            self.load_known()
         self.logger.info(
-            "crawl %s of %s into %s: %d known listings, %d known photo URLs",
+            "crawl %s of %s into %s: %d known listings, %d known photo URLs, %d listings recovered",
             self.crawl_id, self.site, self.storage.uri(), len(self.known_listing_ids), len(self.known_photos),
+            len(recovered),
         )
+        for item in recovered:
+            self.scheduled_ids.add(item.listing_id)
+            self.listings_scheduled += 1
+            yield item
         for url in self.start_urls:
+            # after a kill the seen-requests file is gone; a graceful resume keeps it and
+            # its queue holds the pages still to do
             yield scrapy.Request(url, callback=self.parse_search, errback=self.search_failed)
 
     def closed(self, reason: str) -> None:
         state = getattr(self, "state", None)
         if state is not None and reason == "finished":
             state["finished"] = True  # saved to JOBDIR/spider.state after this (SpiderState)
+        if self.journal is not None:
+            self.journal.end(reason)
 
     # -- search pages ---------------------------------------------------------------
     def parse(self, response: Response, **kwargs: Any) -> Any:
@@ -469,14 +561,19 @@ class ListingsSpider(scrapy.Spider):
             if site_id is None:
                 self.inc("search/link_without_id")
                 continue
+            self.inc("search/listing_links")
             listing_id = f"{self.site}:{site_id}"
             if listing_id in self.known_listing_ids:
                 self.inc("listing/known_skipped")
+                continue
+            if listing_id in self.scheduled_ids:
+                self.inc("search/duplicate_link")
                 continue
             if self.max_listings is not None and self.listings_scheduled >= self.max_listings:
                 self.crawler.stats.set_value(f"{STAT}/listing/max_listings_reached", 1)
                 return  # no more listings, no more pages
             self.listings_scheduled += 1
+            self.scheduled_ids.add(listing_id)
             yield scrapy.Request(
                 url,
                 callback=self.parse_listing,
@@ -513,6 +610,8 @@ class ListingsSpider(scrapy.Spider):
         for key, count in notes.items():
             self.inc(f"listing/{key}", count)
         item.crawl_id = self.crawl_id
+        if self.journal is not None:
+            self.journal.scraped(item.to_dict())  # a kill from here on does not refetch the page
         yield item
 
     def listing_failed(self, failure: Failure) -> None:
