@@ -48,6 +48,7 @@ from tasks.car_filter import (
     train_task,
     write_labelling_kit,
 )
+from tasks.runners import task_runner
 from tasks.shards import plan_shards, run_shards
 
 
@@ -98,7 +99,7 @@ def train(
     return result
 
 
-@flow(name="car-filter-score", log_prints=True)
+@flow(name="car-filter-score", log_prints=True, task_runner=task_runner("cpu"))
 def score(
     storage: str | None = None,
     model: str | None = None,

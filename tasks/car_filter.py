@@ -45,6 +45,7 @@ from carflow.manifest import DROPPED, KEPT, to_pandas
 from carflow.settings import CarFilterSettings
 from carflow.storage import Storage, open_storage
 from tasks.report import contact_sheet
+from tasks.retry import RETRY
 from tasks.shards import gpu_slot
 
 log = logging.getLogger(__name__)
@@ -683,8 +684,7 @@ def _score_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
     return score_key(parameters["model_version"], parameters["image_ids"], config)
 
 
-@task(name="car-filter-shard", cache_key_fn=_score_cache_key, persist_result=True, retries=1,
-      retry_delay_seconds=10)
+@task(name="car-filter-shard", cache_key_fn=_score_cache_key, persist_result=True, **RETRY.io())
 def score_shard_task(
     storage_uri: str | None,
     image_ids: list[str],
