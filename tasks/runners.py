@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
+from carflow.errors import UserError
 from carflow.settings import RuntimeSettings, Settings, get_settings
 
 StageKind = Literal["cpu", "io"]
@@ -31,6 +32,8 @@ def build_task_runner(stage_kind: StageKind, runtime: RuntimeSettings) -> TaskRu
     if stage_kind not in ("cpu", "io"):
         raise ValueError(f"stage_kind must be 'cpu' or 'io', got {stage_kind!r}")
     kind = runtime.task_runner
+    if kind != "thread" and not (stage_kind == "io" and kind == "local"):
+        _require_api(kind)
     if kind == "dask":
         from prefect_dask import DaskTaskRunner
 
@@ -38,6 +41,18 @@ def build_task_runner(stage_kind: StageKind, runtime: RuntimeSettings) -> TaskRu
     if kind == "process" or (kind == "local" and stage_kind == "cpu"):
         return ProcessPoolTaskRunner(max_workers=runtime.max_workers)
     return ThreadPoolTaskRunner(max_workers=runtime.max_workers)
+
+
+def _require_api(kind: str) -> None:
+    """Worker processes report to the Prefect API: an ephemeral one (no
+    ``PREFECT_API_URL``) lives in this process only, and each worker would start its own."""
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:
+        raise UserError(
+            f"runtime.task_runner={kind!r} needs a Prefect server its workers can reach: set PREFECT_API_URL "
+            "(e.g. `prefect server start`, then `export PREFECT_API_URL=http://127.0.0.1:4200/api`)"
+        )
 
 
 class SettingsTaskRunner(TaskRunner):

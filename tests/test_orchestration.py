@@ -20,7 +20,7 @@ from tasks.retry import RETRY, RetryPolicy, with_retry_policy
 from tasks.runners import SettingsTaskRunner, task_runner
 
 
-def test_runner_follows_the_setting():
+def test_runner_follows_the_setting(prefect_server):
     assert isinstance(task_runner("io", RuntimeSettings(task_runner="thread")), ThreadPoolTaskRunner)
     assert isinstance(task_runner("cpu", RuntimeSettings(task_runner="process")), ProcessPoolTaskRunner)
     local = RuntimeSettings(task_runner="local", max_workers=3)
@@ -46,7 +46,7 @@ def test_an_unsupported_runner_names_the_setting(monkeypatch):
     assert load_settings().runtime.dask_address == "tcp://10.0.0.5:8786"
 
 
-def test_the_flow_runner_is_chosen_when_the_run_starts(monkeypatch):
+def test_the_flow_runner_is_chosen_when_the_run_starts(monkeypatch, prefect_server):
     from carflow.settings import reset_settings
 
     monkeypatch.setenv("CARFLOW_RUNTIME__TASK_RUNNER", "local")
@@ -57,6 +57,17 @@ def test_the_flow_runner_is_chosen_when_the_run_starts(monkeypatch):
     finally:
         monkeypatch.delenv("CARFLOW_RUNTIME__TASK_RUNNER")
         reset_settings()
+
+
+def test_worker_runners_need_a_reachable_api():
+    """Process and Dask workers report to the Prefect API: with only an ephemeral one
+    (no PREFECT_API_URL), the runner refuses with one line naming what to set."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert isinstance(task_runner("io", RuntimeSettings(task_runner="local")), ThreadPoolTaskRunner)
+        with pytest.raises(UserError, match="PREFECT_API_URL"):
+            task_runner("cpu", RuntimeSettings(task_runner="process"))
 
 
 # --- retries ---------------------------------------------------------------------------
