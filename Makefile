@@ -56,6 +56,7 @@ bench: install
 	$(PYTHON) -m bench.detect
 	$(PYTHON) -m bench.dataset_read --n 1500
 	$(PYTHON) -m bench.serve
+	$(PYTHON) bench/orchestration.py --n 2000 --mem-small 2000 --mem-large 10000 --scale-n 2000 --shard-size 500
 
 ## regenerate requirements.lock after editing pyproject.toml dependencies
 lock:

@@ -451,21 +451,35 @@ class EvaluateSettings(_Section):
 
 
 class RuntimeSettings(_Section):
-    """How flows run: worker threads and where the manifests go."""
+    """How flows run: task runner, retries and where the manifests go."""
 
-    #: the flows run their tasks on Prefect's thread pool; ``thread`` is the only runner
-    #: wired today (a Dask cluster comes with the orchestration work), so any other value
-    #: is refused rather than silently ignored
-    task_runner: str = "thread"
+    #: where a flow's tasks run (``tasks/runners.py``): ``thread`` (Prefect's thread pool,
+    #: every stage), ``process`` (a process pool, every stage), ``local`` (threads for
+    #: I/O stages, processes for CPU stages) or ``dask`` (an existing Dask cluster at
+    #: ``runtime.dask_address``, through prefect-dask's ``DaskTaskRunner``)
+    task_runner: Literal["thread", "process", "local", "dask"] = "thread"
+    #: the Dask scheduler for ``task_runner: dask``, e.g. ``tcp://dask-scheduler:8786``
+    dask_address: str | None = None
+    #: threads or processes of the local runners
     max_workers: int = Field(2, ge=1, le=256)
     manifests_prefix: str = "manifests"
+    #: retries of a task that touches the network or storage (``tasks/retry.py``)
+    retries: int = Field(3, ge=0, le=50)
+    #: first retry delay; each next one doubles (Prefect's ``exponential_backoff``)
+    retry_backoff_s: float = Field(2.0, ge=0)
+    #: each delay varies by up to this fraction (Prefect's ``retry_jitter_factor``)
+    retry_jitter: float = Field(0.5, ge=0)
+    #: a task attempt running longer than this fails (and is retried); empty = no limit
+    task_timeout_s: float | None = Field(3600.0, gt=0)
 
-    @field_validator("task_runner")
-    @classmethod
-    def _wired_runner(cls, v: str) -> str:
-        if v != "thread":
-            raise ValueError(f"task runner {v!r} is not supported yet: the flows run on 'thread' only")
-        return v
+    @model_validator(mode="after")
+    def _dask_needs_address(self) -> RuntimeSettings:
+        if self.task_runner == "dask" and not self.dask_address:
+            raise ValueError(
+                "runtime.task_runner is 'dask' but runtime.dask_address is empty: set it to the "
+                "scheduler, e.g. CARFLOW_RUNTIME__DASK_ADDRESS=tcp://dask-scheduler:8786"
+            )
+        return self
 
 
 class ServeSettings(_Section):

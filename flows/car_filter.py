@@ -52,6 +52,7 @@ from tasks.car_filter import (
 )
 from tasks.car_filter_train import train_task
 from tasks.labelling import import_labels, sample_for_labelling, write_labelling_kit
+from tasks.runners import task_runner
 from tasks.shards import plan_shards, run_shards
 
 
@@ -103,7 +104,7 @@ def train(
     return result
 
 
-@flow(name="car-filter-score", log_prints=True)
+@flow(name="car-filter-score", log_prints=True, task_runner=task_runner("cpu"))
 def score(
     storage: str | None = None,
     model: str | None = None,

@@ -38,6 +38,7 @@ from tasks.clean import inspect_shard_task, merge_inspection
 from tasks.dedup import dedup_manifest
 from tasks.quality import apply_odd_size
 from tasks.report import contact_sheet
+from tasks.runners import task_runner
 from tasks.shards import load_shard_results, plan_shards, run_shards
 
 
@@ -68,7 +69,7 @@ def publish_report(store, df: pd.DataFrame, prefix: str, per_reason: int = 12) -
     return sheets
 
 
-@flow(name="clean", log_prints=True)
+@flow(name="clean", log_prints=True, task_runner=task_runner("cpu"))
 def clean(storage: str | None = None, shard_size: int | None = None) -> dict[str, Any]:
     """Manifest v0 → ``manifests/clean/manifest.parquet`` (every row kept or dropped with a reason)."""
     logger = get_run_logger()

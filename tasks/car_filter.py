@@ -36,6 +36,7 @@ from carflow.registry import MAKE_HINTS, Registry, RegistryError
 from carflow.settings import CarFilterSettings
 from carflow.storage import Storage, open_storage
 from models.car_filter import CarFilterPredictor, has_gpu
+from tasks.retry import RETRY
 from tasks.shards import gpu_slot
 
 log = logging.getLogger(__name__)
@@ -164,8 +165,7 @@ def _score_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
     return score_key(parameters["model_version"], parameters["image_ids"], config)
 
 
-@task(name="car-filter-shard", cache_key_fn=_score_cache_key, persist_result=True, retries=1,
-      retry_delay_seconds=10)
+@task(name="car-filter-shard", cache_key_fn=_score_cache_key, persist_result=True, **RETRY.io())
 def score_shard_task(
     storage_uri: str | None,
     image_ids: list[str],

@@ -26,6 +26,7 @@ from carflow.manifest import DROPPED, KEPT
 from carflow.settings import FixSettings, QualitySettings
 from carflow.storage import Storage, open_storage
 from tasks.fix import MISSING, inspect_schema, inspect_shard, shard_stats
+from tasks.retry import RETRY
 from tasks.shards import load_shard_results, plan_shards  # noqa: F401 - re-exported
 
 STAGE = "inspect"
@@ -85,8 +86,7 @@ def inspect_shard_to_storage(
     name="inspect-shard",
     cache_key_fn=shard_cache_key_fn(STAGE, VERSION, ids_param="image_ids", config_param="config"),
     persist_result=True,
-    retries=2,
-    retry_delay_seconds=10,
+    **RETRY.io(),
 )
 def inspect_shard_task(
     storage_uri: str | None, image_ids: list[str], config: dict[str, Any]

@@ -46,6 +46,7 @@ from carflow.manifest import DROPPED, KEPT
 from carflow.settings import CropSettings
 from carflow.storage import Storage, open_storage
 from models.crop import VEHICLE, crop_decision, largest_box, pad_box  # noqa: F401 - re-exported
+from tasks.retry import RETRY
 from tasks.shards import gpu_slot
 
 STAGE = "crop"
@@ -344,8 +345,7 @@ def crop_shard_to_storage(
     name="crop-shard",
     cache_key_fn=shard_cache_key_fn(STAGE, VERSION, ids_param="image_ids", config_param="config"),
     persist_result=True,
-    retries=1,
-    retry_delay_seconds=10,
+    **RETRY.io(),
 )
 def crop_shard_task(
     storage_uri: str | None,

@@ -74,6 +74,7 @@ from carflow import keys
 from carflow.imageio import open_checked
 from carflow.manifest import DROPPED, KEPT
 from carflow.storage import LocalStorage, Storage, StorageKeyError, open_storage
+from tasks.retry import RETRY
 from tasks.split import SPLITS
 from tasks.tfrecord import decode_example, encode_example, read_records, write_records
 
@@ -912,12 +913,12 @@ def tfrecord_dataset(
 # ---------------------------------------------------------------------------------------
 # Prefect tasks (thin)
 # ---------------------------------------------------------------------------------------
-@task(name="export-folders", retries=2, retry_delay_seconds=5)
+@task(name="export-folders", **RETRY.io())
 def export_folders_task(df: pd.DataFrame, storage: str | None, dest_uri: str, max_workers: int = 4) -> dict[str, Any]:
     return export_folders(df, open_storage(storage), open_storage(dest_uri), max_workers)
 
 
-@task(name="export-tfrecords", retries=1, retry_delay_seconds=5)
+@task(name="export-tfrecords", **RETRY.io())
 def export_tfrecords_task(
     df: pd.DataFrame,
     storage: str | None,

@@ -31,6 +31,7 @@ from carflow.imageio import IMAGE_FORMATS, sniff
 from carflow.labels import make_label, normalise_make, normalise_model, normalise_year
 from carflow.manifest import INGEST_SCHEMA, KEPT, REJECTS_SCHEMA, from_records
 from carflow.storage import LocalStorage, Storage, image_key, open_storage
+from tasks.retry import RETRY
 
 STAGE = "ingest"
 VERSION = "1"
@@ -364,13 +365,13 @@ def write_listing_records(storage: Storage, site: str, crawl_id: str, records: l
 # ---------------------------------------------------------------------------------------
 # Prefect task wrappers
 # ---------------------------------------------------------------------------------------
-@task(name="read-listing-feeds", retries=2, retry_delay_seconds=5)
+@task(name="read-listing-feeds", **RETRY.io())
 def read_listing_feeds_task(storage_uri: str | None, sites: list[str] | None) -> tuple[list[dict], dict]:
     records, stats = read_listing_records(open_storage(storage_uri), sites)
     return records, dict(stats)
 
 
-@task(name="import-folder-shard", retries=2, retry_delay_seconds=5)
+@task(name="import-folder-shard", **RETRY.io())
 def import_folder_shard_task(
     source_uri: str,
     keys: list[str],

@@ -25,7 +25,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from carflow.manifest import KEPT, to_pandas
+from carflow.settings import get_settings
 from carflow.storage import Storage
+from tasks.retry import with_retry_policy
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ def run_shards(
 ) -> tuple[list[dict[str, Any]], list[list[str]]]:
     """Submit ``task(**arguments(ids))`` for every shard; returns the results and the
     shards that really ran (not served from Prefect's cache, not reused from storage)."""
+    task = with_retry_policy(task, get_settings().runtime)
     futures = [task.submit(**arguments(ids)) for ids in shards]
     wait_with_progress(futures, [len(ids) for ids in shards], getattr(task, "name", "shards"))
     results = [f.result() for f in futures]

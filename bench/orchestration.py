@@ -1,0 +1,223 @@
+"""Orchestration cost of the clean stage: Prefect overhead, memory growth, scale-out.
+
+Images are generated cheaply (``demo.bulk``: a few small JPEG bodies, each image with
+its own comment segment, so every sha256 differs; every 10th image a planted problem)
+into a temporary local storage, with their manifest v0. Then, in one run:
+
+(a) overhead: the clean stage on ``--n`` images as plain function calls (the shard
+    function called directly in a loop, then merge, odd-size, dedup, manifest, contact
+    sheets) and through the Prefect flow with its shard tasks (thread runner, a warm
+    ephemeral API). Prints both times and the ratio. Target ≤ 1.05.
+(b) memory: the flow on ``--mem-small`` and on ``--mem-large`` images, each in a fresh
+    child process; peak RSS (the child's ru_maxrss) of each and the ratio.
+    Target ≤ 1.2×: a manifest-and-hash workload never holds the images.
+(c) scale-out: the flow through prefect-dask's ``DaskTaskRunner`` on a 2-worker
+    ``distributed.LocalCluster`` (one thread each, processes), next to Prefect's local
+    process runner with 2 processes, on ``--scale-n`` images.
+
+    python bench/orchestration.py [--n 20000] [--mem-small 10000] [--mem-large 100000]
+                                  [--scale-n 20000] [--shard-size 2000] [--parts overhead,memory,scale]
+
+Every run writes into a fresh storage (a shard cache hit would measure nothing). All runs
+use one local Prefect server (Prefect's test harness: a temporary database), as a
+deployment would; the process and Dask runners need a server their workers can reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _quiet_prefect(home: str) -> None:
+    os.environ.setdefault("PREFECT_HOME", home)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def generate(root: Path, n: int) -> str:
+    from carflow.storage import open_storage
+    from demo.bulk import write_bulk_ingest
+
+    write_bulk_ingest(open_storage(str(root)), n, bodies=32, broken_every=10)
+    return str(root)
+
+
+def plain_clean(uri: str, shard_size: int) -> dict:
+    """The clean stage as plain function calls: the flow's work, without Prefect."""
+    import os as _os
+
+    from carflow.manifest import (
+        CLEAN_SCHEMA,
+        INGEST_SCHEMA,
+        from_pandas,
+        manifest_key,
+        read_manifest,
+        to_pandas,
+        write_manifest,
+    )
+    from carflow.settings import get_settings
+    from carflow.storage import open_storage
+    from flows.clean import apply_odd_size, publish_report
+    from tasks.clean import inspect_shard_to_storage, merge_inspection
+    from tasks.dedup import dedup_manifest
+    from tasks.shards import load_shard_results, plan_shards
+
+    cfg = get_settings()
+    store = open_storage(uri)
+    df = to_pandas(read_manifest(store, manifest_key("ingest"), INGEST_SCHEMA))
+    workers = min(4, _os.cpu_count() or 1)  # what the shard task uses
+    keys = [inspect_shard_to_storage(store, ids, cfg.fix, cfg.quality, workers=workers)["key"]
+            for ids in plan_shards(df, shard_size)]
+    df = merge_inspection(df, load_shard_results(store, keys))
+    df = apply_odd_size(df, cfg.quality)
+    df = dedup_manifest(df, cfg.dedup)
+    write_manifest(store, manifest_key("clean"), from_pandas(df), CLEAN_SCHEMA)
+    publish_report(store, df, cfg.runtime.manifests_prefix)
+    return {"rows": len(df), "kept": int((df["status"] == "kept").sum())}
+
+
+def flow_clean(uri: str, shard_size: int, runtime=None) -> dict:
+    from flows.clean import clean
+    from tasks.runners import task_runner
+
+    f = clean if runtime is None else clean.with_options(task_runner=task_runner("cpu", runtime))
+    return f(uri, shard_size=shard_size)
+
+
+def warm_prefect() -> None:
+    """Reach the API once before anything is timed."""
+    from prefect import flow
+
+    @flow
+    def noop() -> int:
+        return 1
+
+    noop()
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - t, out
+
+
+def overhead(tmp: Path, n: int, shard_size: int) -> dict:
+    a, b = generate(tmp / "plain", n), generate(tmp / "flow", n)
+    warm_prefect()
+    t_plain, plain = timed(plain_clean, a, shard_size)
+    t_flow, summary = timed(flow_clean, b, shard_size)
+    assert plain["rows"] == summary["rows"] and plain["kept"] == summary["kept"], (plain, summary)
+    return {"n": n, "shards": summary["shards"], "plain_s": round(t_plain, 2), "flow_s": round(t_flow, 2),
+            "ratio": round(t_flow / t_plain, 3)}
+
+
+def child_peak_rss(uri: str, shard_size: int) -> dict:
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    out = subprocess.run(
+        [sys.executable, __file__, "--_child", uri, "--shard-size", str(shard_size)],
+        check=True, capture_output=True, text=True, env=env,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def memory(tmp: Path, small: int, large: int, shard_size: int) -> dict:
+    res = {}
+    for label, n in (("small", small), ("large", large)):
+        uri = generate(tmp / f"mem-{n}", n)
+        res[label] = {"n": n, **child_peak_rss(uri, shard_size)}
+        shutil.rmtree(uri, ignore_errors=True)
+    res["ratio"] = round(res["large"]["peak_rss_mb"] / res["small"]["peak_rss_mb"], 3)
+    return res
+
+
+def scale(tmp: Path, n: int, shard_size: int) -> dict:
+    from distributed import LocalCluster
+
+    from carflow.settings import RuntimeSettings
+
+    a, b = generate(tmp / "process", n), generate(tmp / "dask", n)
+    warm_prefect()
+    t_proc, _ = timed(flow_clean, a, shard_size, RuntimeSettings(task_runner="process", max_workers=2))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        dask_rt = RuntimeSettings(task_runner="dask", dask_address=cluster.scheduler_address)
+        t_dask, _ = timed(flow_clean, b, shard_size, dask_rt)
+    return {"n": n, "process_2_s": round(t_proc, 2), "dask_2_workers_s": round(t_dask, 2),
+            "dask_over_process": round(t_dask / t_proc, 3)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=20_000, help="images for the overhead comparison")
+    p.add_argument("--mem-small", type=int, default=10_000)
+    p.add_argument("--mem-large", type=int, default=100_000)
+    p.add_argument("--scale-n", type=int, default=20_000)
+    p.add_argument("--shard-size", type=int, default=2000)
+    p.add_argument("--parts", default="overhead,memory,scale")
+    p.add_argument("--json", help="also write the figures here")
+    p.add_argument("--_child", help=argparse.SUPPRESS)
+    a = p.parse_args()
+
+    home = tempfile.mkdtemp(prefix="carflow-bench-prefect-")
+    _quiet_prefect(home)
+    try:
+        if a._child:  # memory: one flow run in this process (the parent's server), then its peak RSS
+            warm_prefect()
+            summary = flow_clean(a._child, a.shard_size)
+            peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            print(json.dumps({"rows": summary["rows"], "peak_rss_mb": round(peak_kb / 1024, 1)}))
+            return 0
+        # one Prefect server (temporary database) for every run: the process and Dask
+        # runners' workers must reach an API; an ephemeral one per process is not shared
+        from prefect.testing.utilities import prefect_test_harness
+
+        with prefect_test_harness(server_startup_timeout=120):
+            return run_parts(a)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def run_parts(a: argparse.Namespace) -> int:
+    parts = set(a.parts.split(","))
+    results: dict = {"cpus": os.cpu_count(), "shard_size": a.shard_size}
+    tmp = Path(tempfile.mkdtemp(prefix="carflow-bench-orch-"))
+    try:
+        if "overhead" in parts:
+            r = results["overhead"] = overhead(tmp, a.n, a.shard_size)
+            print(f"(a) overhead, {r['n']} images in {r['shards']} shards: plain calls {r['plain_s']} s, "
+                  f"Prefect flow {r['flow_s']} s, ratio {r['ratio']} (target <= 1.05)", flush=True)
+        if "memory" in parts:
+            r = results["memory"] = memory(tmp, a.mem_small, a.mem_large, a.shard_size)
+            print(f"(b) memory: peak RSS {r['small']['peak_rss_mb']} MB at {r['small']['n']} images, "
+                  f"{r['large']['peak_rss_mb']} MB at {r['large']['n']}, ratio {r['ratio']} (target <= 1.2)",
+                  flush=True)
+        if "scale" in parts:
+            r = results["scale"] = scale(tmp, a.scale_n, a.shard_size)
+            print(f"(c) scale-out, {r['n']} images: process runner (2 processes) {r['process_2_s']} s, "
+                  f"DaskTaskRunner on a 2-worker LocalCluster {r['dask_2_workers_s']} s, "
+                  f"ratio {r['dask_over_process']}", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2))
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
