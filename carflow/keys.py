@@ -41,14 +41,23 @@ def image_key(image_id: str, prefix: str = IMAGE_PREFIX) -> str:
     return f"{prefix}/{image_id[:2]}/{image_id}"
 
 
-def listings_prefix(site: str | None = None) -> str:
-    """``listings/`` or ``listings/<site>/``."""
-    return f"{LISTINGS_PREFIX}/{site}/" if site else f"{LISTINGS_PREFIX}/"
+def image_keys(image_ids, prefix: str = IMAGE_PREFIX):
+    """:func:`image_key` over an Arrow array of ids, vectorised (the reduce steps)."""
+    import pyarrow.compute as pc
+
+    return pc.binary_join_element_wise(prefix, pc.utf8_slice_codeunits(image_ids, 0, 2), image_ids, "/")
+
+
+def listings_prefix(site: str | None = None, crawl_id: str | None = None) -> str:
+    """``listings/``, ``listings/<site>/`` or ``listings/<site>/<crawl_id>/``."""
+    if not site:
+        return f"{LISTINGS_PREFIX}/"
+    return f"{LISTINGS_PREFIX}/{site}/{crawl_id}/" if crawl_id else f"{LISTINGS_PREFIX}/{site}/"
 
 
 def feed_part_key(site: str, crawl_id: str, part: int) -> str:
     """``listings/<site>/<crawl_id>/part-NNNNN.jsonl``"""
-    return f"{LISTINGS_PREFIX}/{site}/{crawl_id}/part-{part:05d}.jsonl"
+    return f"{listings_prefix(site, crawl_id)}part-{part:05d}.jsonl"
 
 
 def crawl_stats_key(site: str, crawl_id: str) -> str:

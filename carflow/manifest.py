@@ -20,6 +20,7 @@ from collections.abc import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from carflow.keys import manifest_key  # noqa: F401 - re-exported: keys have one home (carflow.keys)
 from carflow.storage import Storage
 
 KEPT = "kept"
@@ -173,14 +174,19 @@ def write_manifest(storage: Storage, key: str, table: pa.Table, schema: pa.Schem
     return storage.uri(key)
 
 
-def read_manifest(storage: Storage, key: str, schema: pa.Schema | None = None) -> pa.Table:
-    """Read the Parquet manifest at ``key`` and validate it against ``schema``."""
+def read_manifest(
+    storage: Storage, key: str, schema: pa.Schema | None = None, columns: list[str] | None = None
+) -> pa.Table:
+    """Read the Parquet manifest at ``key`` and validate it against ``schema``. With
+    ``columns``, only those are read (and validated): what a reduce step needs."""
     data = storage.get(key)
     try:
-        table = pq.read_table(io.BytesIO(data))
+        table = pq.read_table(io.BytesIO(data), columns=columns)
     except pa.ArrowInvalid as exc:
         raise ManifestError(f"{storage.uri(key)}: not a Parquet manifest: {exc}") from exc
     if schema is not None:
+        if columns is not None:
+            schema = pa.schema([f for f in schema if f.name in columns], metadata=schema.metadata)
         table = conform(table, schema, storage.uri(key))
     return table
 
@@ -204,7 +210,3 @@ def to_pandas(table: pa.Table):
     }
     return table.to_pandas(types_mapper=mapping.get)
 
-
-def manifest_key(stage: str, name: str = "manifest", prefix: str = "manifests") -> str:
-    """``manifests/<stage>/<name>.parquet``"""
-    return f"{prefix}/{stage}/{name}.parquet"

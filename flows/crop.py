@@ -32,30 +32,17 @@ import argparse
 import json
 import shlex
 import sys
-from collections import Counter
 from typing import Any
 
-import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from carflow.manifest import (
-    CLEAN_SCHEMA,
-    DROPPED,
-    KEPT,
-    from_pandas,
-    manifest_key,
-    read_manifest,
-    to_pandas,
-    write_manifest,
-)
+from carflow.keys import manifest_key
 from carflow.settings import get_settings
 from carflow.storage import open_storage
-from tasks.crop import crop_config, crop_shard_task
+from tasks.crop import crop_config, crop_shard_task, merge_crops_task
 from tasks.detector_train import DEFAULT_PREFIX, finetune_task
-from tasks.shards import load_shard_results, plan_shards, run_shards
-
-CROP_COLUMNS = ["bbox", "det_class", "det_conf", "crop_id"]
+from tasks.shards import plan_manifest_shards, run_shards
 
 
 def input_key(store, prefix: str, source: str | None = None) -> str:
@@ -69,26 +56,6 @@ def input_key(store, prefix: str, source: str | None = None) -> str:
         return key
     car = manifest_key("car_filter", prefix=prefix)
     return car if store.exists(car) else manifest_key("clean", prefix=prefix)
-
-
-def merge_crops(manifest: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
-    """Per-image crop rows → manifest rows (by ``image_id``). Rows dropped before this
-    stage keep their status and reason; a kept row without a result is ``not_cropped``."""
-    df = manifest.drop(columns=[c for c in CROP_COLUMNS if c in manifest.columns]).copy()
-    res = results[["image_id", "status", *CROP_COLUMNS, "reason"]].rename(
-        columns={"status": "crop_status", "reason": "crop_reason"}
-    )
-    df = df.merge(res, how="left", on="image_id")
-    was_kept = df["status"] == KEPT
-    missing = was_kept & df["crop_status"].isna()
-    df.loc[missing, "crop_status"] = DROPPED
-    df.loc[missing, "crop_reason"] = "not_cropped"
-    drop = was_kept & (df["crop_status"] == DROPPED)
-    df.loc[drop, "status"] = DROPPED
-    df.loc[drop, "reason"] = df.loc[drop, "crop_reason"]
-    # a dropped row keeps its bbox (too_small) but never a crop
-    df.loc[~was_kept, CROP_COLUMNS] = None
-    return df.drop(columns=["crop_status", "crop_reason"])
 
 
 @flow(name="crop", log_prints=True)
@@ -109,31 +76,23 @@ def crop(
     overrides = {"weights": weights, "imgsz": imgsz, "conf": conf}
     crop_cfg = cfg.crop.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     source = input_key(store, prefix, source)
-    df = to_pandas(read_manifest(store, source))
-    shards = plan_shards(df, shard_size or cfg.ingest.shard_size)
+    shards = plan_manifest_shards(store, source, shard_size or cfg.ingest.shard_size)
     config = crop_config(crop_cfg)
     results, fresh = run_shards(
         crop_shard_task,
         shards,
-        store,
         lambda ids: {"storage_uri": storage, "image_ids": ids, "config": config,
                      "gpu_limit": crop_cfg.gpu_limit, "decode_workers": crop_cfg.decode_workers},
     )
-    cropped = load_shard_results(store, [r["key"] for r in results])
-    if cropped.empty:
-        cropped = pd.DataFrame({c: pd.Series(dtype=object) for c in ["image_id", "status", "reason", *CROP_COLUMNS]})
-    df = merge_crops(df, cropped)
-    table = from_pandas(df)
-    # the input (clean, or car_filter = clean + its columns) keeps its contract
-    uri = write_manifest(store, manifest_key("crop", prefix=prefix), table, CLEAN_SCHEMA)
-    reasons = Counter(df.loc[df["status"] == DROPPED, "reason"].tolist())
+    counted = merge_crops_task(storage, source, [r["key"] for r in results], prefix)
+    reasons = counted["dropped_by_reason"]
     summary = {
-        "manifest": uri,
+        "manifest": counted["manifest"],
         "input": store.uri(source),
-        "rows": len(df),
-        "kept": int((df["status"] == KEPT).sum()),
-        "crops": int(df["crop_id"].notna().sum()),
-        "dropped_by_reason": dict(sorted(reasons.items())),
+        "rows": counted["rows"],
+        "kept": counted["kept"],
+        "crops": counted["crops"],
+        "dropped_by_reason": reasons,
         "shards": len(shards),
         "cached_shards": len(shards) - len(fresh),
         "inferred_images": sum(len(ids) for ids in fresh),
@@ -146,7 +105,7 @@ def crop(
         table=[{"reason": "kept", "rows": summary["kept"]}] + [{"reason": r, "rows": n} for r, n in sorted(reasons.items())],
         description="Crop stage: rows per status/reason",
     )
-    logger.info("crop manifest %s: %s", uri, {k: summary[k] for k in ("rows", "kept", "crops", "dropped_by_reason")})
+    logger.info("crop manifest %s: %s", summary["manifest"], {k: summary[k] for k in ("rows", "kept", "crops", "dropped_by_reason")})
     return summary
 
 

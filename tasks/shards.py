@@ -1,71 +1,232 @@
-"""Shards, shared by every per-image stage (clean, car filter, crop), and the ``gpu``
-concurrency slot the model stages hold (:func:`gpu_slot`).
+"""The shard contract, one home for every per-image stage (clean's inspect pass, the car
+filter's scoring, the crop), and the ``gpu`` concurrency slot the model stages hold
+(:func:`gpu_slot`).
 
-Sharding is stable as data grows: unique kept images are ordered by when they were first
-seen, then cut into fixed-size shards. New listings append images at the end, so only the
-tail shard and the new shards get new cache keys.
-
-:func:`run_shards` submits one cached Prefect task per shard. Each shard task writes its
-rows to storage and returns ``{"key": ...}``; a cached result whose file has since been
-deleted from storage is run again (``refresh_cache``) instead of failing the flow.
+1. **Plan** (:func:`plan_shards`): unique kept images ordered by when they were first
+   seen (then id), cut into fixed-size shards. New listings append images at the end,
+   so only the tail shard and the new shards get new keys.
+2. **Key** (:class:`ShardSpec`): :func:`carflow.caching.content_key` over the stage
+   name and code version, the model version, the sorted image ids and only the settings
+   that change the shard's per-image output. Thresholds applied later (quality checks,
+   the car filter's threshold) are not part of it: the reduce step applies them.
+3. **Run or reuse** (:func:`run_shard`): the output is
+   ``work/<stage>/<content key>.parquet`` plus ``<content key>.stats.json``
+   (:func:`carflow.keys.shard_key` / :func:`carflow.keys.shard_stats_key`), the stats
+   file written last. A shard whose two files exist in the storage is never computed
+   again, whatever Prefect's local cache holds: a new worker container, or a second
+   machine on the same bucket, reuses it. Shard tasks take no Prefect cache
+   (``cache_policy=NO_CACHE``): the storage is the cache.
+4. **Submit** (:func:`run_shards`): one Prefect task per shard; returns the small result
+   dicts and the shards that really ran.
+5. **Load** (:func:`load_shard_results`): only the needed columns, as one Arrow table.
+6. **Merge** (:func:`merge_results`): per-image results onto the manifest rows, in Arrow,
+   with the one rule for rows without a result: dropped, with the stage's reason.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from carflow.manifest import KEPT, to_pandas
+from carflow.caching import content_key
+from carflow.keys import shard_key, shard_stats_key
+from carflow.manifest import DROPPED, KEPT, read_manifest
 from carflow.storage import Storage
 
 log = logging.getLogger(__name__)
 
+#: what a shard's ``compute`` returns: its per-image rows and its counters
+ShardOutput = tuple[pa.Table, dict[str, Any]]
 
-def plan_shards(manifest: pd.DataFrame, shard_size: int) -> list[list[str]]:
-    """Unique kept image ids, ordered by first appearance (then id), in shards."""
-    kept = manifest[manifest["status"] == KEPT]
-    if kept.empty:
+
+# ---------------------------------------------------------------------------------------
+# plan
+# ---------------------------------------------------------------------------------------
+PLAN_COLUMNS = ["image_id", "first_seen", "status"]
+
+
+def plan_shards(manifest: Any, shard_size: int) -> list[list[str]]:
+    """Unique kept image ids of ``manifest`` (an Arrow table or a DataFrame with
+    ``image_id``, ``first_seen``, ``status``), ordered by their earliest ``first_seen``
+    (then id), in shards of ``shard_size``."""
+    if shard_size < 1:
+        raise ValueError("shard size must be >= 1")
+    if isinstance(manifest, pa.Table):
+        table = manifest.select(PLAN_COLUMNS)
+    else:
+        table = pa.Table.from_pandas(manifest[PLAN_COLUMNS], preserve_index=False)
+    kept = table.filter(pc.fill_null(pc.equal(table["status"], KEPT), False))
+    if kept.num_rows == 0:
         return []
-    order = kept.groupby("image_id", sort=False)["first_seen"].min().reset_index()
-    order = order.sort_values(["first_seen", "image_id"], kind="stable")
-    ids = order["image_id"].tolist()
+    order = kept.group_by("image_id").aggregate([("first_seen", "min")])
+    order = order.sort_by([("first_seen_min", "ascending"), ("image_id", "ascending")])
+    ids = order["image_id"].to_pylist()
     return [ids[i : i + shard_size] for i in range(0, len(ids), shard_size)]
 
 
-def load_shard_results(storage: Storage, keys: list[str]) -> pd.DataFrame:
-    frames = [to_pandas(pq.read_table(io.BytesIO(storage.get(k)))) for k in keys]
-    frames = [f for f in frames if not f.empty]
-    if not frames:
-        return pd.DataFrame({"image_id": pd.Series(dtype="string")})
-    return pd.concat(frames, ignore_index=True).drop_duplicates("image_id", keep="last")
+def plan_manifest_shards(storage: Storage, key: str, shard_size: int) -> list[list[str]]:
+    """:func:`plan_shards` of the manifest at ``key``, reading only the three columns."""
+    return plan_shards(read_manifest(storage, key, columns=PLAN_COLUMNS), shard_size)
+
+
+# ---------------------------------------------------------------------------------------
+# key, run or reuse, write
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardSpec:
+    """What names one stage's shard outputs. ``version`` is the code version, with the
+    model version appended for model stages; ``config`` holds only the settings that
+    change per-image results (never paths, clients, batch sizes or later thresholds)."""
+
+    stage: str
+    version: str
+    config: Any = None
+
+    def content_key(self, image_ids: Sequence[str]) -> str:
+        return content_key(self.stage, self.version, image_ids, self.config)
+
+    def key(self, image_ids: Sequence[str]) -> str:
+        """``work/<stage>/<content key>.parquet``"""
+        return shard_key(self.stage, self.content_key(image_ids))
+
+    def stats_key(self, image_ids: Sequence[str]) -> str:
+        """``work/<stage>/<content key>.stats.json``"""
+        return shard_stats_key(self.stage, self.content_key(image_ids))
+
+
+def stored_shard(storage: Storage, spec: ShardSpec, image_ids: Sequence[str]) -> dict[str, Any] | None:
+    """The stored result of this shard (``{"key", "stats", "reused": True}``) when both
+    its files exist in ``storage``, else None."""
+    key, stats_key = spec.key(image_ids), spec.stats_key(image_ids)
+    if not storage.exists(key):
+        return None
+    try:
+        stats = json.loads(storage.get_text(stats_key))
+    except KeyError:
+        return None  # the parquet without its stats: an interrupted write, compute again
+    return {"key": key, "stats": stats, "reused": True}
+
+
+def write_shard(storage: Storage, spec: ShardSpec, image_ids: Sequence[str], table: pa.Table,
+                stats: dict[str, Any]) -> dict[str, Any]:
+    """Write the shard's rows, then its stats (last: the stats file marks it complete)."""
+    key = spec.key(image_ids)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    storage.put(key, buf.getvalue(), content_type="application/vnd.apache.parquet")
+    storage.put_text(spec.stats_key(image_ids), json.dumps(stats, sort_keys=True, default=str))
+    return {"key": key, "stats": stats, "reused": False}
+
+
+def run_shard(storage: Storage, spec: ShardSpec, image_ids: list[str],
+              compute: Callable[[list[str]], ShardOutput]) -> dict[str, Any]:
+    """The contract: reuse the shard's stored output when it exists, else
+    ``compute(image_ids)`` → ``(rows, stats)`` and write both. Returns
+    ``{"key", "stats", "reused"}`` (small: that is all that goes through Prefect)."""
+    stored = stored_shard(storage, spec, image_ids)
+    if stored is not None:
+        return stored
+    table, stats = compute(image_ids)
+    return write_shard(storage, spec, image_ids, table, {"images": len(image_ids), **stats})
 
 
 def run_shards(
-    task: Any, shards: list[list[str]], store: Storage, arguments: Callable[[list[str]], dict[str, Any]]
+    task: Any, shards: list[list[str]], arguments: Callable[[list[str]], dict[str, Any]]
 ) -> tuple[list[dict[str, Any]], list[list[str]]]:
-    """Submit ``task(**arguments(ids))`` for every shard; returns the results and the
-    shards that really ran (not served from Prefect's cache, not reused from storage)."""
+    """Submit ``task(**arguments(ids))`` for every shard (the task calls :func:`run_shard`);
+    returns the results and the shards that really ran (not reused from storage)."""
     futures = [task.submit(**arguments(ids)) for ids in shards]
     results = [f.result() for f in futures]
-    for i, ids in enumerate(shards):
-        if not store.exists(results[i]["key"]):
-            log.warning("shard %d: cached result %s is missing from storage; recomputing", i, results[i]["key"])
-            futures[i] = task.with_options(refresh_cache=True).submit(**arguments(ids))
-            results[i] = futures[i].result()
-    fresh = [
-        ids
-        for ids, f, r in zip(shards, futures, results, strict=True)
-        if f.state.name != "Cached" and not r.get("reused")
-    ]
+    fresh = [ids for ids, r in zip(shards, results, strict=True) if not r.get("reused")]
     return results, fresh
 
 
+# ---------------------------------------------------------------------------------------
+# load, merge
+# ---------------------------------------------------------------------------------------
+def load_shard_results(
+    storage: Storage, keys: Sequence[str], columns: Sequence[str] | None = None, schema: pa.Schema | None = None
+) -> pa.Table:
+    """The shards' rows as one Arrow table: only ``columns`` (all when None) are read.
+    ``schema`` types the empty table when there is no shard."""
+    def read(key: str) -> pa.Table:
+        return pq.read_table(io.BytesIO(storage.get(key)), columns=list(columns) if columns else None)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound (S3 GETs)
+        tables = [t for t in pool.map(read, keys) if t.num_rows]
+    if tables:
+        return pa.concat_tables(tables, promote_options="permissive")
+    if schema is not None:
+        names = list(columns) if columns else schema.names
+        return pa.schema([schema.field(n) for n in names]).empty_table()
+    return pa.table({"image_id": pa.array([], pa.string())})
+
+
+def put_column(table: pa.Table, name: str, values: Any) -> pa.Table:
+    """``table`` with column ``name`` set to ``values`` (replaced in place, else appended)."""
+    i = table.schema.get_field_index(name)
+    return table.set_column(i, name, values) if i >= 0 else table.append_column(name, values)
+
+
+def merge_results(
+    manifest: pa.Table,
+    results: pa.Table,
+    columns: Sequence[str],
+    missing_reason: str,
+    on: str = "image_id",
+) -> pa.Table:
+    """Per-image ``results`` (keyed by ``image_id``) → ``columns`` on the manifest rows
+    (matched on the manifest's ``on``), row order unchanged.
+
+    Only rows kept before this stage take part. A result with ``status`` dropped drops
+    the row with the result's ``reason``; a kept row without a result is dropped with
+    ``missing_reason`` (a row is never silently lost). Rows dropped earlier keep their
+    status and reason and get nulls in ``columns``. ``results`` without a ``status``
+    column only add columns (and drop the rows they miss)."""
+    was_kept = pc.fill_null(pc.equal(manifest["status"], KEPT), False)
+    idx = pc.index_in(manifest[on], value_set=results["image_id"])
+    idx = pc.if_else(was_kept, idx, pa.scalar(None, idx.type))
+    has_status = "status" in results.column_names
+    wanted = list(dict.fromkeys([*columns, *(["status", "reason"] if has_status else [])]))
+    taken = results.select(wanted).take(idx)
+    status, reason = manifest["status"], manifest["reason"]
+    if has_status:
+        dropped = pc.fill_null(pc.equal(taken["status"], DROPPED), False)
+        reason = pc.if_else(dropped, taken["reason"].cast(pa.string()), reason)
+        status = pc.if_else(dropped, DROPPED, status)
+    missing = pc.and_(was_kept, pc.is_null(idx))
+    reason = pc.if_else(missing, missing_reason, reason)
+    status = pc.if_else(missing, DROPPED, status)
+    out = put_column(put_column(manifest, "status", status), "reason", reason)
+    for name in columns:
+        out = put_column(out, name, taken[name])
+    return out
+
+
+def status_counts(table: pa.Table) -> dict[str, Any]:
+    """Rows, kept rows and dropped rows per reason of a manifest (Arrow, no copies)."""
+    dropped = pc.fill_null(pc.equal(table["status"], DROPPED), False)
+    reasons = pc.value_counts(pc.filter(table["reason"], dropped)).to_pylist()
+    return {
+        "rows": table.num_rows,
+        "kept": table.num_rows - int(pc.sum(dropped).as_py() or 0),
+        "dropped_by_reason": dict(sorted((r["values"], r["counts"]) for r in reasons)),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# the gpu slot
+# ---------------------------------------------------------------------------------------
 @contextmanager
 def gpu_slot(name: str = "gpu") -> Iterator[None]:
     """Hold one slot of the Prefect global concurrency limit ``name`` around the body
