@@ -5,7 +5,8 @@
 
 - seed style: ``keras.utils.image_dataset_from_directory`` (full-size decode + bilinear
   resize, AUTOTUNE) + ``model.predict``;
-- ours (``tasks.car_filter.predict_ids``): bytes read from storage in a thread pool,
+- ours (``tasks.car_filter.predict_ids`` with ``models.car_filter.CarFilterPredictor``):
+  bytes read from storage in a thread pool,
   JPEG decode at the largest DCT scale that still covers the input size, parallel
   resize, batch, prefetch, then the forward pass in the runtime ``car_filter.runtime=auto``
   picks: OpenVINO fp32 on a CPU, Keras fp16 + large batches on a GPU (and, on an AMX
@@ -73,7 +74,7 @@ def _compare(label, model, ours_models, work, store, ids, size, bs, ours_bs, rep
 
     runs = {"seed style (image_dataset_from_directory + predict)": seed_style}
     for name, m in ours_models.items():
-        runs[f"ours, {name}"] = lambda m=m: predict_ids(m, store, ids, size, ours_bs)
+        runs[f"ours, {name}"] = lambda m=m: predict_ids(m, store, ids, ours_bs)
     for fn in runs.values():  # warm up: tracing, compilation, file cache
         fn()
     timings: dict[str, list[float]] = {name: [] for name in runs}
@@ -112,12 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     from carflow.frameworks import cpu_has_fast_bf16
     from carflow.storage import LocalStorage
     from models.car_filter import (
+        CarFilterPredictor,
         build_car_filter,
         for_runtime,
+        has_gpu,
         resolve_runtime,
         spread_random_init,
     )
-    from tasks.car_filter import has_gpu, predict_ids
+    from tasks.car_filter import predict_ids
 
     work = Path(tempfile.mkdtemp(prefix="carflow-bench-cf-"))
     try:
@@ -145,16 +148,19 @@ def main(argv: list[str] | None = None) -> int:
               f"car_filter.runtime=auto → {runtime}, precision {precision}")
         full = build_car_filter("none", size, args.alpha)
         spread_random_init(full)
-        ours = {"keras fp32 (our input pipeline only)": full,
-                f"{runtime} {precision} (the default)": for_runtime(full, runtime, precision, args.alpha)}
+        ours = {"keras fp32 (our input pipeline only)": CarFilterPredictor(full),
+                f"{runtime} {precision} (the default)": CarFilterPredictor(
+                    for_runtime(full, runtime, precision, args.alpha), runtime, precision)}
         if runtime == "openvino" and cpu_has_fast_bf16():
-            ours["openvino bf16 (opt-in: p_car drifts)"] = for_runtime(full, "openvino", "bf16", args.alpha)
+            ours["openvino bf16 (opt-in: p_car drifts)"] = CarFilterPredictor(
+                for_runtime(full, "openvino", "bf16", args.alpha), "openvino", "bf16")
         _compare(f"MobileNetV2 alpha={args.alpha}", full, ours, work, store, ids, size, bs, ours_bs,
                  args.repeats, predict_ids)
         # the input pipeline alone: a model that costs nothing (what a GPU leaves of the work)
         inp = tf.keras.Input((size, size, 3))
         tiny = tf.keras.Model(inp, tf.keras.layers.Dense(1)(tf.keras.layers.GlobalAveragePooling2D()(inp)))
-        _compare("input pipeline only (a model that costs nothing)", tiny, {"keras": tiny}, work, store, ids,
+        _compare("input pipeline only (a model that costs nothing)", tiny, {"keras": CarFilterPredictor(tiny)},
+                 work, store, ids,
                  size, bs, ours_bs, args.repeats, predict_ids)
         return 0
     finally:

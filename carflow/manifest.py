@@ -14,8 +14,12 @@ raises :class:`ManifestError` naming the column.
 
 from __future__ import annotations
 
+import hashlib
 import io
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -88,6 +92,40 @@ REJECTS_SCHEMA = pa.schema(
         pa.field("crawl_id", pa.string()),
     ],
     metadata={"carflow.manifest": "ingest_rejects", "carflow.version": "0"},
+)
+
+
+#: after the car filter: the clean manifest plus ``p_car`` (null where not scored)
+CAR_FILTER_SCHEMA = pa.schema(
+    [*[f for f in CLEAN_SCHEMA], pa.field("p_car", pa.float32())],
+    metadata={"carflow.manifest": "car_filter", "carflow.version": "1"},
+)
+
+#: after the crop stage: its input (clean, or the car filter's) plus the crop columns;
+#: ``image_id`` stays the uncropped photo, ``crop_id`` is the crop's image id
+CROP_MANIFEST_SCHEMA = pa.schema(
+    [
+        *[f for f in CLEAN_SCHEMA],
+        pa.field("bbox", pa.list_(pa.int64())),
+        pa.field("det_class", pa.string()),
+        pa.field("det_conf", pa.float64()),
+        pa.field("crop_id", pa.string()),
+    ],
+    metadata={"carflow.manifest": "crop", "carflow.version": "1"},
+)
+
+#: after the dataset stage: its input's columns plus class, split and the image training reads
+DATASET_SCHEMA = pa.schema(
+    [
+        *[f for f in CLEAN_SCHEMA],
+        pa.field("train_image_id", pa.string()),
+        pa.field("class_label", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("split_group", pa.string()),
+        pa.field("split_conflict", pa.bool_()),
+        pa.field("classes_version", pa.string()),
+    ],
+    metadata={"carflow.manifest": "dataset", "carflow.version": "1"},
 )
 
 
@@ -166,27 +204,29 @@ def to_parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def write_manifest(storage: Storage, key: str, table: pa.Table, schema: pa.Schema | None = None) -> str:
-    """Validate and write ``table`` as Parquet under ``key``; returns the storage URI."""
+def write_manifest(storage: Storage, key: str, table: pa.Table, schema: pa.Schema | None = None,
+                   lineage: Mapping[str, Any] | None = None) -> str:
+    """Validate and write ``table`` as Parquet under ``key``; returns the storage URI.
+    ``lineage`` (:meth:`StageInput.lineage`: the input manifest's key and content hash)
+    goes into the Parquet metadata under ``carflow.lineage``."""
     if schema is not None:
         table = conform(table, schema, key)
+    if lineage is not None:
+        meta = dict(table.schema.metadata or {})
+        meta[LINEAGE_META] = json.dumps({"stage": stage_of(key), **lineage}, sort_keys=True).encode()
+        table = table.replace_schema_metadata(meta)
     storage.put(key, to_parquet_bytes(table), content_type="application/vnd.apache.parquet")
     return storage.uri(key)
 
 
-def read_manifest(
-    storage: Storage, key: str, schema: pa.Schema | None = None, columns: list[str] | None = None
-) -> pa.Table:
-    """Read the Parquet manifest at ``key`` and validate it against ``schema``. With
-    ``columns``, only those are read (and validated): what a reduce step needs."""
+def read_manifest(storage: Storage, key: str, schema: pa.Schema | None = None) -> pa.Table:
+    """Read the Parquet manifest at ``key`` and validate it against ``schema``."""
     data = storage.get(key)
     try:
-        table = pq.read_table(io.BytesIO(data), columns=columns)
+        table = pq.read_table(io.BytesIO(data))
     except pa.ArrowInvalid as exc:
         raise ManifestError(f"{storage.uri(key)}: not a Parquet manifest: {exc}") from exc
     if schema is not None:
-        if columns is not None:
-            schema = pa.schema([f for f in schema if f.name in columns], metadata=schema.metadata)
         table = conform(table, schema, storage.uri(key))
     return table
 
@@ -210,3 +250,132 @@ def to_pandas(table: pa.Table):
     }
     return table.to_pandas(types_mapper=mapping.get)
 
+
+# ---------------------------------------------------------------- stage inputs and lineage
+#: the stages that write a manifest, in DAG order
+STAGES = ("ingest", "clean", "car_filter", "crop", "dataset")
+#: the command that (re)makes each stage's manifest, for one-line errors
+STAGE_COMMANDS = {
+    "ingest": "carflow ingest",
+    "clean": "carflow clean",
+    "car_filter": "carflow car-filter score",
+    "crop": "carflow crop",
+    "dataset": "carflow dataset",
+}
+#: the schema each stage's manifest is checked against when it is written
+STAGE_SCHEMAS = {
+    "ingest": INGEST_SCHEMA,
+    "clean": CLEAN_SCHEMA,
+    "car_filter": CAR_FILTER_SCHEMA,
+    "crop": CROP_MANIFEST_SCHEMA,
+    "dataset": DATASET_SCHEMA,
+}
+LINEAGE_META = b"carflow.lineage"
+
+
+class InputError(ManifestError):
+    """A stage's input manifest is missing or stale; the message is one line naming the
+    manifest and the command(s) to run."""
+
+
+def stage_of(key: str) -> str:
+    """``manifests/<stage>/manifest.parquet`` → ``<stage>``."""
+    parts = key.rstrip("/").split("/")
+    return parts[-2] if len(parts) >= 2 else key
+
+
+def content_hash(data: bytes) -> str:
+    """The content hash a manifest's lineage records for its input: sha256 of the bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def lineage_of(metadata: Mapping[bytes, bytes] | None) -> dict[str, Any] | None:
+    """The ``carflow.lineage`` record of a manifest's metadata (``{"stage", "input",
+    "input_hash"}``), or None (manifest v0, or written before lineage existed)."""
+    raw = (metadata or {}).get(LINEAGE_META)
+    return json.loads(raw) if raw else None
+
+
+def _commands(stages: Iterable[str]) -> str:
+    cmds = [f"`{STAGE_COMMANDS.get(s, s)}`" for s in stages]
+    return cmds[0] if len(cmds) == 1 else ", ".join(cmds[:-1]) + f" and {cmds[-1]}"
+
+
+def input_key(storage: Storage, stage: str, source: str | None = None, prefix: str = "manifests") -> str:
+    """The manifest ``stage`` reads. ``source`` (a stage name or a manifest key) must
+    exist. Without it: the previous stage's manifest in DAG order (:data:`STAGES`), or,
+    when a model stage has never run here, the nearest earlier one that exists (the
+    dataset reads crop, else car_filter, else clean). Whichever it is must be current
+    (:func:`read_input` checks). Raises :class:`InputError` naming the command to run."""
+    if source:
+        key = source if source.endswith(".parquet") else manifest_key(source, prefix=prefix)
+        if not storage.exists(key):
+            raise InputError(f"{stage} input {storage.uri(key)} does not exist: run "
+                             f"{_commands([stage_of(key)])} first")
+        return key
+    earlier = list(STAGES[: STAGES.index(stage)]) if stage in STAGES else []
+    for name in reversed(earlier):
+        key = manifest_key(name, prefix=prefix)
+        if storage.exists(key):
+            return key
+        if name == "clean":  # never fall back past clean
+            break
+    want = earlier[-1] if earlier else "ingest"
+    need = "clean" if "clean" in earlier else want
+    raise InputError(f"{stage} has no input: {storage.uri(manifest_key(need, prefix=prefix))} does not exist: run "
+                     f"{_commands([need])} first")
+
+
+@dataclass(frozen=True)
+class StageInput:
+    """A stage's input manifest, read and checked current."""
+
+    key: str
+    table: pa.Table
+    hash: str
+
+    def lineage(self) -> dict[str, str]:
+        """What the stage's own manifest records: this input's key and content hash."""
+        return {"input": self.key, "input_hash": self.hash}
+
+
+def check_current(storage: Storage, key: str, metadata: Mapping[bytes, bytes] | None) -> None:
+    """Walk the lineage of the manifest at ``key`` upstream: each manifest's recorded input
+    must still exist with the recorded content hash. A stale link raises
+    :class:`InputError`, one line naming the stages to rerun, in order."""
+    chain = [stage_of(key)]
+    lineage = lineage_of(metadata)
+    while lineage:
+        src = lineage["input"]
+        try:
+            data = storage.get(src)
+        except KeyError:
+            raise InputError(f"{key} was built from {src}, which no longer exists: rerun "
+                             f"{_commands(reversed([*chain, stage_of(src)]))}") from None
+        if content_hash(data) != lineage.get("input_hash"):
+            raise InputError(f"{key} was built from an older {stage_of(src)} manifest: rerun "
+                             f"{_commands(reversed(chain))}")
+        chain.append(stage_of(src))
+        lineage = lineage_of(pq.ParquetFile(io.BytesIO(data)).schema_arrow.metadata)
+
+
+def read_input(storage: Storage, key: str, schema: pa.Schema | None = None, check: bool = True,
+               columns: list[str] | None = None) -> StageInput:
+    """Read a stage's input manifest, validate it against ``schema`` and check that it is
+    current (:func:`check_current`). A missing manifest raises :class:`InputError`. With
+    ``columns``, only those are read (and validated): what a plan or reduce step needs."""
+    try:
+        data = storage.get(key)
+    except KeyError:
+        raise InputError(f"{storage.uri(key)} does not exist: run {_commands([stage_of(key)])} first") from None
+    try:
+        table = pq.read_table(io.BytesIO(data), columns=columns)
+    except pa.ArrowInvalid as exc:
+        raise ManifestError(f"{storage.uri(key)}: not a Parquet manifest: {exc}") from exc
+    if check:
+        check_current(storage, key, pq.ParquetFile(io.BytesIO(data)).schema_arrow.metadata)
+    if schema is not None:
+        if columns is not None:
+            schema = pa.schema([f for f in schema if f.name in columns], metadata=schema.metadata)
+        table = conform(table, schema, storage.uri(key))
+    return StageInput(key, table, content_hash(data))

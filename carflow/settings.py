@@ -218,10 +218,9 @@ class CarFilterSettings(_Section):
     #: ``auto`` = fp16 on a GPU, fp32 on a CPU; ``bf16`` (OpenVINO on an AMX CPU, 1.8x
     #: faster) is opt-in: it moved p_car by up to 0.2 on a from-scratch model
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    #: model to score with (``.../models/car_filter/<version>/`` or its ``model.keras``);
-    #: ``None`` = the latest trained version under ``models_prefix`` in storage
+    #: model to score with, resolved by the registry: ``latest``, a version id, a version
+    #: folder or its ``model.keras`` (path or ``s3://`` URI); ``None`` = ``latest``
     model: str | None = None
-    models_prefix: str = "models/car_filter"
     #: unique images per scoring shard task
     shard_size: int = Field(2000, ge=1)
     epochs: int = Field(10, ge=1)
@@ -238,6 +237,7 @@ class CropSettings(_Section):
     #: run the stage in the nightly/demo DAG (off: its manifest is its input, unchanged)
     enabled: bool = True
     #: hub name (``yolov5su.pt``, needs the network once), a .pt path, an ``s3://`` URI,
+    #: ``latest`` (the latest fine-tuned detector in the registry, ``carflow crop train``),
     #: or ``none`` / a model ``.yaml`` for random weights (tests, offline demo)
     weights: str = "yolov5su.pt"
     conf: float = Field(0.25, ge=0, le=1)
@@ -282,8 +282,6 @@ class ClassesSettings(_Section):
     #: dedup ``label_conflict`` clusters: majority vote of the rows' labels (a tie drops
     #: the cluster), or drop them all; reason ``label_conflict``
     conflict_policy: Literal["majority", "drop"] = "majority"
-    #: storage prefix of the versioned dataset contracts (``<prefix>/<version>/classes.json``)
-    datasets_prefix: str = "datasets"
 
 
 class SplitSettings(_Section):
@@ -296,8 +294,6 @@ class SplitSettings(_Section):
     seed: str = "carflow-split-v1"
     #: manifest columns whose shared values join listings into one group (union-find)
     group_by: list[str] = Field(default_factory=lambda: ["dup_cluster", "image_id", "source_id"])
-    #: persisted listing → split assignments; an assigned listing never moves
-    assignments_key: str = "datasets/assignments.parquet"
     #: export the ``<split>/<class>/<image_id>.jpg`` folder layout here (local path or
     #: ``s3://`` URI); None = manifest only
     export_uri: str | None = None

@@ -2,13 +2,17 @@
 
     python -m flows.car_filter kit   [--n 500] [--out labelling/car_filter] [--seed 0]
     python -m flows.car_filter train --labels <labels.csv | folder with car/ no_car/> [--epochs N] [--weights none]
-    python -m flows.car_filter score [--model URI] [--threshold 0.7]
+    python -m flows.car_filter score [--model latest|VERSION|PATH|URI] [--threshold 0.7]
 
-``score`` reads ``manifests/clean/manifest.parquet`` and writes
+``train`` registers ``models/car_filter/<version>/`` (``model.keras``, ``metrics.json``,
+``split.csv``, then ``meta.json``) and moves the registry's ``latest`` pointer to it.
+``score`` scores with ``--model`` / ``car_filter.model`` / ``latest`` (resolved by the
+registry), reads ``manifests/clean/manifest.parquet`` (it must be current: its recorded
+lineage is checked) and writes
 ``manifests/car_filter/manifest.parquet``: every row gets ``p_car``; kept rows below
-``car_filter.threshold`` are dropped with reason ``no_car``. Shards are cached on
-(stage, model version, sorted image ids, config): a rerun does no inference, a new model
-version rescores everything.
+``car_filter.threshold`` are dropped with reason ``no_car``. Shard outputs live in storage
+under (stage, model version, sorted image ids, config; not the threshold): a rerun does no
+inference, a new threshold rescores nothing, a new model version rescores everything.
 """
 
 from __future__ import annotations
@@ -17,37 +21,25 @@ import argparse
 import json
 import shlex
 import sys
-from collections import Counter
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from carflow.manifest import (
-    CLEAN_SCHEMA,
-    DROPPED,
-    from_pandas,
-    manifest_key,
-    read_manifest,
-    to_pandas,
-    write_manifest,
-)
+from carflow.manifest import CLEAN_SCHEMA, input_key, read_input, to_pandas
 from carflow.settings import get_settings
 from carflow.storage import open_storage
 from tasks.car_filter import (
     REASON,
     STAGE,
-    apply_threshold,
-    import_labels,
-    load_scores,
+    apply_threshold_task,
     resolve_model,
-    sample_for_labelling,
     score_shard_task,
     scoring_config,
-    train_task,
-    write_labelling_kit,
 )
-from tasks.shards import plan_shards, run_shards
+from tasks.car_filter_train import train_task
+from tasks.labelling import import_labels, sample_for_labelling, write_labelling_kit
+from tasks.shards import PLAN_COLUMNS, plan_shards, run_shards
 
 
 def _cfg(**overrides: Any):
@@ -63,7 +55,7 @@ def labelling_kit(
     """A stratified sample of kept images as a labelling kit (CSV + thumbnails + sheets)."""
     store = open_storage(storage)
     prefix = get_settings().runtime.manifests_prefix
-    df = to_pandas(read_manifest(store, manifest_key("clean", prefix=prefix), CLEAN_SCHEMA))
+    df = to_pandas(read_input(store, input_key(store, STAGE, prefix=prefix), CLEAN_SCHEMA).table)
     return write_labelling_kit(store, sample_for_labelling(df, n, seed), out)
 
 
@@ -79,7 +71,8 @@ def train(
     batch_size: int | None = None,
     patience: int | None = None,
 ) -> dict[str, Any]:
-    """Labels (CSV or car/no_car folders) → a new model version under ``car_filter.models_prefix``."""
+    """Labels (CSV or car/no_car folders) → a new registered model version
+    (``models/car_filter/<version>/``), promoted to ``latest``."""
     logger = get_run_logger()
     cfg = _cfg(weights=weights, image_size=image_size, alpha=alpha, batch_size=batch_size, patience=patience)
     labels_df = import_labels(labels)
@@ -109,25 +102,23 @@ def score(
     cfg = _cfg(threshold=threshold)
     store = open_storage(storage)
     prefix = get_settings().runtime.manifests_prefix
-    df = to_pandas(read_manifest(store, manifest_key("clean", prefix=prefix), CLEAN_SCHEMA))
+    source = read_input(store, input_key(store, STAGE, prefix=prefix), CLEAN_SCHEMA, columns=PLAN_COLUMNS)
     chosen = resolve_model(store, cfg, model)
-    shards = plan_shards(df, shard_size or cfg.shard_size)
+    shards = plan_shards(source.table, shard_size or cfg.shard_size)
     config = scoring_config(cfg, chosen)
     results, fresh = run_shards(
         score_shard_task,
         shards,
-        store,
         lambda ids: {"storage_uri": storage, "image_ids": ids, "model_uri": chosen["model"],
                      "model_version": chosen["version"], "config": config},
     )
     scored = sum(len(ids) for ids in fresh)
-    logger.info("%d shards: %d from cache, %d images scored", len(shards), len(shards) - len(fresh), scored)
+    logger.info("%d shards: %d reused from storage, %d images scored", len(shards), len(shards) - len(fresh),
+                scored)
 
-    out = apply_threshold(df, load_scores(store, [r["key"] for r in results]), cfg.threshold)
-    table = from_pandas(out)
-    uri = write_manifest(store, manifest_key(STAGE, prefix=prefix), table, CLEAN_SCHEMA)
-    reasons = Counter(out.loc[out["status"] == DROPPED, "reason"].tolist())
-    kept = int((out["status"] != DROPPED).sum())
+    counted = apply_threshold_task(storage, source.key, source.hash, [r["key"] for r in results], cfg.threshold,
+                                   prefix)
+    uri, reasons, kept = counted["manifest"], counted["dropped_by_reason"], counted["kept"]
     create_table_artifact(
         key="car-filter-counts",
         table=[{"reason": "kept", "rows": kept}] + [{"reason": r, "rows": n} for r, n in sorted(reasons.items())],
@@ -135,10 +126,11 @@ def score(
     )
     summary = {
         "manifest": uri,
+        "input": store.uri(source.key),
         "model": chosen["model"],
         "model_version": chosen["version"],
         "threshold": cfg.threshold,
-        "rows": len(out),
+        "rows": counted["rows"],
         "kept": kept,
         "no_car": int(reasons.get(REASON, 0)),
         "dropped_by_reason": dict(sorted(reasons.items())),
@@ -168,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--batch-size", type=int)
     t.add_argument("--patience", type=int, help="early stopping patience in epochs")
     s = sub.add_parser("score", help="score the clean manifest")
-    s.add_argument("--model", help="model version folder or model.keras URI (default: latest)")
+    s.add_argument("--model", help="latest, a version id, a version folder or its model.keras (path or s3:// URI); "
+                   "default: car_filter.model, else latest")
     s.add_argument("--shard-size", type=int)
     s.add_argument("--threshold", type=float)
     a = parser.parse_args(argv)

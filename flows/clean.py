@@ -21,10 +21,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from carflow.keys import manifest_key
+from carflow.manifest import INGEST_SCHEMA, read_input
 from carflow.settings import get_settings
 from carflow.storage import open_storage
 from tasks.clean import clean_reduce_task, inspect_shard_task, shard_config
-from tasks.shards import plan_manifest_shards, run_shards
+from tasks.shards import PLAN_COLUMNS, plan_shards, run_shards
 
 
 @flow(name="clean", log_prints=True)
@@ -33,8 +34,9 @@ def clean(storage: str | None = None, shard_size: int | None = None) -> dict[str
     logger = get_run_logger()
     cfg = get_settings()
     prefix = cfg.runtime.manifests_prefix
-    shards = plan_manifest_shards(open_storage(storage), manifest_key("ingest", prefix=prefix),
-                                  shard_size or cfg.ingest.shard_size)
+    source = read_input(open_storage(storage), manifest_key("ingest", prefix=prefix), INGEST_SCHEMA,
+                        columns=PLAN_COLUMNS)
+    shards = plan_shards(source.table, shard_size or cfg.ingest.shard_size)
     config = shard_config(cfg.fix, cfg.quality)
     results, fresh = run_shards(
         inspect_shard_task, shards, lambda ids: {"storage_uri": storage, "image_ids": ids, "config": config}
@@ -43,7 +45,7 @@ def clean(storage: str | None = None, shard_size: int | None = None) -> dict[str
     inspected_images = sum(len(ids) for ids in fresh)
     logger.info("%d shards: %d reused from storage, %d images decoded", len(shards), cached, inspected_images)
     reduced = clean_reduce_task(
-        storage, [r["key"] for r in results],
+        storage, source.key, source.hash, [r["key"] for r in results],
         {"quality": cfg.quality.model_dump(mode="json"), "dedup": cfg.dedup.model_dump(mode="json")}, prefix,
     )
     reasons, flags, sheets = reduced["dropped_by_reason"], reduced["flags"], reduced["contact_sheets"]

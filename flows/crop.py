@@ -37,25 +37,13 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from carflow.keys import manifest_key
+from carflow.manifest import CLEAN_SCHEMA, input_key, read_input
 from carflow.settings import get_settings
 from carflow.storage import open_storage
+from models.detector import registered_weights
 from tasks.crop import crop_config, crop_shard_task, merge_crops_task
-from tasks.detector_train import DEFAULT_PREFIX, finetune_task
-from tasks.shards import plan_manifest_shards, run_shards
-
-
-def input_key(store, prefix: str, source: str | None = None) -> str:
-    """The manifest to crop: ``source`` (a stage name such as ``car_filter`` or a manifest
-    key) when given, else the car-filter manifest if that stage has run, else the clean
-    one. An explicit source that does not exist is an error, never a silent fallback."""
-    if source:
-        key = source if source.endswith(".parquet") else manifest_key(source, prefix=prefix)
-        if not store.exists(key):
-            raise FileNotFoundError(f"crop input {store.uri(key)} does not exist (run the {source} stage first)")
-        return key
-    car = manifest_key("car_filter", prefix=prefix)
-    return car if store.exists(car) else manifest_key("clean", prefix=prefix)
+from tasks.detector_train import finetune_task
+from tasks.shards import PLAN_COLUMNS, plan_shards, run_shards
 
 
 @flow(name="crop", log_prints=True)
@@ -75,8 +63,10 @@ def crop(
     prefix = cfg.runtime.manifests_prefix
     overrides = {"weights": weights, "imgsz": imgsz, "conf": conf}
     crop_cfg = cfg.crop.model_copy(update={k: v for k, v in overrides.items() if v is not None})
-    source = input_key(store, prefix, source)
-    shards = plan_manifest_shards(store, source, shard_size or cfg.ingest.shard_size)
+    # crop.weights=latest → the registered fine-tune's weights.pt (the key then names the version)
+    crop_cfg = crop_cfg.model_copy(update={"weights": registered_weights(crop_cfg.weights, store)})
+    source = read_input(store, input_key(store, "crop", source, prefix), CLEAN_SCHEMA, columns=PLAN_COLUMNS)
+    shards = plan_shards(source.table, shard_size or cfg.ingest.shard_size)
     config = crop_config(crop_cfg)
     results, fresh = run_shards(
         crop_shard_task,
@@ -84,11 +74,11 @@ def crop(
         lambda ids: {"storage_uri": storage, "image_ids": ids, "config": config,
                      "gpu_limit": crop_cfg.gpu_limit, "decode_workers": crop_cfg.decode_workers},
     )
-    counted = merge_crops_task(storage, source, [r["key"] for r in results], prefix)
+    counted = merge_crops_task(storage, source.key, source.hash, [r["key"] for r in results], prefix)
     reasons = counted["dropped_by_reason"]
     summary = {
         "manifest": counted["manifest"],
-        "input": store.uri(source),
+        "input": store.uri(source.key),
         "rows": counted["rows"],
         "kept": counted["kept"],
         "crops": counted["crops"],
@@ -119,18 +109,17 @@ def train_detector(
     model: str | None = None,
     device: str | None = None,
     force: bool = False,
-    prefix: str = DEFAULT_PREFIX,
     command: str | None = None,
     params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune the detector on a YOLO ``data.yaml`` → ``<prefix>/<version>/weights.pt``
-    (reused when the same data and parameters were trained before, unless ``force``).
+    """Fine-tune the detector on a YOLO ``data.yaml`` → the registered version
+    ``models/detector/<version>/weights.pt``, promoted to ``latest`` (reused when the same data and parameters were trained before, unless ``force``).
     ``params`` are more ultralytics ``train`` arguments (``lr0``, ``warmup_epochs``…) over
     ``tasks.detector_train.TRAIN_DEFAULTS``; the named arguments win over them."""
     logger = get_run_logger()
     named = {"epochs": epochs, "imgsz": imgsz, "batch": batch, "model": model, "device": device}
     merged = {**(params or {}), **{k: v for k, v in named.items() if v is not None}}
-    result = finetune_task(storage, data, merged, prefix, force, command)
+    result = finetune_task(storage, data, merged, force, command)
     create_table_artifact(
         key="detector-train",
         table=[{"version": result["version"], "weights": result["uri"], "cached": result["cached"],

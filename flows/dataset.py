@@ -4,11 +4,14 @@
                             [--ignore LABEL ...] [--conflict-policy majority|drop]
                             [--export URI] [--tfrecord [URI]] [--tfrecord-size N]
 
-Reads ``manifests/crop/manifest.parquet`` if it exists, else
-``manifests/clean/manifest.parquet``. Every row gets ``train_image_id``, the image it
+Reads ``--source`` when given, else ``manifests/crop/manifest.parquet``, else (a model
+stage that never ran here) the nearest earlier manifest, car_filter then clean; the input
+must be current (its lineage is checked: a crop manifest built from an older clean
+manifest stops the run with the stages to rerun). Every row gets ``train_image_id``, the image it
 trains on: the crop (``crop_id``) from the crop manifest, else the photo (``image_id``);
 a kept crop-manifest row without a crop is dropped as ``not_cropped``, never exported
-uncropped. Writes ``datasets/<version>/classes.json`` (the contract with training),
+uncropped. Registers ``datasets/<version>/classes.json`` (the contract with training)
+in the registry and moves its ``latest`` pointer only after every export succeeded;
 updates ``datasets/assignments.parquet`` (listing → split; an assigned listing never
 moves) and writes ``manifests/dataset/manifest.parquet`` (every row, with
 ``class_label``, ``split`` and ``train_image_id``). The leakage check fails the flow
@@ -32,22 +35,23 @@ The summary's ``exports`` holds, per export, its URI and the images per split.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from datetime import datetime, timezone
 from typing import Any
 
-import pandas as pd
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from carflow import keys
 from carflow.manifest import (
+    CLEAN_SCHEMA,
+    DATASET_SCHEMA,
     DROPPED,
-    INGEST_SCHEMA,
     from_pandas,
+    input_key,
     manifest_key,
-    read_manifest,
+    read_input,
     to_pandas,
     write_manifest,
 )
@@ -55,6 +59,7 @@ from carflow.settings import ClassesSettings, SplitSettings, get_settings
 from carflow.storage import open_storage
 from tasks.classes import assign_classes_task, classes_document, write_classes
 from tasks.export import export_folders_task, export_tfrecords_task, with_train_image_id
+from tasks.report import publish_split_chart
 from tasks.split import (
     SPLITS,
     assign_splits_task,
@@ -62,45 +67,6 @@ from tasks.split import (
     read_assignments,
     write_assignments,
 )
-
-
-def input_key(store, prefix: str = "manifests") -> str:
-    """The crop manifest if the crop stage has run, else the clean one."""
-    crop = manifest_key("crop", prefix=prefix)
-    return crop if store.exists(crop) else manifest_key("clean", prefix=prefix)
-
-
-def bar_chart(report: pd.DataFrame, title: str = "images per class and split") -> bytes:
-    """Grouped bar chart (PNG bytes) of the per-class counts per split."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    classes = list(report.index)
-    x = np.arange(len(classes))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(classes) + 2), 4.5), dpi=100)
-    width = 0.27
-    for i, s in enumerate(SPLITS):
-        ax.bar(x + (i - 1) * width, report[s].to_numpy() if len(report) else [], width, label=s)
-    ax.set_xticks(x, classes, rotation=45 if len(classes) > 4 else 0, ha="right" if len(classes) > 4 else "center")
-    ax.set_ylabel("images")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-@task(name="publish-dataset-report", retries=1)
-def publish_report(storage: str | None, report: pd.DataFrame, prefix: str) -> str:
-    store = open_storage(storage)
-    key = f"{prefix}/dataset/split_counts.png"
-    store.put(key, bar_chart(report), content_type="image/png")
-    return store.uri(key)
 
 
 @flow(name="dataset", log_prints=True)
@@ -115,9 +81,13 @@ def dataset(
     tfrecord: bool | None = None,
     tfrecord_uri: str | None = None,
     tfrecord_size: int | None = None,
+    source: str | None = None,
 ) -> dict[str, Any]:
     """Cleaned/cropped manifest → classes.json, split assignments, the dataset manifest
-    and the requested exports (folders with ``export_uri``, TFRecord with ``tfrecord``)."""
+    and the requested exports (folders with ``export_uri``, TFRecord with ``tfrecord``).
+    ``source`` (a stage name or manifest key) picks the input; by default the crop
+    manifest, else the nearest earlier one (:func:`carflow.manifest.input_key`), which
+    must be current. The registry's ``latest`` dataset moves only after the exports."""
     logger = get_run_logger()
     cfg = get_settings()
     store = open_storage(storage)
@@ -134,33 +104,34 @@ def dataset(
     tfrecord_size = tfrecord_size or split_cfg.tfrecord_size or cfg.train.image_size
     run = run or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
-    source = input_key(store, prefix)
-    df = to_pandas(read_manifest(store, source, INGEST_SCHEMA))
-    logger.info("dataset input %s: %d rows", store.uri(source), len(df))
+    inp = read_input(store, input_key(store, "dataset", source, prefix), CLEAN_SCHEMA)
+    df = to_pandas(inp.table)
+    logger.info("dataset input %s: %d rows", store.uri(inp.key), len(df))
     df, not_cropped = with_train_image_id(df)
     if not_cropped:
-        logger.warning("%d kept row(s) of %s have no crop_id: dropped as not_cropped", not_cropped, source)
+        logger.warning("%d kept row(s) of %s have no crop_id: dropped as not_cropped", not_cropped, inp.key)
 
     df, class_info = assign_classes_task(df, classes_cfg.model_dump(mode="json"))
     doc = classes_document(class_info, classes_cfg)
 
-    previous = read_assignments(store, split_cfg.assignments_key)
+    previous = read_assignments(store, keys.assignments_key())
     df, assignments, split_info = assign_splits_task(df, previous, split_cfg.model_dump(mode="json"), run)
     # raises LeakageError (fails the flow) before the assignments or the manifest are written
     report = check_leakage_task(df, list(split_cfg.group_by))
 
-    classes_uri = write_classes(store, doc, classes_cfg.datasets_prefix)
-    assignments_uri = write_assignments(store, split_cfg.assignments_key, assignments)
+    assignments_uri = write_assignments(store, keys.assignments_key(), assignments)
     df["classes_version"] = doc["version"]
-    manifest_uri = write_manifest(store, manifest_key("dataset", prefix=prefix), from_pandas(df))
-    chart_uri = publish_report(storage, report, prefix)
+    out_key = manifest_key("dataset", prefix=prefix)
+    manifest_uri = write_manifest(store, out_key, from_pandas(df), DATASET_SCHEMA, lineage=inp.lineage())
+    chart_uri = publish_split_chart(storage, report, keys.manifest_side_key("dataset", "split_counts.png", prefix),
+                                    list(SPLITS))
 
     exports: dict[str, Any] = {}
     if export_uri:
         folders = export_folders_task(df, storage, export_uri, cfg.runtime.max_workers)
         exports["folders"] = {"uri": open_storage(export_uri).uri(), **folders}
     if tfrecord:
-        dest = tfrecord_uri or split_cfg.tfrecord_uri or store.uri(f"{classes_cfg.datasets_prefix}/{doc['version']}/tfrecord")
+        dest = tfrecord_uri or split_cfg.tfrecord_uri or store.uri(keys.version_key("dataset", doc["version"], "tfrecord"))
         meta = export_tfrecords_task(
             df, storage, dest, doc, tfrecord_size, split_cfg.tfrecord_shard_images, split_cfg.tfrecord_quality,
             split_cfg.tfrecord_fit, cfg.runtime.max_workers,
@@ -177,6 +148,14 @@ def dataset(
             "missing": meta["missing"],
             "undecodable": meta["undecodable"],
         }
+
+    # every file is written: register the version (classes.json, then meta.json) and move `latest`
+    version = write_classes(store, doc, {
+        "manifest": out_key, "input": inp.key, "input_hash": inp.hash, "assignments": keys.assignments_key(),
+        "per_split": {s: int((df["split"] == s).sum()) for s in SPLITS},
+        "exports": {k: {"uri": v["uri"], "per_split": v["per_split"]} for k, v in exports.items()},
+    })
+    classes_uri = version.uri("classes.json")
 
     table = [
         {"class": str(c), **{s: int(report.at[c, s]) for s in SPLITS}, "total": int(report.at[c, "total"]),
@@ -200,7 +179,7 @@ def dataset(
     )
     dropped = df.loc[df["status"] == DROPPED, "reason"].value_counts()
     summary = {
-        "input": store.uri(source),
+        "input": store.uri(inp.key),
         "manifest": manifest_uri,
         "classes_json": classes_uri,
         "version": doc["version"],
@@ -238,10 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         help="export TFRecord shards (default place: <storage>/datasets/<version>/tfrecord)",
     )
     parser.add_argument("--tfrecord-size", type=int, help="size of the exported JPEGs (split.tfrecord_size)")
+    parser.add_argument("--source", help="input stage (crop, car_filter, clean) or manifest key; default: crop, "
+                        "else the nearest earlier stage that has run")
     a = parser.parse_args(argv)
     out = dataset(
         a.storage, a.min_images, a.merge_map, a.ignore, a.conflict_policy, a.export,
         tfrecord=True if a.tfrecord is not None else None, tfrecord_uri=a.tfrecord or None, tfrecord_size=a.tfrecord_size,
+        source=a.source,
     )
     print(json.dumps(out, indent=2, default=str))
     return 0

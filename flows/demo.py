@@ -43,7 +43,8 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 
-from carflow.manifest import KEPT, manifest_key, read_manifest, to_pandas
+from carflow import keys
+from carflow.manifest import manifest_key, read_manifest, to_pandas
 from carflow.settings import get_settings
 from carflow.storage import open_storage
 from demo.truth import compare, expected_ingest, load_ground_truth
@@ -53,13 +54,8 @@ from flows.crawl import crawl
 from flows.crop import train_detector
 from flows.dataset import dataset
 from flows.ingest import ingest
-from flows.pipeline import (
-    check_car_filter_model,
-    check_crop_weights,
-    passthrough,
-    run_car_filter,
-    run_crop,
-)
+from flows.pipeline import run_car_filter, run_crop
+from tasks.stages import check_car_filter_model, check_crop_weights, passthrough
 
 #: the bootstrap car filter: MobileNetV2 α 0.35 from scratch at 80 px, 12 epochs with
 #: neither early stopping nor learning-rate cuts (patience 24 > epochs: the validation
@@ -86,7 +82,6 @@ DETECTOR_RECIPE: dict[str, Any] = {
 #: where the demo keeps its labelling kit and the bootstrap bookkeeping in storage
 KIT_PREFIX = "labelling/demo-car_filter"
 BOOTSTRAP_PREFIX = "demo/bootstrap"
-NON_CAR_KINDS = ("interior", "dashboard", "wheel", "text_banner", "banner")
 ModelsMode = Literal["bootstrap", "configured", "off"]
 
 
@@ -134,7 +129,7 @@ def bootstrap_key(storage: str | None, site_dir: str, recipe: dict[str, Any]) ->
     image, labelled from the ground truth) and the recipe. Computed before the kit is
     written, so a rerun with a trained model writes no kit."""
     from demo.labeller import photos_by_sha256, truth_label
-    from tasks.car_filter import sample_for_labelling
+    from tasks.labelling import sample_for_labelling
 
     df = _clean_manifest(open_storage(storage))
     source_ids = dict(zip(df["image_id"], df["source_id"], strict=True))
@@ -190,12 +185,12 @@ def yolo_dataset(site_dir: str, out_dir: str) -> dict[str, Any]:
 
 @task(name="score-held-out-boxes")
 def held_out_hits(storage: str | None, version: str, weights: str, imgsz: int, conf: float,
-                  held_out: list[dict[str, Any]], prefix: str = "models/detector") -> dict[str, Any]:
+                  held_out: list[dict[str, Any]]) -> dict[str, Any]:
     """Held-out photos through the crop path: IoU ≥ 0.5 rate (cached next to the weights)."""
-    from tasks.detector_train import box_hits
+    from tasks.evaluation import box_hits
 
     store = open_storage(storage)
-    key = f"{prefix}/{version}/held_out-imgsz{imgsz}-conf{conf:g}.json"
+    key = keys.version_key("detector", version, f"held_out-imgsz{imgsz}-conf{conf:g}.json")
     if store.exists(key):
         return json.loads(store.get_text(key))
     photos = [{**p, "data": (Path(p["site_dir"]) / p["url"].lstrip("/")).read_bytes()} for p in held_out]
@@ -221,52 +216,17 @@ def bootstrap_detector(storage: str | None, site_dir: str, workdir: str, recipe:
 
 @task(name="check-model-stages")
 def check_model_stages(storage: str | None, site_dir: str) -> dict[str, Any]:
-    """The car filter and crop manifests against the ground truth: per photo kind, how many
-    unique images each stage saw and dropped; crop boxes (padded) vs true car boxes."""
+    """The car filter and crop manifests against the ground truth (:func:`demo.scoring.score_model_stages`)."""
     from demo.labeller import photos_by_sha256
-    from tasks.detector_train import iou
+    from demo.scoring import score_model_stages
+    from tasks.evaluation import iou
 
     store = open_storage(storage)
     prefix = get_settings().runtime.manifests_prefix
     truth = photos_by_sha256(load_ground_truth(site_dir))
-    out: dict[str, Any] = {}
-
-    def kinds(df):
-        return df["source_id"].map(lambda s: truth.get(s, {}).get("kind", "unknown"))
-
     cf = to_pandas(read_manifest(store, manifest_key("car_filter", prefix=prefix)))
-    if "p_car" in cf.columns:
-        seen = cf[cf["p_car"].notna()].drop_duplicates("image_id")
-        k = kinds(seen)
-        drop = seen["reason"] == "no_car"
-        by_kind = {kind: {"images": int((k == kind).sum()), "dropped_no_car": int((drop & (k == kind)).sum())}
-                   for kind in sorted(set(k))}
-        non_car = k.isin(NON_CAR_KINDS)
-        out["car_filter"] = {
-            "by_kind": by_kind,
-            "non_car_images": int(non_car.sum()),
-            "non_car_dropped": int((drop & non_car).sum()),
-            "car_images": int((k == "car").sum()),
-            "car_dropped": int((drop & (k == "car")).sum()),
-            "accuracy": round(float(((~drop) == (k == "car")).mean()), 4) if len(seen) else None,
-        }
     crop_df = to_pandas(read_manifest(store, manifest_key("crop", prefix=prefix)))
-    if "crop_id" in crop_df.columns:
-        rows = crop_df.drop_duplicates("image_id")
-        k = kinds(rows)
-        reached = rows["reason"].isin(["no_vehicle", "too_small", "decode_error"]) | (rows["status"] == KEPT)
-        cars = rows[(rows["status"] == KEPT) & (k == "car")]
-        ious = [iou(b, truth[s]["bbox"]) for b, s in zip(cars["bbox"], cars["source_id"], strict=True)
-                if b is not None and truth.get(s, {}).get("bbox")]
-        out["crop"] = {
-            "by_kind": {kind: dict(Counter(rows.loc[reached & (k == kind), "reason"].fillna("kept")))
-                        for kind in sorted(set(k[reached]))},
-            "kept_cars": len(cars),
-            "kept_non_car": int(((rows["status"] == KEPT) & k.isin(NON_CAR_KINDS)).sum()),
-            "iou50_rate": round(sum(i >= 0.5 for i in ious) / len(ious), 4) if ious else None,
-            "mean_iou": round(sum(ious) / len(ious), 4) if ious else None,
-        }
-    return out
+    return score_model_stages(cf, crop_df, truth, iou)
 
 
 # ---------------------------------------------------------------- the flow
@@ -306,7 +266,7 @@ def demo(
     if models == "configured":  # fail before crawling, as nightly does
         chosen = check_car_filter_model(storage) if cf_on else None
         if crop_on:
-            check_crop_weights()
+            check_crop_weights(storage=storage)
 
     site_dir = str(Path(workdir) / f"site-seed{seed}-{listings}x{classes}")
     generate_demo_site(site_dir, seed, listings, classes)
@@ -344,7 +304,7 @@ def demo(
     lap("crop")
 
     # the demo site is small: a class needs min_images kept photos (the seeds used 150)
-    data = dataset(storage=storage, min_images=min_images)
+    data = dataset(storage=storage, min_images=min_images, source="crop")
     lap("dataset")
     checked = check_model_stages(storage, site_dir) if (cf_on or crop_on) else {}
     expected = expected_ingest(load_ground_truth(site_dir))

@@ -18,14 +18,14 @@ this module loads nothing.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import threading
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
+
 from carflow.frameworks import import_keras, import_tensorflow
+from carflow.storage import local_file
 
 SETTING = "car_filter.weights"
 ENV = "CARFLOW_CAR_FILTER__WEIGHTS"
@@ -35,49 +35,17 @@ class WeightsError(FileNotFoundError):
     """The configured weight file does not exist or cannot be used."""
 
 
-def _split_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/a/b/file`` → (``s3://bucket/a/b``, ``file``)."""
-    head, _, name = uri.rstrip("/").rpartition("/")
-    return head, name
-
-
-@contextmanager
-def local_copy(uri: str, what: str = SETTING, env: str = ENV):
-    """A local path for ``uri`` (a path, ``file://`` or ``s3://`` URI); remote files are
-    downloaded to a temporary file that is removed afterwards."""
-    if uri.startswith("file://"):
-        uri = uri[len("file://") :]
-    if "://" not in uri:
-        path = Path(uri).expanduser()
-        if not path.is_file():
-            raise WeightsError(
-                f"weight file {uri!r} does not exist: set {what} [{env}] to an existing "
-                ".keras/.weights.h5 path or s3:// URI, 'imagenet', or 'none' for random init"
-            )
-        yield str(path)
-        return
-    from carflow.storage import open_storage
-
-    head, name = _split_uri(uri)
+def local_weights(uri: str, what: str = SETTING, env: str = ENV) -> str:
+    """A local path for ``uri`` (a path, ``file://`` or ``s3://`` URI) through
+    :func:`carflow.storage.local_file`; a missing or unreadable file raises
+    :class:`WeightsError` naming the setting ``what`` [``env``]."""
     try:
-        data = open_storage(head).get(name)
-    except (KeyError, FileNotFoundError, OSError) as exc:
+        return str(local_file(uri))
+    except FileNotFoundError as exc:
         raise WeightsError(
-            f"weight file {uri!r} could not be read ({exc.__class__.__name__}: {exc}): set {what} "
-            f"[{env}] to an existing .keras/.weights.h5 path or s3:// URI, 'imagenet', or 'none'"
-        ) from exc
-    except Exception as exc:  # botocore ClientError (NoSuchKey/NoSuchBucket) and friends
-        raise WeightsError(
-            f"weight file {uri!r} could not be read ({exc.__class__.__name__}: {exc}): set {what} [{env}]"
-        ) from exc
-    suffix = ".weights.h5" if name.endswith(".weights.h5") else Path(name).suffix
-    fd, tmp = tempfile.mkstemp(prefix="carflow-weights-", suffix=suffix)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        yield tmp
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+            f"weight file {uri!r}: {exc}: set {what} [{env}] to an existing .keras/.weights.h5 path "
+            "or s3:// URI, 'imagenet', or 'none' for random init"
+        ) from None
 
 
 def _architecture(image_size: int, alpha: float, backbone_weights: str | None):
@@ -121,29 +89,28 @@ def build_car_filter(weights: str, image_size: int, alpha: float = 1.0) -> Any:
         raise WeightsError(
             f"{SETTING} [{ENV}] = {spec!r} is neither 'imagenet', 'none' nor a .keras/.weights.h5 file"
         )
-    with local_copy(spec) as path:
-        keras = import_keras()
-
-        if path.endswith(".keras"):
-            model = keras.models.load_model(path, compile=False)
-            got = model.input_shape[1]
-            if got != image_size:
-                raise WeightsError(
-                    f"{SETTING} [{ENV}] = {spec!r} takes {got}px inputs but car_filter.image_size "
-                    f"[CARFLOW_CAR_FILTER__IMAGE_SIZE] is {image_size}"
-                )
-            return model
-        model = _architecture(image_size, alpha, None)
-        model.load_weights(path)
+    path = local_weights(spec)
+    keras = import_keras()
+    if path.endswith(".keras"):
+        model = keras.models.load_model(path, compile=False)
+        got = model.input_shape[1]
+        if got != image_size:
+            raise WeightsError(
+                f"{SETTING} [{ENV}] = {spec!r} takes {got}px inputs but car_filter.image_size "
+                f"[CARFLOW_CAR_FILTER__IMAGE_SIZE] is {image_size}"
+            )
         return model
+    model = _architecture(image_size, alpha, None)
+    model.load_weights(path)
+    return model
 
 
 def load_model_file(uri: str) -> Any:
     """A saved ``model.keras`` (path or ``s3://`` URI) without its optimizer state."""
     keras = import_keras()
 
-    with local_copy(uri, what="car_filter.model", env="CARFLOW_CAR_FILTER__MODEL") as path:
-        return keras.models.load_model(path, compile=False)
+    return keras.models.load_model(local_weights(uri, "car_filter.model", "CARFLOW_CAR_FILTER__MODEL"),
+                                   compile=False)
 
 
 def for_inference(model: Any, image_size: int, alpha: float) -> Any:
@@ -276,3 +243,164 @@ def spread_random_init(model: Any, seed: int = 0) -> Any:
     scale = float(logits.std()) or 1.0
     head.set_weights([(kernel / scale).astype("float32"), np.array([-logits.mean() / scale], "float32")])
     return model
+
+
+# ---------------------------------------------------------------- inference
+
+
+def has_gpu() -> bool:
+    tf = import_tensorflow()
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def decode_resize(data: Any, image_size: int) -> Any:
+    """Encoded bytes (a scalar string tensor) → float32 ``image_size``² RGB in [0, 255].
+    JPEGs are decoded at the largest DCT scale (1/2, 1/4, 1/8) that still leaves the short
+    side ≥ ``image_size`` ("decode once, small"); other formats through ``decode_image``."""
+    tf = import_tensorflow()
+
+    def jpeg():
+        shape = tf.image.extract_jpeg_shape(data)
+        short = tf.minimum(shape[0], shape[1])
+        idx = (
+            tf.cast(short >= 2 * image_size, tf.int32)
+            + tf.cast(short >= 4 * image_size, tf.int32)
+            + tf.cast(short >= 8 * image_size, tf.int32)
+        )
+        branches = [
+            (lambda r=r: tf.io.decode_jpeg(data, channels=3, ratio=r, dct_method="INTEGER_FAST"))
+            for r in (1, 2, 4, 8)
+        ]
+        return tf.switch_case(idx, branches)
+
+    def other():
+        return tf.io.decode_image(data, channels=3, expand_animations=False)
+
+    img = tf.cond(tf.io.is_jpeg(data), jpeg, other)
+    img = tf.image.resize(img, (image_size, image_size))
+    img.set_shape((image_size, image_size, 3))
+    return img
+
+
+class CarFilterPredictor:
+    """The car filter at inference: one model in one runtime, called by the scoring stage
+    (``tasks/car_filter.py``) and by serving alike.
+
+    - :meth:`load` (a ``model.keras`` path / ``s3://`` URI, cached per process) or the
+      constructor (a Keras model, or an :class:`OpenVinoModel`);
+    - :meth:`predict`: decoded uint8 RGB images (H, W, 3), any size → ``p_car`` per image;
+    - :meth:`predict_encoded`: encoded image bytes → ``p_car`` (NaN where undecodable)
+      through tf.data (parallel decode at a reduced JPEG scale, batch, prefetch).
+
+    The model takes RGB pixels in [0, 255] at ``image_size``²; resizing is bilinear, as in
+    training."""
+
+    _cache: dict[str, CarFilterPredictor] = {}
+    _cache_lock = threading.Lock()
+
+    def __init__(self, model: Any, runtime: str = "keras", precision: str = "fp32", version: str | None = None,
+                 batch_size: int = 64):
+        self.model = model
+        self.runtime = runtime
+        self.precision = precision
+        self.version = version
+        self.batch_size = int(batch_size)
+        self.image_size = int(model.input_shape[1])
+        self._forward: Any = None
+
+    @classmethod
+    def from_keras(cls, model: Any, runtime: str = "auto", precision: str = "auto", alpha: float = 1.0,
+                   version: str | None = None, batch_size: int = 64) -> CarFilterPredictor:
+        """A Keras car filter in the runtime/precision that ``resolve_runtime`` picks."""
+        runtime, precision = resolve_runtime(runtime, precision)
+        return cls(for_runtime(model, runtime, precision, alpha), runtime, precision, version, batch_size)
+
+    @classmethod
+    def load(cls, spec: str, runtime: str = "auto", precision: str = "auto", alpha: float = 1.0,
+             version: str | None = None, batch_size: int = 64) -> CarFilterPredictor:
+        """The saved ``model.keras`` at ``spec`` (path or URI) ready for inference. One
+        predictor is kept per process (the last one loaded): scoring shards reuse it."""
+        runtime, precision = resolve_runtime(runtime, precision)
+        key = f"{spec}|{runtime}|{precision}"
+        with cls._cache_lock:
+            if key not in cls._cache:
+                model = load_model_file(spec)
+                cls._cache.clear()
+                cls._cache[key] = cls(for_runtime(model, runtime, precision, alpha), runtime, precision, version,
+                                      batch_size)
+            return cls._cache[key]
+
+    # -- the forward pass ------------------------------------------------------------------
+    def forward(self, x: Any) -> np.ndarray:
+        """A float batch (N, size, size, 3) in [0, 255] → ``p_car`` (N,) float32."""
+        if self._forward is None:
+            if isinstance(self.model, OpenVinoModel):
+                self._forward = lambda b: self.model(b.numpy() if hasattr(b, "numpy") else b)
+            else:
+                tf = import_tensorflow()
+                model = self.model
+                # one compiled forward pass per predictor: no retracing per call
+                self._forward = tf.function(lambda b: model(b, training=False), reduce_retracing=True)
+        return np.asarray(self._forward(x), dtype=np.float32).reshape(-1)
+
+    def predict(self, images: Sequence[np.ndarray] | np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """``p_car`` for decoded uint8 RGB images (each (H, W, 3), sizes may differ)."""
+        tf = import_tensorflow()
+
+        out = np.zeros(len(images), np.float32)
+        bs = int(batch_size or self.batch_size)
+        size = self.image_size
+        for start in range(0, len(images), bs):
+            chunk = images[start : start + bs]
+            x = tf.stack([tf.image.resize(tf.convert_to_tensor(np.asarray(im)), (size, size)) for im in chunk])
+            out[start : start + len(chunk)] = self.forward(tf.cast(x, tf.float32))
+        return out
+
+    def predict_encoded(self, blobs: Iterable[bytes], count: int | None = None,
+                        batch_size: int | None = None) -> np.ndarray:
+        """``p_car`` for encoded images (NaN where the bytes are empty or undecodable).
+
+        ``blobs`` may be a lazy iterator (bytes arriving from storage) of ``count`` items;
+        it is consumed in chunks, so the Python side costs per chunk, not per image (the
+        per-image work runs in tf.data's threads): parallel decode/resize (AUTOTUNE) →
+        batch → prefetch → one compiled forward pass."""
+        tf = import_tensorflow()
+
+        if count is None:
+            blobs = list(blobs)
+            count = len(blobs)
+        out = np.full(count, np.nan, dtype=np.float32)
+        if not count:
+            return out
+        bs = int(batch_size or self.batch_size)
+        chunk = max(64, bs)
+        size = self.image_size
+
+        def gen():
+            idx: list[int] = []
+            part: list[bytes] = []
+            for i, data in enumerate(blobs):
+                idx.append(i)
+                part.append(data)
+                if len(idx) == chunk:
+                    yield np.asarray(idx, np.int64), np.asarray(part, dtype=object)
+                    idx, part = [], []
+            if idx:
+                yield np.asarray(idx, np.int64), np.asarray(part, dtype=object)
+
+        ds = tf.data.Dataset.from_generator(
+            gen,
+            output_signature=(tf.TensorSpec((None,), tf.int64), tf.TensorSpec((None,), tf.string)),
+        )
+        ds = (
+            ds.prefetch(2)
+            .unbatch()
+            .map(lambda i, b: (i, decode_resize(b, size)), num_parallel_calls=tf.data.AUTOTUNE)
+            .ignore_errors()
+            .batch(bs)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+        for idx, x in ds:
+            out[idx.numpy()] = self.forward(x)
+        return out

@@ -5,7 +5,9 @@
 * a hub name such as ``yolov5su.pt`` / ``yolov5nu.pt`` / ``yolov5mu.pt``: ultralytics
   downloads it on first use (needs the network; offline and not cached → a clear error);
 * a local path to a ``.pt`` file (missing → a clear error, never random weights);
-* an ``s3://`` URI: downloaded through :mod:`carflow.storage` into a temp file;
+* an ``s3://`` URI: downloaded once through :func:`carflow.storage.local_file`;
+* ``latest``: the latest fine-tuned detector in the registry (``carflow crop train``),
+  turned into its ``weights.pt`` by :func:`registered_weights` before a run;
 * a model ``.yaml`` (``yolov5nu.yaml``) or ``none``: random init, explicitly (tests,
   offline demo, benchmarks).
 
@@ -111,37 +113,53 @@ def weights_version(weights: str) -> str:
     return w
 
 
+def version_weights(version: Any) -> str:
+    """What ``crop.weights`` accepts for a registered detector version
+    (:class:`carflow.registry.Version`): its ``weights.pt`` as a path on local storage,
+    else its URI (downloaded when loaded)."""
+    from carflow.storage import LocalStorage
+
+    if isinstance(version.storage, LocalStorage):
+        return str(version.local_path("weights.pt"))
+    return version.uri("weights.pt")
+
+
+def registered_weights(weights: str, storage: Any = None) -> str:
+    """``latest`` (or another registry pointer / version id of a fine-tuned detector) →
+    that version's weights (:func:`version_weights`), resolved in ``storage``'s registry;
+    every other spec is returned unchanged. Raises :class:`DetectorWeightsError` naming
+    the setting and ``carflow crop train`` when nothing is registered."""
+    w = (weights or "").strip()
+    if w != "latest":
+        return w
+    from carflow.registry import Registry, RegistryError
+
+    try:
+        return version_weights(Registry(storage).resolve("detector", w, setting=SETTING))
+    except RegistryError as exc:
+        raise DetectorWeightsError(str(exc)) from None
+
+
 def resolve_weights(weights: str) -> str:
     """A spec → something ``YOLO(...)`` accepts (a yaml name, a local file, a hub name).
     Raises :class:`DetectorWeightsError` naming the setting when it cannot."""
     w = (weights or "").strip()
     if not w:
         raise DetectorWeightsError(f"{SETTING} is empty; set a weight file, a hub name or 'none'")
+    if w == "latest":
+        raise DetectorWeightsError(f"{SETTING} = latest must be resolved in a storage's registry first "
+                                   "(models.detector.registered_weights)")
     if w.lower() == "none":
         return RANDOM_INIT_YAML
     if is_random_init(w):
         return w
     if w.startswith("s3://"):
-        from urllib.parse import urlparse
+        from carflow.storage import local_file
 
-        from carflow.storage import StorageKeyError, open_storage
-
-        parsed = urlparse(w)
-        bucket_uri, _, key = f"s3://{parsed.netloc}", None, parsed.path.lstrip("/")
         try:
-            data = open_storage(bucket_uri).get(key)
-        except StorageKeyError:
-            raise DetectorWeightsError(f"{SETTING}: {w} does not exist") from None
-        except Exception as exc:  # noqa: BLE001 - any S3 failure is a configuration problem here
-            raise DetectorWeightsError(f"{SETTING}: cannot download {w}: {exc}") from exc
-        digest = hashlib.sha256(data).hexdigest()[:16]
-        out = Path(tempfile.gettempdir()) / "carflow-weights" / f"{digest}-{Path(key).name or 'weights.pt'}"
-        if not out.exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_suffix(out.suffix + f".{os.getpid()}.part")
-            tmp.write_bytes(data)
-            os.replace(tmp, out)
-        return str(out)
+            return str(local_file(w))
+        except FileNotFoundError as exc:
+            raise DetectorWeightsError(f"{SETTING}: {exc}") from None
     path = Path(w).expanduser()
     if path.is_file():
         return str(path)
@@ -149,7 +167,8 @@ def resolve_weights(weights: str) -> str:
         return w  # load_detector turns a failed download into DetectorWeightsError
     raise DetectorWeightsError(
         f"{SETTING}: weight file {w!r} does not exist (use an existing .pt path, an s3:// URI, "
-        "a hub name such as yolov5su.pt, or 'none' / a model .yaml for random weights)"
+        "'latest' for the latest fine-tune, a hub name such as yolov5su.pt, or 'none' / a model .yaml "
+        "for random weights)"
     )
 
 

@@ -31,7 +31,8 @@ Steps (all vectorised over unique labels / groupby; no per-row Python):
 :func:`classes_document` turns the result into ``classes.json``: the ordered class list
 (sorted; the index is the training label id), merges applied, counts, and a
 ``version`` = content hash of the class list + merges, stored at
-``datasets/<version>/classes.json`` (:func:`classes_key`) — the contract with training.
+``datasets/<version>/classes.json`` in the registry (:func:`write_classes`) — the
+contract with training.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ from prefect import task
 
 from carflow.labels import _clean
 from carflow.manifest import DROPPED, KEPT
+from carflow.registry import Registry, Version
 from carflow.settings import ClassesSettings
+from carflow.storage import Storage
 
 NO_LABEL = "no_label"
 IGNORED = "ignored_class"
@@ -324,22 +327,21 @@ def classes_document(info: Mapping[str, Any], cfg: ClassesSettings | None = None
     }
 
 
-def classes_key(version: str, prefix: str = "datasets") -> str:
-    """``datasets/<version>/classes.json``"""
-    return f"{prefix}/{version}/classes.json"
-
-
-def write_classes(store, doc: Mapping[str, Any], prefix: str = "datasets") -> str:
-    """Write ``classes.json`` under its version (idempotent: same content, same key) and
-    ``<prefix>/latest.json`` pointing at it; returns the URI of classes.json."""
-    key = classes_key(doc["version"], prefix)
-    store.put(key, json.dumps(doc, indent=2, sort_keys=False).encode(), content_type="application/json")
-    store.put(
-        f"{prefix}/latest.json",
-        json.dumps({"version": doc["version"], "classes": key}).encode(),
-        content_type="application/json",
+def write_classes(store: Storage, doc: Mapping[str, Any], meta: Mapping[str, Any] | None = None,
+                  promote: bool = True) -> Version:
+    """Register ``classes.json`` as dataset version ``doc["version"]``
+    (``datasets/<version>/classes.json``, then ``meta.json`` with ``meta``) and, with
+    ``promote``, move the registry's ``latest`` dataset pointer to it. Call it last, after
+    the dataset's exports, so ``latest`` only ever names a complete dataset."""
+    registry = Registry(store)
+    summary = {k: doc[k] for k in ("classes", "num_classes", "counts") if k in doc}
+    version = registry.put_version(
+        "dataset", {"classes.json": json.dumps(doc, indent=2, sort_keys=False).encode()},
+        {**summary, **(meta or {})}, version=str(doc["version"]),
     )
-    return store.uri(key)
+    if promote:
+        registry.promote("dataset", version)
+    return version
 
 
 # ---------------------------------------------------------------------------------------

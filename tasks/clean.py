@@ -25,7 +25,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import task
@@ -37,7 +36,8 @@ from carflow.manifest import (
     DROPPED,
     INGEST_SCHEMA,
     KEPT,
-    read_manifest,
+    InputError,
+    read_input,
     to_pandas,
     write_manifest,
 )
@@ -47,7 +47,7 @@ from tasks import fix
 from tasks.dedup import COLUMNS as DEDUP_COLUMNS
 from tasks.dedup import dedup_manifest
 from tasks.fix import inspect_schema, inspect_shard
-from tasks.quality import SCORE_SETTINGS, flag_odd_size, quality_decisions, scoring_settings
+from tasks.quality import SCORE_SETTINGS, apply_odd_size, quality_decisions, scoring_settings
 from tasks.report import contact_sheet
 from tasks.shards import (
     ShardSpec,
@@ -153,42 +153,6 @@ def decide_quality(results: pa.Table, cfg: QualitySettings) -> pa.Table:
     return put_column(results, "quality_flags", flags)
 
 
-def _append_flag(flags: pa.Array | pa.ChunkedArray, mask: np.ndarray, flag: str) -> pa.Array:
-    """``flags`` (list<string>) with ``flag`` appended on the rows of ``mask``."""
-    if isinstance(flags, pa.ChunkedArray):
-        flags = flags.combine_chunks()
-    n = len(flags)
-    parents = pc.list_parent_indices(flags).to_numpy()
-    add = np.flatnonzero(mask)
-    all_parents = np.concatenate([parents, add])
-    order = np.argsort(all_parents, kind="stable")
-    values = pa.concat_arrays([pc.list_flatten(flags).cast(pa.string()), pa.array([flag] * add.size, pa.string())])
-    offsets = np.zeros(n + 1, dtype=np.int32)
-    np.cumsum(np.bincount(all_parents, minlength=n), out=offsets[1:])
-    nulls = flags.is_null().to_numpy(zero_copy_only=False) & ~mask
-    return pa.ListArray.from_arrays(pa.array(offsets), values.take(pa.array(order)), mask=pa.array(nulls))
-
-
-def apply_odd_size(table: pa.Table, cfg: QualitySettings) -> pa.Table:
-    """odd_size is a set-level check (cleanvision's IQR rule) over the kept rows."""
-    if cfg.odd_size_action == "off":
-        return table
-    kept = pc.and_(pc.not_equal(table["status"], DROPPED), pc.is_valid(table["width"]))
-    kept = pc.fill_null(kept, False).to_numpy(zero_copy_only=False)
-    if not kept.any():
-        return table
-    w = table["width"].cast(pa.float64()).to_numpy(zero_copy_only=False)[kept]
-    h = table["height"].cast(pa.float64()).to_numpy(zero_copy_only=False)[kept]
-    odd = np.zeros(len(kept), dtype=bool)
-    odd[np.flatnonzero(kept)] = flag_odd_size(np.sqrt(w * h), cfg)
-    table = put_column(table, "quality_flags", _append_flag(table["quality_flags"], odd, "odd_size"))
-    if cfg.odd_size_action == "drop":
-        mask = pa.array(odd)
-        table = put_column(table, "status", pc.if_else(mask, DROPPED, table["status"]))
-        table = put_column(table, "reason", pc.if_else(mask, "odd_size", table["reason"]))
-    return table
-
-
 def apply_dedup(table: pa.Table, cfg: DedupSettings) -> pa.Table:
     """:func:`tasks.dedup.dedup_manifest` over a narrow frame of the columns it reads;
     its status, reason and cluster columns go back onto the Arrow table."""
@@ -247,14 +211,19 @@ def publish_report(store: Storage, table: pa.Table, prefix: str, per_reason: int
 
 
 @task(name="clean-reduce", cache_policy=NO_CACHE, retries=1)
-def clean_reduce_task(storage_uri: str | None, shard_keys: list[str], config: dict[str, Any],
-                      prefix: str = "manifests") -> dict[str, Any]:
-    """Read manifest v0 and the shards, decide, dedup, write the clean manifest and the
-    contact sheets; returns counts (no rows)."""
+def clean_reduce_task(storage_uri: str | None, source_key: str, source_hash: str, shard_keys: list[str],
+                      config: dict[str, Any], prefix: str = "manifests") -> dict[str, Any]:
+    """Read manifest v0 (the one the flow planned from: ``source_hash``) and the shards,
+    decide, dedup, write the clean manifest (with its lineage) and the contact sheets;
+    returns counts (no rows pass through Prefect)."""
     store = open_storage(storage_uri)
-    manifest = read_manifest(store, manifest_key("ingest", prefix=prefix), INGEST_SCHEMA)
+    source = read_input(store, source_key, INGEST_SCHEMA, check=False)
+    if source.hash != source_hash:
+        raise InputError(f"{store.uri(source_key)} changed while the clean stage ran: run `carflow clean` again")
     results = load_shard_results(store, shard_keys, RESULT_COLUMNS, SHARD_SCHEMA)
-    table = reduce_clean(manifest, results, QualitySettings(**config["quality"]), DedupSettings(**config["dedup"]))
-    del manifest, results
-    uri = write_manifest(store, manifest_key("clean", prefix=prefix), table, CLEAN_SCHEMA)
+    table = reduce_clean(source.table, results, QualitySettings(**config["quality"]),
+                         DedupSettings(**config["dedup"]))
+    lineage = source.lineage()
+    del source, results
+    uri = write_manifest(store, manifest_key("clean", prefix=prefix), table, CLEAN_SCHEMA, lineage=lineage)
     return {"manifest": uri, **counts(table), "contact_sheets": publish_report(store, table, prefix)}

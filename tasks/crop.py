@@ -41,7 +41,15 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from carflow.keys import manifest_key
-from carflow.manifest import CLEAN_SCHEMA, DROPPED, KEPT, read_manifest, write_manifest
+from carflow.manifest import (
+    CLEAN_SCHEMA,
+    CROP_MANIFEST_SCHEMA,
+    DROPPED,
+    KEPT,
+    InputError,
+    read_input,
+    write_manifest,
+)
 from carflow.settings import CropSettings
 from carflow.storage import Storage, open_storage
 from tasks.shards import (
@@ -57,8 +65,6 @@ STAGE = "crop"
 #: bump when the crop logic changes results
 VERSION = "1"
 VEHICLE = "vehicle"
-#: the crop stage's columns on the manifest
-CROP_COLUMNS = ["bbox", "det_class", "det_conf", "crop_id"]
 #: decompression-bomb guard for the full decode
 MAX_PIXELS = 40_000_000
 
@@ -75,6 +81,10 @@ CROP_SCHEMA = pa.schema(
         pa.field("crop_height", pa.int64()),
     ]
 )
+
+
+#: the columns the crop stage adds to its input manifest (``CROP_MANIFEST_SCHEMA``)
+CROP_COLUMNS = ["bbox", "det_class", "det_conf", "crop_id"]
 
 
 # -- pure functions ---------------------------------------------------------------------
@@ -390,15 +400,19 @@ def merge_crops(manifest: pa.Table, results: pa.Table) -> pa.Table:
 
 
 @task(name="crop-merge", cache_policy=NO_CACHE, retries=1)
-def merge_crops_task(storage_uri: str | None, source_key: str, shard_keys: list[str],
+def merge_crops_task(storage_uri: str | None, source_key: str, source_hash: str, shard_keys: list[str],
                      prefix: str = "manifests") -> dict[str, Any]:
-    """Read the input manifest and the crop shards, write ``manifests/crop/manifest.parquet``;
-    returns counts (no rows pass through Prefect)."""
+    """Read the input manifest (the one the flow planned from: ``source_hash``) and the
+    crop shards, write ``manifests/crop/manifest.parquet`` with its lineage; returns
+    counts (no rows pass through Prefect)."""
     store = open_storage(storage_uri)
+    source = read_input(store, source_key, CLEAN_SCHEMA, check=False)
+    if source.hash != source_hash:
+        raise InputError(f"{store.uri(source_key)} changed while the crop stage ran: run `carflow crop` again")
     results = load_shard_results(store, shard_keys, ["image_id", "status", "reason", *CROP_COLUMNS], CROP_SCHEMA)
-    table = merge_crops(read_manifest(store, source_key), results)
-    # the input (clean, or car_filter = clean + its columns) keeps its contract
-    uri = write_manifest(store, manifest_key(STAGE, prefix=prefix), table, CLEAN_SCHEMA)
+    table = merge_crops(source.table, results)
+    uri = write_manifest(store, manifest_key(STAGE, prefix=prefix), table, CROP_MANIFEST_SCHEMA,
+                         lineage=source.lineage())
     return {"manifest": uri, **status_counts(table), "crops": table.num_rows - table["crop_id"].null_count}
 
 

@@ -1,18 +1,18 @@
 """Fine-tuning the crop stage's YOLO detector, and scoring boxes against ground truth.
 
 :func:`finetune_detector` trains an ultralytics model (default: ``yolov5nu.yaml``, random
-init, so nothing is downloaded) on a YOLO ``data.yaml`` dataset and stores the result in
-storage as ``<models_prefix>/<version>/weights.pt`` + ``config.json`` (and points
-``<models_prefix>/latest.json`` at it). The version is a hash of the dataset's content
+init, so nothing is downloaded) on a YOLO ``data.yaml`` dataset and registers the result
+(:class:`carflow.registry.Registry`, kind ``detector``) as
+``models/detector/<version>/weights.pt`` + ``meta.json``, then moves the ``latest``
+pointer to it (``crop.weights=latest`` uses it). The version is a hash of the dataset's content
 (:func:`dataset_fingerprint`: images, labels, class names) and the
 training parameters, so training the same data with the same parameters again finds the
 stored weights and trains nothing (``force=True`` retrains).
 
-:func:`weights_spec` turns the stored key into what ``crop.weights`` accepts: a local path
-for local storage, the ``s3://`` URI otherwise.
+:func:`models.detector.version_weights` turns a stored version into what ``crop.weights``
+accepts: a local path for local storage, the ``s3://`` URI otherwise.
 
-:func:`box_hits` runs the real crop path (:func:`tasks.crop.crop_images`) over photos with
-known boxes and reports how many cars come out with IoU ≥ 0.5.
+Scoring boxes against ground truth (``box_hits``) is in :mod:`tasks.evaluation`.
 """
 
 from __future__ import annotations
@@ -32,13 +32,15 @@ import yaml
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from carflow.storage import LocalStorage, Storage
+from carflow.registry import Registry, RegistryError
+from carflow.storage import Storage
+from models.detector import version_weights
 
 log = logging.getLogger(__name__)
 
 #: bump when the training recipe changes in a way that changes the weights
 CODE_VERSION = "1"
-DEFAULT_PREFIX = "models/detector"
+KIND = "detector"
 #: the fine-tune recipe (ultralytics ``train`` arguments). From scratch on a few hundred
 #: synthetic photos: ``optimizer=auto`` would pick AdamW at lr 0.002*5/(4+nc) = 1.2e-4 for
 #: nc=80, far too slow from random init; mosaic off (the demo photos are one car each).
@@ -69,21 +71,15 @@ def detector_version(fingerprint: str, params: dict[str, Any]) -> str:
     return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
 
-def weights_spec(store: Storage, key: str) -> str:
-    """What ``crop.weights`` accepts for a stored file: a path (local storage) or URI."""
-    if isinstance(store, LocalStorage):
-        return str(store.root / key)
-    return store.uri(key)
+def check_weights(spec: str, storage: Storage | str | None = None) -> str:
+    """Check ``crop.weights`` before a run: a missing file (or ``latest`` with no fine-tune
+    registered in ``storage``) raises :class:`models.detector.DetectorWeightsError` naming
+    the setting; a hub name is loaded (downloaded where there is a network), so an offline
+    run without the file fails here rather than after the crawl. An ``s3://`` object is
+    checked when the crop stage downloads it."""
+    from models.detector import is_random_init, load_detector, registered_weights, resolve_weights
 
-
-def check_weights(spec: str) -> str:
-    """Check ``crop.weights`` before a run: a missing file raises
-    :class:`models.detector.DetectorWeightsError` naming the setting; a hub name is
-    loaded (downloaded where there is a network), so an offline run without the file fails
-    here rather than after the crawl. An ``s3://`` object is checked when the crop stage
-    downloads it."""
-    from models.detector import is_random_init, load_detector, resolve_weights
-
+    spec = registered_weights(spec, storage)
     if spec.strip().startswith("s3://") or is_random_init(spec):
         return spec
     resolved = resolve_weights(spec)
@@ -92,36 +88,38 @@ def check_weights(spec: str) -> str:
     return resolved
 
 
-def stored_detector(store: Storage, version: str, prefix: str = DEFAULT_PREFIX) -> dict[str, Any] | None:
-    """The stored fine-tune ``version`` (its config plus ``weights``), or ``None``."""
-    base = f"{prefix.rstrip('/')}/{version}"
-    if not (store.exists(f"{base}/weights.pt") and store.exists(f"{base}/config.json")):
+def stored_detector(store: Storage, version: str) -> dict[str, Any] | None:
+    """The registered fine-tune ``version`` (its meta plus ``weights``), or ``None``."""
+    try:
+        found = Registry(store).get(KIND, version)
+    except RegistryError:
         return None
-    config = json.loads(store.get_text(f"{base}/config.json"))
-    return {**config, "weights": weights_spec(store, f"{base}/weights.pt"),
-            "uri": store.uri(f"{base}/weights.pt")}
+    if not found.exists("weights.pt"):
+        return None
+    return {**found.meta, "weights": version_weights(found), "uri": found.uri("weights.pt")}
 
 
 def finetune_detector(
     store: Storage,
     data_yaml: str | Path,
     params: dict[str, Any] | None = None,
-    prefix: str = DEFAULT_PREFIX,
     force: bool = False,
     command: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune on ``data_yaml`` (or reuse the stored version) → ``{"version", "weights"
     (for ``crop.weights``), "uri", "cached", "train_seconds", "params", …}``. ``extra`` is
-    recorded in ``config.json`` (e.g. where the data came from)."""
+    recorded in ``meta.json`` (e.g. where the data came from). The ``latest`` pointer
+    moves to the version (a stored one too: the last fine-tune asked for is latest)."""
     params = train_params(**(params or {}))
     fingerprint = dataset_fingerprint(data_yaml)
     version = detector_version(fingerprint, params)
-    base = f"{prefix.rstrip('/')}/{version}"
+    registry = Registry(store)
     if not force:
-        found = stored_detector(store, version, prefix)
+        found = stored_detector(store, version)
         if found is not None:
             log.info("detector %s already trained: %s", version, found["uri"])
+            registry.promote(KIND, version)
             return {**found, "cached": True}
 
     from models.detector import import_ultralytics, place_font
@@ -142,9 +140,8 @@ def finetune_detector(
         last = Path(model.trainer.last)
         if not last.is_file():
             raise RuntimeError(f"ultralytics training wrote no checkpoint ({last})")
-        store.put(f"{base}/weights.pt", last.read_bytes(), content_type="application/octet-stream")
-    config = {
-        "version": version,
+        weights = last.read_bytes()
+    meta = {
         "stage": "detector",
         "params": params,
         "data": str(data_yaml),
@@ -157,17 +154,15 @@ def finetune_detector(
         "code_version": CODE_VERSION,
         **(extra or {}),
     }
-    store.put_text(f"{base}/config.json", json.dumps(config, indent=2, sort_keys=True, default=str))
-    store.put_text(f"{prefix.rstrip('/')}/latest.json",
-                   json.dumps({"version": version, "weights": store.uri(f"{base}/weights.pt")}))
-    return {**config, "weights": weights_spec(store, f"{base}/weights.pt"), "uri": store.uri(f"{base}/weights.pt"),
-            "cached": False}
+    stored = registry.put_version(KIND, {"weights.pt": weights}, meta, version=version)
+    registry.promote(KIND, stored)
+    return {**stored.meta, "weights": version_weights(stored), "uri": stored.uri("weights.pt"), "cached": False}
 
 
 @task(name="detector-finetune", cache_policy=NO_CACHE)
 def finetune_task(
     storage_uri: str | None, data_yaml: str, params: dict[str, Any] | None = None,
-    prefix: str = DEFAULT_PREFIX, force: bool = False, command: str | None = None,
+    force: bool = False, command: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Training holds a slot of the ``gpu`` global concurrency limit (a missing limit, or
@@ -177,12 +172,13 @@ def finetune_task(
 
     store = open_storage(storage_uri)
     if not force:  # a cache hit needs no slot
-        found = stored_detector(store, detector_version(dataset_fingerprint(data_yaml), train_params(**(params or {}))),
-                                prefix)
+        version = detector_version(dataset_fingerprint(data_yaml), train_params(**(params or {})))
+        found = stored_detector(store, version)
         if found is not None:
+            Registry(store).promote(KIND, version)
             return {**found, "cached": True}
     with gpu_slot("gpu"):
-        return finetune_detector(store, data_yaml, params, prefix, force, command, extra)
+        return finetune_detector(store, data_yaml, params, force, command, extra)
 
 
 def _count_images(data_yaml: str | Path) -> int | None:
@@ -193,47 +189,6 @@ def _count_images(data_yaml: str | Path) -> int | None:
     return sum(1 for f in folder.iterdir() if f.is_file()) if folder.is_dir() else None
 
 
-
-
-# ---------------------------------------------------------------- scoring boxes
-
-
-def iou(a: Any, b: Any) -> float:
-    """Intersection over union of two ``[x0, y0, x1, y1]`` boxes."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
-
-
-def box_hits(photos: list[dict[str, Any]], weights: str, imgsz: int, conf: float = 0.25,
-             device: str = "") -> dict[str, Any]:
-    """Run the crop path (margin 0) over ground-truth ``photos`` (each with ``data``,
-    ``is_car``, ``bbox``) → car count, IoU ≥ 0.5 rate, mean IoU, cars without a box,
-    non-car photos that got a box."""
-    from carflow.settings import CropSettings
-    from models.detector import load_detector
-    from tasks.crop import crop_images
-
-    with tempfile.TemporaryDirectory(prefix="carflow-boxes-") as tmp:
-        store = LocalStorage(tmp)
-        ids = [store.put_image(p["data"]) for p in photos]
-        cfg = CropSettings(weights=weights, imgsz=imgsz, conf=conf, margin=0.0, min_side=1, device=device)
-        t0 = time.monotonic()
-        rows = crop_images(store, ids, load_detector(weights), cfg)
-        seconds = time.monotonic() - t0
-    cars = [(p, r) for p, r in zip(photos, rows, strict=True) if p["is_car"]]
-    ious = [iou(r["bbox"], p["bbox"]) if r["bbox"] else 0.0 for p, r in cars]
-    return {
-        "photos": len(photos),
-        "cars": len(cars),
-        "iou50_rate": round(sum(i >= 0.5 for i in ious) / len(ious), 4) if ious else None,
-        "mean_iou": round(sum(ious) / len(ious), 4) if ious else None,
-        "cars_without_box": sum(r["bbox"] is None for _, r in cars),
-        "non_car_with_box": sum(r["bbox"] is not None for p, r in zip(photos, rows, strict=True) if not p["is_car"]),
-        "seconds": round(seconds, 2),
-    }
 
 
 def dataset_fingerprint(data_yaml: str | Path) -> str:

@@ -58,8 +58,11 @@ import math
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image, ImageFilter
 
+from carflow.manifest import DROPPED
 from carflow.settings import QualitySettings
 
 #: checks in the order they are applied (the first ``drop`` check names the reason)
@@ -363,9 +366,52 @@ def quality_decisions(scores: Any, cfg: QualitySettings | None = None, active: n
     return flags, pa.array(drop, pa.string())
 
 
+def _append_flag(flags: pa.Array | pa.ChunkedArray, mask: np.ndarray, flag: str) -> pa.Array:
+    """``flags`` (list<string>) with ``flag`` appended on the rows of ``mask``."""
+    if isinstance(flags, pa.ChunkedArray):
+        flags = flags.combine_chunks()
+    n = len(flags)
+    parents = pc.list_parent_indices(flags).to_numpy()
+    add = np.flatnonzero(mask)
+    all_parents = np.concatenate([parents, add])
+    order = np.argsort(all_parents, kind="stable")
+    values = pa.concat_arrays([pc.list_flatten(flags).cast(pa.string()), pa.array([flag] * add.size, pa.string())])
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(np.bincount(all_parents, minlength=n), out=offsets[1:])
+    nulls = flags.is_null().to_numpy(zero_copy_only=False) & ~mask
+    return pa.ListArray.from_arrays(pa.array(offsets), values.take(pa.array(order)), mask=pa.array(nulls))
+
+
+def apply_odd_size(table: pa.Table, cfg: QualitySettings) -> pa.Table:
+    """``odd_size`` is a set-level check (cleanvision's IQR rule) over the kept rows of the
+    whole manifest (an Arrow table with ``status``, ``reason``, ``width``, ``height``,
+    ``quality_flags``): flags them, and drops them with reason ``odd_size`` when
+    ``quality.odd_size_action`` is ``drop``."""
+    if cfg.odd_size_action == "off":
+        return table
+    kept = pc.and_(pc.not_equal(table["status"], DROPPED), pc.is_valid(table["width"]))
+    kept = pc.fill_null(kept, False).to_numpy(zero_copy_only=False)
+    if not kept.any():
+        return table
+    w = table["width"].cast(pa.float64()).to_numpy(zero_copy_only=False)[kept]
+    h = table["height"].cast(pa.float64()).to_numpy(zero_copy_only=False)[kept]
+    odd = np.zeros(len(kept), dtype=bool)
+    odd[np.flatnonzero(kept)] = flag_odd_size(np.sqrt(w * h), cfg)
+    def put(t: pa.Table, name: str, values: Any) -> pa.Table:
+        return t.set_column(t.schema.get_field_index(name), name, values)
+
+    table = put(table, "quality_flags", _append_flag(table["quality_flags"], odd, "odd_size"))
+    if cfg.odd_size_action == "drop":
+        mask = pa.array(odd)
+        table = put(table, "status", pc.if_else(mask, DROPPED, table["status"]))
+        table = put(table, "reason", pc.if_else(mask, "odd_size", table["reason"]))
+    return table
+
+
 __all__ = [
     "CHECKS",
     "QualitySettings",
+    "apply_odd_size",
     "apply_quality",
     "blur_target",
     "brightness",
@@ -378,3 +424,4 @@ __all__ = [
     "quality_scores",
     "scoring_settings",
 ]
+

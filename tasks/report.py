@@ -1,4 +1,5 @@
-"""Pictures for people: contact sheets of sampled images, captioned.
+"""Pictures for people: contact sheets of sampled images, captioned, and the dataset's
+per-class, per-split bar chart.
 
 People would rather look at dropped photos than read ids. A contact sheet never fails on
 a broken image (those are exactly the ones being shown): an undecodable tile becomes a
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
+from prefect import task
 
 
 def _thumb(data: bytes | None, size: int) -> Image.Image | None:
@@ -62,3 +65,40 @@ def contact_sheet(
     out = io.BytesIO()
     sheet.save(out, "PNG", optimize=True)
     return out.getvalue()
+
+
+def split_bar_chart(report: Any, splits: Sequence[str] = ("train", "val", "test"),
+                    title: str = "images per class and split") -> bytes:
+    """Grouped bar chart (PNG bytes) of ``report``'s per-class counts (index = class, one
+    column per split)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    classes = list(report.index)
+    x = np.arange(len(classes))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(classes) + 2), 4.5), dpi=100)
+    width = 0.27
+    for i, s in enumerate(splits):
+        ax.bar(x + (i - 1) * width, report[s].to_numpy() if len(report) else [], width, label=s)
+    ax.set_xticks(x, classes, rotation=45 if len(classes) > 4 else 0, ha="right" if len(classes) > 4 else "center")
+    ax.set_ylabel("images")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+@task(name="publish-dataset-report", retries=1)
+def publish_split_chart(storage: str | None, report: Any, key: str, splits: Sequence[str]) -> str:
+    """Store :func:`split_bar_chart` of ``report`` at ``key``; returns its URI."""
+    from carflow.storage import open_storage
+
+    store = open_storage(storage)
+    store.put(key, split_bar_chart(report, splits), content_type="image/png")
+    return store.uri(key)

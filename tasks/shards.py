@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from carflow.caching import content_key
 from carflow.keys import shard_key, shard_stats_key
-from carflow.manifest import DROPPED, KEPT, read_manifest
+from carflow.manifest import DROPPED, KEPT
 from carflow.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -72,11 +72,6 @@ def plan_shards(manifest: Any, shard_size: int) -> list[list[str]]:
     order = order.sort_by([("first_seen_min", "ascending"), ("image_id", "ascending")])
     ids = order["image_id"].to_pylist()
     return [ids[i : i + shard_size] for i in range(0, len(ids), shard_size)]
-
-
-def plan_manifest_shards(storage: Storage, key: str, shard_size: int) -> list[list[str]]:
-    """:func:`plan_shards` of the manifest at ``key``, reading only the three columns."""
-    return plan_shards(read_manifest(storage, key, columns=PLAN_COLUMNS), shard_size)
 
 
 # ---------------------------------------------------------------------------------------
@@ -184,21 +179,24 @@ def merge_results(
     columns: Sequence[str],
     missing_reason: str,
     on: str = "image_id",
+    only_kept: bool = True,
 ) -> pa.Table:
     """Per-image ``results`` (keyed by ``image_id``) → ``columns`` on the manifest rows
     (matched on the manifest's ``on``), row order unchanged.
 
-    Only rows kept before this stage take part. A result with ``status`` dropped drops
+    Only rows kept before this stage change status. A result with ``status`` dropped drops
     the row with the result's ``reason``; a kept row without a result is dropped with
     ``missing_reason`` (a row is never silently lost). Rows dropped earlier keep their
-    status and reason and get nulls in ``columns``. ``results`` without a ``status``
-    column only add columns (and drop the rows they miss)."""
+    status and reason, and get nulls in ``columns`` unless ``only_kept`` is False.
+    ``results`` without a ``status`` column only add columns (and drop the rows they
+    miss)."""
     was_kept = pc.fill_null(pc.equal(manifest["status"], KEPT), False)
-    idx = pc.index_in(manifest[on], value_set=results["image_id"])
-    idx = pc.if_else(was_kept, idx, pa.scalar(None, idx.type))
+    found = pc.index_in(manifest[on], value_set=results["image_id"])
+    idx = pc.if_else(was_kept, found, pa.scalar(None, found.type))
     has_status = "status" in results.column_names
     wanted = list(dict.fromkeys([*columns, *(["status", "reason"] if has_status else [])]))
     taken = results.select(wanted).take(idx)
+    values = taken if only_kept else results.select(list(columns)).take(found)
     status, reason = manifest["status"], manifest["reason"]
     if has_status:
         dropped = pc.fill_null(pc.equal(taken["status"], DROPPED), False)
@@ -209,7 +207,7 @@ def merge_results(
     status = pc.if_else(missing, DROPPED, status)
     out = put_column(put_column(manifest, "status", status), "reason", reason)
     for name in columns:
-        out = put_column(out, name, taken[name])
+        out = put_column(out, name, values[name])
     return out
 
 

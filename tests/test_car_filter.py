@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -21,15 +22,10 @@ from carflow.manifest import manifest_key, to_pandas
 from carflow.settings import CarFilterSettings, reset_settings
 from carflow.storage import open_storage
 from models.car_filter import WeightsError, build_car_filter
-from tasks.car_filter import (
-    _at,
-    apply_threshold,
-    import_labels,
-    sample_for_labelling,
-    save_model_version,
-    split_train_val,
-    threshold_table,
-)
+from tasks.car_filter import apply_threshold
+from tasks.car_filter_train import save_model_version, split_train_val
+from tasks.evaluation import metrics_at, threshold_table
+from tasks.labelling import import_labels, sample_for_labelling
 
 ROOT = Path(__file__).resolve().parents[1]
 NON_CAR = ("interior", "dashboard", "wheel", "text_banner")
@@ -49,7 +45,7 @@ EPOCHS = 15
 
 def test_importing_loads_no_tensorflow():
     code = (
-        "import sys, models.car_filter, tasks.car_filter, flows.car_filter\n"
+        "import sys, models.car_filter, tasks.car_filter, tasks.car_filter_train, tasks.labelling, tasks.evaluation, flows.car_filter\n"
         "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TF imported eagerly'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
@@ -131,7 +127,7 @@ def test_weight_files_round_trip(tmp_path, s3_uri):
 def test_openvino_runtime_matches_keras(tmp_path):
     from carflow.frameworks import cpu_has_fast_bf16
     from carflow.storage import LocalStorage
-    from models.car_filter import OpenVinoModel, spread_random_init
+    from models.car_filter import CarFilterPredictor, OpenVinoModel, spread_random_init
     from tasks.car_filter import predict_ids
 
     model = build_car_filter("none", 32, alpha=0.35)
@@ -159,15 +155,36 @@ def test_openvino_runtime_matches_keras(tmp_path):
         Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(buf, format="JPEG")
         ids.append(store.put_image(buf.getvalue()))
     ids.insert(3, store.put_image(b"\xff\xd8\xff not a jpeg"))
-    keras_p = predict_ids(model, store, ids, 32, 4)
-    ov_p = predict_ids(fp32, store, ids, 32, 4)
+    keras_p = predict_ids(CarFilterPredictor(model), store, ids, 4)
+    ov_p = predict_ids(CarFilterPredictor(fp32, "openvino"), store, ids, 4)
     assert np.isnan(keras_p[3]) and np.isnan(ov_p[3])
     np.testing.assert_allclose(np.delete(ov_p, 3), np.delete(keras_p, 3), atol=2e-3)
 
 
+def test_predictor_takes_decoded_images_of_any_size():
+    """``CarFilterPredictor.predict``: uint8 (H, W, 3) images → ``p_car``, resized to the
+    model's input as training resizes (bilinear)."""
+    import tensorflow as tf
+
+    from models.car_filter import CarFilterPredictor, spread_random_init
+
+    model = spread_random_init(build_car_filter("none", 32, alpha=0.35))
+    rng = np.random.default_rng(2)
+    small = rng.integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
+    big = rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)
+    predictor = CarFilterPredictor(model, batch_size=2)
+    assert predictor.image_size == 32
+    got = predictor.predict([*small, big])
+    want_small = model.predict(small.astype("float32"), verbose=0).reshape(-1)
+    want_big = model.predict(tf.image.resize(big, (32, 32))[None], verbose=0).reshape(-1)
+    assert got.shape == (6,) and got.dtype == np.float32
+    np.testing.assert_allclose(got, np.concatenate([want_small, want_big]), atol=1e-3)  # batch-order float noise
+    assert predictor.predict(np.zeros((0, 32, 32, 3), np.uint8)).shape == (0,)
+
+
 def test_runtime_resolution_and_cache_key():
     from models.car_filter import resolve_runtime
-    from tasks.car_filter import score_key, scoring_config
+    from tasks.car_filter import score_spec, scoring_config
 
     assert resolve_runtime("auto", "auto") == ("openvino", "fp32")  # no GPU here
     assert resolve_runtime("auto", "bf16") == ("openvino", "bf16")
@@ -181,24 +198,26 @@ def test_runtime_resolution_and_cache_key():
     bf16 = scoring_config(CarFilterSettings(precision="bf16"), chosen)
     assert auto["runtime"] == "openvino" and auto["precision"] == "fp32" and bf16["precision"] == "bf16"
     # a different precision rescores; a different batch size does not
-    assert score_key("v1", ["a"], auto) == score_key("v1", ["a"], {**auto, "batch_size": 7})
-    assert score_key("v1", ["a"], auto) != score_key("v1", ["a"], bf16)
+    assert score_spec("v1", auto).key(["a"]) == score_spec("v1", {**auto, "batch_size": 7}).key(["a"])
+    assert score_spec("v1", auto).key(["a"]) != score_spec("v1", bf16).key(["a"])
+    assert score_spec("v1", auto).key(["a"]) != score_spec("v2", auto).key(["a"])
 
 
 def test_threshold_metrics_and_apply():
     y = np.array([1, 1, 1, 0, 0])
     p = np.array([0.9, 0.8, 0.4, 0.2, 0.75])
-    at = _at(y, p, 0.7)
+    at = metrics_at(y, p, 0.7)
     assert at["precision"] == pytest.approx(2 / 3) and at["recall"] == pytest.approx(2 / 3)
     assert at["no_car_recall"] == pytest.approx(0.5) and at["accuracy"] == pytest.approx(0.6)
     table = threshold_table(y, p)
     assert [r["threshold"] for r in table][:2] == [0.05, 0.1] and table[-1]["threshold"] == 0.95
-    df = pd.DataFrame({"image_id": ["a", "b", "c", "d"], "status": ["kept", "kept", "dropped", "kept"],
-                       "reason": [None, None, "duplicate", None]})
-    scores = pd.DataFrame({"image_id": ["a", "b", "c"], "p_car": [0.9, 0.1, 0.1]})
-    out = apply_threshold(df, scores, 0.7)
-    assert out["status"].tolist() == ["kept", "dropped", "dropped", "dropped"]
-    assert out["reason"].fillna("-").tolist() == ["-", "no_car", "duplicate", "not_scored"]
+    manifest = pa.table({"image_id": ["a", "b", "c", "d", "e"], "status": ["kept", "kept", "dropped", "kept", "kept"],
+                         "reason": [None, None, "duplicate", None, None]})
+    scores = pa.table({"image_id": ["a", "b", "c", "e"], "p_car": pa.array([0.9, 0.1, 0.1, None], pa.float32())})
+    out = apply_threshold(manifest, scores, 0.7)
+    assert out["status"].to_pylist() == ["kept", "dropped", "dropped", "dropped", "dropped"]
+    assert out["reason"].to_pylist() == [None, "no_car", "duplicate", "not_scored", "not_scored"]
+    assert out["p_car"].to_pylist()[:3] == pytest.approx([0.9, 0.1, 0.1])  # every row gets its score
 
 
 def test_split_is_stratified():
@@ -263,7 +282,7 @@ def train_env():
 @pytest.fixture(scope="module")
 def labels_csv(cleaned, site_dir, tmp_path_factory) -> Path:
     """The labelling kit over every kept image, 'labelled' from the ground truth."""
-    from tasks.car_filter import write_labelling_kit
+    from tasks.labelling import write_labelling_kit
 
     store = open_storage(cleaned)
     df = _read(store, manifest_key("clean"))
@@ -305,9 +324,9 @@ def scored(trained, cleaned) -> tuple[dict, pd.DataFrame]:
 def test_model_export_has_config_and_metrics(trained, cleaned):
     store = open_storage(cleaned)
     prefix = f"models/car_filter/{trained['version']}"
-    for name in ("model.keras", "config.json", "metrics.json", "split.csv"):
+    for name in ("model.keras", "meta.json", "metrics.json", "split.csv"):
         assert store.exists(f"{prefix}/{name}"), name
-    config = json.loads(store.get_text(f"{prefix}/config.json"))
+    config = json.loads(store.get_text(f"{prefix}/meta.json"))
     assert config["settings"]["weights"] == "none" and config["image_size"] == 64
     assert config["class_balance"]["train"]["no_car"] > 0 and config["data_counts"]["val"] > 0
     assert "command" in config
@@ -381,6 +400,6 @@ def test_rescoring_is_cached_until_the_model_changes(scored, cleaned, train_env)
     assert store.exists(shard_files[0])
     cfg = CarFilterSettings(weights="none", image_size=64, alpha=0.35)
     new_version = save_model_version(store, build_car_filter("none", 64, 0.35), "test-v2", cfg, set_latest=False)
-    fresh = score(storage=cleaned, model=new_version, shard_size=250)
+    fresh = score(storage=cleaned, model=new_version.uri(), shard_size=250)
     assert fresh["model_version"] == "test-v2"
     assert fresh["cached_shards"] == 0 and fresh["scored_images"] == first["scored_images"]

@@ -8,6 +8,7 @@ import json
 import pandas as pd
 import pytest
 
+from carflow.registry import Registry
 from carflow.settings import ClassesSettings
 from carflow.storage import open_storage
 from tasks.classes import (
@@ -15,7 +16,6 @@ from tasks.classes import (
     assign_classes,
     base_labels,
     classes_document,
-    classes_key,
     load_merge_map,
     write_classes,
 )
@@ -152,7 +152,12 @@ def test_classes_json_is_versioned_by_content(tmp_path):
     _, info3 = assign_classes(df, cfg, merge_map={"audi_a4": "bmw_x5"})
     assert classes_document(info3, cfg)["version"] != doc["version"]
     store = open_storage(str(tmp_path / "s"))
-    uri = write_classes(store, doc)
-    assert uri.endswith(classes_key(doc["version"]))
-    saved = json.loads(store.get(classes_key(doc["version"])))
+    version = write_classes(store, doc, {"manifest": "manifests/dataset/manifest.parquet"})
+    assert version.key("classes.json") == f"datasets/{doc['version']}/classes.json"
+    saved = json.loads(store.get(f"datasets/{doc['version']}/classes.json"))
     assert saved["classes"] == ["audi_a4", "bmw_x5"] and saved["counts"] == {"audi_a4": 3, "bmw_x5": 3}
+    # one registry: the latest dataset resolves to it, its meta.json carries the summary
+    latest = Registry(store).resolve("dataset", "latest")
+    assert latest.version == doc["version"] and latest.meta["classes"] == saved["classes"]
+    assert latest.meta["manifest"] == "manifests/dataset/manifest.parquet"
+    assert json.loads(latest.get("classes.json")) == saved

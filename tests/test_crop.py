@@ -494,12 +494,18 @@ def test_crop_flow_writes_the_manifest_and_reruns_from_cache(tmp_path, prefect_s
 
 
 def test_flow_prefers_the_car_filter_manifest(tmp_path):
-    from flows.crop import input_key
+    from carflow.manifest import InputError, input_key
 
     store = open_storage(str(tmp_path))
-    assert input_key(store, "manifests") == "manifests/clean/manifest.parquet"
+    with pytest.raises(InputError, match=r"clean/manifest.parquet does not exist: run `carflow clean` first"):
+        input_key(store, "crop")
+    store.put("manifests/clean/manifest.parquet", b"x")
+    assert input_key(store, "crop") == "manifests/clean/manifest.parquet"
     store.put("manifests/car_filter/manifest.parquet", b"x")
-    assert input_key(store, "manifests") == "manifests/car_filter/manifest.parquet"
+    assert input_key(store, "crop") == "manifests/car_filter/manifest.parquet"
+    assert input_key(store, "crop", "clean") == "manifests/clean/manifest.parquet"  # explicit: as asked
+    with pytest.raises(InputError, match=r"crop/manifest.parquet does not exist: run `carflow crop` first"):
+        input_key(store, "dataset", "crop")  # an explicit source never falls back
 
 
 # -- slow: fine-tune on the demo marketplace, then crop ---------------------------------------

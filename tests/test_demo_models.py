@@ -22,7 +22,6 @@ from tasks.detector_train import (  # noqa: E402
     dataset_fingerprint,  # noqa: E402
     detector_version,
     train_params,
-    weights_spec,
 )
 
 
@@ -80,19 +79,33 @@ def test_detector_version_follows_data_and_recipe():
     assert v != detector_version("abc", {**p, "epochs": 4}) and v != detector_version("abd", p)
 
 
-def test_weights_spec_is_a_path_for_local_storage(tmp_path):
+def test_crop_weights_latest_is_the_registered_fine_tune(tmp_path):
+    """``crop.weights=latest`` → the registry's latest detector: a path on local storage;
+    with nothing registered, an error naming the setting and the command that makes one."""
+    from carflow.registry import Registry
+    from models.detector import DetectorWeightsError, registered_weights, resolve_weights
+
     store = LocalStorage(tmp_path)
-    assert weights_spec(store, "models/detector/v/weights.pt") == str(tmp_path.resolve() / "models/detector/v/weights.pt")
+    with pytest.raises(DetectorWeightsError, match=r"crop.weights.*carflow crop train"):
+        registered_weights("latest", store)
+    registry = Registry(store)
+    registry.promote("detector", registry.put_version("detector", {"weights.pt": b"w1"}, {}, version="v1"))
+    registry.put_version("detector", {"weights.pt": b"w2"}, {}, version="v2")  # not promoted
+    path = registered_weights("latest", store)
+    assert path == str(tmp_path.resolve() / "models/detector/v1/weights.pt")
+    assert resolve_weights(path) == path
+    assert registered_weights("yolov5su.pt", store) == "yolov5su.pt"  # other specs unchanged
 
 
 @pytest.mark.integration
 def test_finetune_stores_a_version_and_reuses_it(demo_site_dir, tmp_path, s3_uri, monkeypatch):
-    """One tiny epoch into S3 (moto): weights.pt + config.json under the content version,
+    """One tiny epoch into S3 (moto): weights.pt + meta.json under the content version,
     loadable by the crop path; the same data and recipe again → the stored version, no
     training (ultralytics' YOLO is never constructed)."""
     from carflow.storage import open_storage
     from models.detector import clear_cache, load_detector
-    from tasks.detector_train import box_hits, finetune_detector
+    from tasks.detector_train import finetune_detector
+    from tasks.evaluation import box_hits
 
     data_yaml, held_out = write_yolo_dataset(demo_site_dir, tmp_path / "yolo")
     store = open_storage(s3_uri)
@@ -100,7 +113,7 @@ def test_finetune_stores_a_version_and_reuses_it(demo_site_dir, tmp_path, s3_uri
     first = finetune_detector(store, data_yaml, recipe)
     assert first["cached"] is False and first["weights"].startswith("s3://")
     assert store.exists(f"models/detector/{first['version']}/weights.pt")
-    config = json.loads(store.get_text(f"models/detector/{first['version']}/config.json"))
+    config = json.loads(store.get_text(f"models/detector/{first['version']}/meta.json"))
     assert config["params"]["epochs"] == 1 and config["data_fingerprint"] == dataset_fingerprint(data_yaml)
     assert json.loads(store.get_text("models/detector/latest.json"))["version"] == first["version"]
     clear_cache()

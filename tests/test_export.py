@@ -77,6 +77,8 @@ def crop_manifest(store, n_listings: int = 12, photos: int = 3) -> tuple[pd.Data
                 "make_raw": make, "model_raw": model, "raw_key": image_key(image_id), "bytes": len(photo_bytes),
                 "content_type": "image/jpeg", "source": "crawl", "crawl_id": "c1", "first_seen": lst * 10 + p,
                 "status": "kept", "reason": None, "dup_cluster": image_id, "crop_id": crop_id,
+                "source_id": image_id, "width": 200, "height": 150, "fix_actions": [], "quality_flags": [],
+                "phash": None, "dhash": None, "pixel_hash": None, "label_conflict": False,
             })
     extra = []
     for i, (status, reason) in enumerate([("kept", None), ("dropped", "no_vehicle")]):
@@ -84,7 +86,7 @@ def crop_manifest(store, n_listings: int = 12, photos: int = 3) -> tuple[pd.Data
         image_id = store.put_image(photo_bytes)
         extra.append({**rows[0], "image_id": image_id, "listing_id": f"t:9{i:02d}", "photo_index": 0,
                       "raw_key": image_key(image_id), "bytes": len(photo_bytes), "dup_cluster": image_id,
-                      "status": status, "reason": reason, "crop_id": None})
+                      "source_id": image_id, "status": status, "reason": reason, "crop_id": None})
     return pd.DataFrame(rows + extra), crops
 
 

@@ -79,3 +79,70 @@ def test_not_parquet_is_a_clear_error(storage):
     storage.put("m.parquet", b"definitely not parquet")
     with pytest.raises(ManifestError, match="not a Parquet manifest"):
         read_manifest(storage, "m.parquet", INGEST_SCHEMA)
+
+
+# ---------------------------------------------------------------- lineage and stage schemas
+
+
+def _stage(store, stage: str, rows: list[dict], source: str | None = None, schema=INGEST_SCHEMA) -> str:
+    """Write ``manifests/<stage>/manifest.parquet`` as a stage does: read its input (checked
+    current), record its lineage."""
+    from carflow.manifest import manifest_key, read_input
+
+    lineage = read_input(store, manifest_key(source)).lineage() if source else None
+    write_manifest(store, manifest_key(stage), from_records(rows, schema), schema, lineage=lineage)
+    return manifest_key(stage)
+
+
+def test_lineage_records_the_input_and_a_stale_chain_names_the_stages_to_rerun(tmp_path):
+    from carflow.manifest import InputError, content_hash, lineage_of, manifest_key, read_input
+    from carflow.storage import LocalStorage
+
+    store = LocalStorage(tmp_path)
+    rows = [_row(i) for i in range(4)]
+    _stage(store, "ingest", rows)
+    _stage(store, "clean", rows, "ingest")
+    _stage(store, "car_filter", rows, "clean")
+    _stage(store, "crop", rows, "car_filter")
+    crop = read_input(store, manifest_key("crop"))  # a current chain reads fine
+    lin = lineage_of(crop.table.schema.metadata)
+    assert lin == {"stage": "crop", "input": "manifests/car_filter/manifest.parquet",
+                   "input_hash": content_hash(store.get("manifests/car_filter/manifest.parquet"))}
+    assert crop.hash == content_hash(store.get("manifests/crop/manifest.parquet"))
+
+    # clean is rerun on new data; the crop manifest of the earlier run is now stale
+    _stage(store, "clean", [*rows, _row(9)], "ingest")
+    with pytest.raises(InputError) as err:
+        read_input(store, manifest_key("crop"))
+    assert str(err.value) == ("manifests/crop/manifest.parquet was built from an older clean manifest: "
+                              "rerun `carflow car-filter score` and `carflow crop`")
+    assert "\n" not in str(err.value)
+    read_input(store, manifest_key("clean"))  # clean itself is current
+    read_input(store, manifest_key("crop"), check=False)  # the check can be skipped explicitly
+    _stage(store, "car_filter", [*rows, _row(9)], "clean")
+    with pytest.raises(InputError, match=r"older car_filter manifest: rerun `carflow crop`$"):
+        read_input(store, manifest_key("crop"))
+    store.delete(manifest_key("car_filter"))
+    with pytest.raises(InputError, match=r"no longer exists: rerun `carflow car-filter score` and `carflow crop`"):
+        read_input(store, manifest_key("crop"))
+    with pytest.raises(InputError, match=r"car_filter/manifest.parquet does not exist: run `carflow car-filter score`"):
+        read_input(store, manifest_key("car_filter"))
+
+
+def test_stage_schemas_are_checked_on_write(tmp_path):
+    from carflow.manifest import CAR_FILTER_SCHEMA, CLEAN_SCHEMA, CROP_MANIFEST_SCHEMA, DATASET_SCHEMA
+    from carflow.storage import LocalStorage
+
+    store = LocalStorage(tmp_path)
+    clean = {**_row(1), "source_id": "s", "width": 4, "height": 3, "fix_actions": [], "quality_flags": [],
+             "phash": 1, "dhash": 2, "pixel_hash": None, "dup_cluster": "c", "label_conflict": False}
+    table = from_records([clean], CLEAN_SCHEMA)
+    for schema, column in ((CAR_FILTER_SCHEMA, "p_car"), (CROP_MANIFEST_SCHEMA, "bbox"),
+                           (DATASET_SCHEMA, "train_image_id")):
+        with pytest.raises(ManifestError, match=column):
+            write_manifest(store, "m.parquet", table, schema)
+    scored = table.append_column("p_car", pa.array([0.9], pa.float64()))
+    write_manifest(store, "m.parquet", scored, CAR_FILTER_SCHEMA)
+    assert read_manifest(store, "m.parquet").schema.field("p_car").type == pa.float32()  # conformed
+    with pytest.raises(ManifestError, match="p_car"):
+        write_manifest(store, "m.parquet", table.append_column("p_car", pa.array(["x"])), CAR_FILTER_SCHEMA)

@@ -80,7 +80,7 @@ def _tiny_car_filter(store, site_dir) -> dict:
     import pandas as pd
 
     from carflow.settings import CarFilterSettings
-    from tasks.car_filter import train_car_filter
+    from tasks.car_filter_train import train_car_filter
 
     gt = load_ground_truth(site_dir)
     photos = [p for lst in gt["listings"] for p in lst["photos"]
@@ -101,20 +101,22 @@ def _random_detector_file(path) -> str:
 
 
 def test_nightly_without_a_car_filter_model_fails_before_crawling(local_uri, prefect_server, settings_reset):
-    from flows.pipeline import StageNotReady, nightly
+    from flows.pipeline import nightly
+    from tasks.stages import StageNotReady
 
     with pytest.raises(StageNotReady) as err:
         nightly(sites=["demo"], storage=local_uri, base_urls={"demo": "http://127.0.0.1:9"})
     msg = str(err.value)
-    for needle in ("car_filter.model", "CARFLOW_CAR_FILTER__MODEL", "python -m flows.car_filter kit",
-                   "python -m flows.car_filter train", "CARFLOW_CAR_FILTER__ENABLED=false"):
+    for needle in ("car_filter.model", "CARFLOW_CAR_FILTER__MODEL", "carflow car-filter kit",
+                   "carflow car-filter train", "CARFLOW_CAR_FILTER__ENABLED=false"):
         assert needle in msg
     assert not list(open_storage(local_uri).list("listings/"))  # nothing was crawled
 
 
 def test_nightly_with_missing_detector_weights_fails_before_crawling(local_uri, tmp_path, prefect_server,
                                                                      monkeypatch, settings_reset):
-    from flows.pipeline import StageNotReady, nightly
+    from flows.pipeline import nightly
+    from tasks.stages import StageNotReady
 
     _env(monkeypatch, car_filter__enabled="false", crop__weights=str(tmp_path / "missing.pt"))
     with pytest.raises(StageNotReady, match=r"CARFLOW_CROP__WEIGHTS.*CARFLOW_CROP__ENABLED=false"):
@@ -128,7 +130,8 @@ def test_nightly_chains_car_filter_crop_dataset(demo_site, demo_site_dir, tmp_pa
     dataset is built from the crop manifest, every row in a split has its crop; then with
     a stage off, its manifest is a pass-through and nothing stale is read."""
     from carflow.manifest import manifest_key, to_pandas
-    from flows.pipeline import nightly, passthrough_of
+    from flows.pipeline import nightly
+    from tasks.stages import passthrough_of
 
     uri = str(tmp_path / "store")
     store = open_storage(uri)
@@ -242,7 +245,7 @@ def test_demo_bootstraps_tiny_models_and_reuses_them(tmp_path, prefect_server, m
 
 
 def test_demo_with_models_off_passes_through(tmp_path, prefect_server, settings_reset):
-    from flows.pipeline import passthrough_of
+    from tasks.stages import passthrough_of
 
     result = _demo(tmp_path, listings=24, classes=4, min_images=5, models="off")
     assert result["matches_ground_truth"] and result["trained"] == {}
