@@ -13,6 +13,7 @@ Keys are POSIX-style paths relative to a storage root (a folder or an ``s3://buc
 | ``<registry prefix of kind>/<version>/...`` + ``/latest.json`` | versioned artifacts (:mod:`carflow.registry`) |
 | ``datasets/assignments.parquet`` | listing → split, stable across versions |
 | ``labelling/<name>/`` | labelling kits |
+| ``demo/bootstrap/<name>`` | the demo's pointers from a training recipe to its model version |
 """
 
 from __future__ import annotations
@@ -111,3 +112,8 @@ def assignments_key() -> str:
 def labelling_prefix(name: str) -> str:
     """``labelling/<name>``"""
     return f"labelling/{name}"
+
+
+def bootstrap_key(name: str) -> str:
+    """``demo/bootstrap/<name>``: the demo's bookkeeping (which model a recipe trained)."""
+    return f"demo/bootstrap/{name}"

@@ -26,6 +26,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from carflow.keys import labelling_prefix
 from carflow.manifest import CLEAN_SCHEMA, input_key, read_input, to_pandas
 from carflow.settings import get_settings
 from carflow.storage import open_storage
@@ -50,7 +51,7 @@ def _cfg(**overrides: Any):
 
 @flow(name="car-filter-kit", log_prints=True)
 def labelling_kit(
-    storage: str | None = None, n: int = 500, out: str = "labelling/car_filter", seed: int = 0
+    storage: str | None = None, n: int = 500, out: str = labelling_prefix("car_filter"), seed: int = 0
 ) -> dict[str, Any]:
     """A stratified sample of kept images as a labelling kit (CSV + thumbnails + sheets)."""
     store = open_storage(storage)
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     k = sub.add_parser("kit", help="write a labelling kit from the clean manifest")
     k.add_argument("--n", type=int, default=500)
-    k.add_argument("--out", default="labelling/car_filter", help="storage prefix of the kit")
+    k.add_argument("--out", default=labelling_prefix("car_filter"), help="storage prefix of the kit")
     k.add_argument("--seed", type=int, default=0)
     t = sub.add_parser("train", help="train a new model version from labels")
     t.add_argument("--labels", required=True, help="labels.csv, or a folder/s3:// prefix with car/ and no_car/")
