@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -49,6 +48,7 @@ from tasks.shards import (
     load_shard_results,
     merge_results,
     put_column,
+    read_images,
     run_shard,
     status_counts,
 )
@@ -64,24 +64,10 @@ SCORES_SCHEMA = pa.schema([pa.field("image_id", pa.string()), pa.field("p_car", 
 
 
 def fetch_images(store: Storage, image_ids: list[str], workers: int = 16, window: int = 256) -> Iterator[bytes]:
-    """The stored bytes of ``image_ids``, in order, read in a thread pool with at most
-    ``window`` reads in flight; a missing image is ``b""`` (it fails to decode, so it gets
+    """The stored bytes of ``image_ids``, in order (:func:`tasks.shards.read_images`: at most
+    ``window`` reads in flight); a missing image is ``b""`` (it fails to decode, so it gets
     no score: reason ``not_scored``)."""
-
-    def get(image_id: str) -> bytes:
-        try:
-            return store.get_image(image_id)
-        except KeyError:
-            return b""
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: list = []
-        for image_id in image_ids:
-            pending.append(pool.submit(get, image_id))
-            if len(pending) >= window:
-                yield pending.pop(0).result()
-        for fut in pending:
-            yield fut.result()
+    return (data for _, data in read_images(store, image_ids, workers, window))
 
 
 def predict_ids(

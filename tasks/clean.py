@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -54,6 +53,7 @@ from tasks.shards import (
     load_shard_results,
     merge_results,
     put_column,
+    read_images,
     run_shard,
     status_counts,
 )
@@ -99,17 +99,9 @@ def inspect_rows(
     content-addressed. Returns the shard's rows (:data:`SHARD_SCHEMA`) and counters.
     Quality is scored, not decided (every check off here)."""
 
-    def load(image_id: str) -> tuple[str, bytes]:
-        try:
-            return image_id, storage.get_image(image_id)
-        except KeyError:
-            return image_id, b""  # lost original: the fixer records it as `empty`
-
-    with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound (S3 GETs)
-        rows = inspect_shard(
-            pool.map(load, image_ids), fix_cfg, scoring_settings(quality_cfg), workers=workers,
-            put_image=storage.put_image,
-        )
+    # a lost original reads as b"": the fixer records it as `empty`
+    rows = inspect_shard(read_images(storage, image_ids), fix_cfg, scoring_settings(quality_cfg),
+                         workers=workers, put_image=storage.put_image)
     status: Counter = Counter()
     reasons: Counter = Counter()
     actions: Counter = Counter()

@@ -17,7 +17,8 @@ filter's scoring, the crop), and the ``gpu`` concurrency slot the model stages h
    machine on the same bucket, reuses it. Shard tasks take no Prefect cache
    (``cache_policy=NO_CACHE``): the storage is the cache.
 4. **Submit** (:func:`run_shards`): one Prefect task per shard; returns the small result
-   dicts and the shards that really ran.
+   dicts and the shards that really ran. Inside a shard, :func:`read_images` streams the
+   bytes with a bounded number of reads in flight.
 5. **Load** (:func:`load_shard_results`): only the needed columns, as one Arrow table.
 6. **Merge** (:func:`merge_results`): per-image results onto the manifest rows, in Arrow,
    with the one rule for rows without a result: dropped, with the stage's reason.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -144,6 +146,28 @@ def run_shards(
     results = [f.result() for f in futures]
     fresh = [ids for ids, r in zip(shards, results, strict=True) if not r.get("reused")]
     return results, fresh
+
+
+def read_images(storage: Storage, image_ids: Sequence[str], workers: int = 8,
+                window: int = 64) -> Iterator[tuple[str, bytes]]:
+    """``(image_id, bytes)`` of ``image_ids`` from storage, in order, read in a thread pool
+    (I/O bound: S3 GETs) with at most ``window`` reads in flight, so a shard's bytes are
+    never all in memory at once. A missing image is ``b""`` (the stage records it)."""
+
+    def get(image_id: str) -> tuple[str, bytes]:
+        try:
+            return image_id, storage.get_image(image_id)
+        except KeyError:
+            return image_id, b""
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        for image_id in image_ids:
+            pending.append(pool.submit(get, image_id))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 # ---------------------------------------------------------------------------------------

@@ -220,6 +220,50 @@ def test_threshold_metrics_and_apply():
     assert out["p_car"].to_pylist()[:3] == pytest.approx([0.9, 0.1, 0.1])  # every row gets its score
 
 
+@pytest.mark.integration
+def test_a_new_threshold_rescores_nothing(tmp_path, prefect_server):
+    """The threshold is applied after the shards (not part of their key): a new threshold
+    reuses every stored score and still moves the drops. An untrained 32 px model is enough."""
+    from PIL import Image
+
+    from carflow.manifest import CLEAN_SCHEMA, from_records, write_manifest
+    from flows.car_filter import score
+
+    uri = str(tmp_path)
+    store = open_storage(uri)
+    rng = np.random.default_rng(0)
+    blobs = []
+    for _ in range(6):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+        blobs.append(buf.getvalue())
+    blobs.append(b"\xff\xd8\xff\xe0" + b"\x01" * 300)  # stored, but does not decode
+    rows = []
+    for i, data in enumerate(blobs):
+        image_id = store.put_image(data)
+        rows.append({"image_id": image_id, "listing_id": f"x:{i}", "site": "x", "url": None, "photo_index": 0,
+                     "make": None, "model": None, "year": None, "label": None, "make_raw": None,
+                     "model_raw": None, "raw_key": f"raw/{image_id[:2]}/{image_id}", "bytes": len(data),
+                     "content_type": None, "source": "folders", "crawl_id": None, "first_seen": i,
+                     "status": "kept" if i else "dropped", "reason": None if i else "blurry",
+                     "source_id": image_id, "width": None, "height": None, "fix_actions": [],
+                     "quality_flags": [], "phash": None, "dhash": None, "pixel_hash": None,
+                     "dup_cluster": image_id, "label_conflict": False})
+    write_manifest(store, manifest_key("clean"), from_records(rows, CLEAN_SCHEMA), CLEAN_SCHEMA)
+    cfg = CarFilterSettings(weights="none", image_size=32, alpha=0.35)
+    version = save_model_version(store, build_car_filter("none", 32, 0.35), "untrained", cfg)
+
+    lax = score(storage=uri, model=version.uri(), threshold=0.0, shard_size=3)
+    strict = score(storage=uri, model=version.uri(), threshold=1.0, shard_size=3)
+    assert lax["scored_images"] == 6 and lax["cached_shards"] == 0
+    assert strict["scored_images"] == 0 and strict["cached_shards"] == strict["shards"] == lax["shards"]
+    assert lax["dropped_by_reason"] == {"blurry": 1, "not_scored": 1}
+    assert strict["dropped_by_reason"] == {"blurry": 1, "not_scored": 1, "no_car": 5}
+    df = _read(store, manifest_key("car_filter"))
+    # the kept, decodable photos have their score; the earlier drop was never planned
+    assert df["p_car"].notna().tolist() == [False, True, True, True, True, True, False]
+
+
 def test_split_is_stratified():
     labels = pd.DataFrame({"image_id": [f"i{i}" for i in range(100)], "label": ["car"] * 90 + ["no_car"] * 10})
     split = split_train_val(labels, 0.2, seed=0)

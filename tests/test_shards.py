@@ -110,3 +110,22 @@ def test_merge_matches_the_pandas_rule_on_random_data():
     assert merged["reason"].to_pylist() == list(want)
     got_v = np.array([-1.0 if v is None else v for v in merged["v"].to_pylist()])
     assert np.allclose(got_v, df["v"].where(kept).fillna(-1).to_numpy())
+
+
+def test_read_images_keeps_order_and_a_bounded_window(tmp_path):
+    from tasks.shards import read_images
+
+    class Counting(LocalStorage):
+        calls = 0
+
+        def get(self, key):
+            Counting.calls += 1
+            return super().get(key)
+
+    store = Counting(tmp_path)
+    ids = [store.put_image(bytes([i]) * 10) for i in range(20)]
+    stream = read_images(store, [*ids[:10], "ff" * 32, *ids[10:]], workers=2, window=4)
+    first = next(stream)
+    assert first == (ids[0], bytes([0]) * 10) and Counting.calls <= 4  # not the whole shard at once
+    rest = list(stream)
+    assert [i for i, _ in rest] == [*ids[1:10], "ff" * 32, *ids[10:]] and rest[9][1] == b""
