@@ -329,6 +329,7 @@ class RuntimeSettings(_Section):
     """How flows run: task runner and where the manifests go."""
 
     task_runner: Literal["thread", "process", "dask"] = "thread"
+    #: shard (and folder-import) tasks of one stage in flight at once: bounds a stage's memory
     max_workers: int = Field(2, ge=1, le=256)
     dask_address: str | None = None
     manifests_prefix: str = "manifests"

@@ -24,6 +24,7 @@ from tasks.ingest import (
     list_folder_dataset,
     parse_folder_key,
 )
+from tasks.shards import submit_bounded
 
 
 def _storage_uri(storage: str | None) -> str | None:
@@ -64,12 +65,13 @@ def ingest(
         for group in shards(sorted(groups), max(1, per_shard // 4)):
             batches.append([k for lid in group for k in groups[lid]])
         import_id = "import-" + hashlib.sha256(json.dumps([source.uri(), keys]).encode()).hexdigest()[:12]
-        futures = [
-            import_folder_shard_task.submit(folders, batch, storage, site, listing_regex, label_regex, import_id, part)
+        calls = (
+            {"source_uri": folders, "keys": batch, "storage_uri": storage, "site": site,
+             "listing_regex": listing_regex, "label_regex": label_regex, "import_id": import_id, "part": part}
             for part, batch in enumerate(batches)
-        ]
-        for fut in futures:
-            stats.update({f"import:{k}": v for k, v in fut.result()["stats"].items()})
+        )
+        for done in submit_bounded(import_folder_shard_task, calls, cfg.runtime.max_workers):
+            stats.update({f"import:{k}": v for k, v in done["stats"].items()})
         logger.info("imported %d files from %s as site %r", len(keys), source.uri(), site)
 
     if sites and folders and site not in sites:

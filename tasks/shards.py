@@ -16,7 +16,8 @@ filter's scoring, the crop), and the ``gpu`` concurrency slot the model stages h
    again, whatever Prefect's local cache holds: a new worker container, or a second
    machine on the same bucket, reuses it. Shard tasks take no Prefect cache
    (``cache_policy=NO_CACHE``): the storage is the cache.
-4. **Submit** (:func:`run_shards`): one Prefect task per shard; returns the small result
+4. **Submit** (:func:`run_shards`): one Prefect task per shard, at most
+   ``runtime.max_workers`` in flight (:func:`submit_bounded`); returns the small result
    dicts and the shards that really ran. Inside a shard, :func:`read_images` streams the
    bytes with a bounded number of reads in flight.
 5. **Load** (:func:`load_shard_results`): only the needed columns, as one Arrow table.
@@ -30,7 +31,7 @@ import io
 import json
 import logging
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -137,13 +138,33 @@ def run_shard(storage: Storage, spec: ShardSpec, image_ids: list[str],
     return write_shard(storage, spec, image_ids, table, {"images": len(image_ids), **stats})
 
 
+def submit_bounded(task: Any, calls: Iterable[dict[str, Any]], limit: int) -> list[Any]:
+    """``task.submit(**kw)`` for every ``kw`` of ``calls`` with at most ``limit`` runs in
+    flight (results in order). Prefect's thread runner starts every submitted task at
+    once, so without a bound a stage would run all its shards together and its memory
+    would grow with the corpus (``bench/memory.py``)."""
+    limit = max(1, int(limit))
+    futures: deque = deque()
+    results: list[Any] = []
+    for kw in calls:
+        if len(futures) >= limit:
+            results.append(futures.popleft().result())
+        futures.append(task.submit(**kw))
+    results.extend(f.result() for f in futures)
+    return results
+
+
 def run_shards(
-    task: Any, shards: list[list[str]], arguments: Callable[[list[str]], dict[str, Any]]
+    task: Any, shards: list[list[str]], arguments: Callable[[list[str]], dict[str, Any]], limit: int | None = None
 ) -> tuple[list[dict[str, Any]], list[list[str]]]:
-    """Submit ``task(**arguments(ids))`` for every shard (the task calls :func:`run_shard`);
-    returns the results and the shards that really ran (not reused from storage)."""
-    futures = [task.submit(**arguments(ids)) for ids in shards]
-    results = [f.result() for f in futures]
+    """Submit ``task(**arguments(ids))`` for every shard (the task calls :func:`run_shard`),
+    at most ``limit`` at a time (default ``runtime.max_workers``); returns the results and
+    the shards that really ran (not reused from storage)."""
+    if limit is None:
+        from carflow.settings import get_settings
+
+        limit = get_settings().runtime.max_workers
+    results = submit_bounded(task, (arguments(ids) for ids in shards), limit)
     fresh = [ids for ids, r in zip(shards, results, strict=True) if not r.get("reused")]
     return results, fresh
 
