@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pyarrow as pa
 import pytest
+from prefect import task
 
 from carflow.storage import LocalStorage
 from tasks.shards import ShardSpec, load_shard_results, merge_results, plan_shards, run_shard
@@ -129,3 +133,37 @@ def test_read_images_keeps_order_and_a_bounded_window(tmp_path):
     assert first == (ids[0], bytes([0]) * 10) and Counting.calls <= 4  # not the whole shard at once
     rest = list(stream)
     assert [i for i, _ in rest] == [*ids[1:10], "ff" * 32, *ids[10:]] and rest[9][1] == b""
+
+
+_ACTIVE = {"now": 0, "peak": 0}
+_LOCK = threading.Lock()
+
+
+@task
+def _busy(i: int) -> int:
+    with _LOCK:
+        _ACTIVE["now"] += 1
+        _ACTIVE["peak"] = max(_ACTIVE["peak"], _ACTIVE["now"])
+    time.sleep(0.05)
+    with _LOCK:
+        _ACTIVE["now"] -= 1
+    return i * i
+
+
+@pytest.mark.integration
+def test_shard_tasks_in_flight_are_bounded(prefect_server):
+    """Prefect's thread runner would start every submitted shard at once (memory growing
+    with the corpus); submit_bounded keeps at most `limit` running, results in order."""
+    from prefect import flow
+
+    from tasks.shards import submit_bounded
+
+    @flow
+    def stage(limit: int) -> list[int]:
+        return submit_bounded(_busy, ({"i": i} for i in range(8)), limit)
+
+    _ACTIVE["peak"] = 0
+    assert stage(2) == [i * i for i in range(8)] and _ACTIVE["peak"] <= 2
+    _ACTIVE["peak"] = 0
+    stage(8)
+    assert _ACTIVE["peak"] > 2  # unbounded, they do overlap: the bound above is real
