@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from PIL import Image
 
+    from carflow.keys import image_key
     from carflow.storage import LocalStorage
     from tasks.export import (
         export_folders,
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         classes = sorted(df["class_label"].unique())
         doc = {"version": "bench", "classes": classes}
         want = Counter(df["class_label"].map(classes.index))
-        dims = np.array([Image.open(store.root / f"raw/{i[:2]}/{i}").size for i in ids[:200]])
+        dims = np.array([Image.open(store.root / image_key(i)).size for i in ids[:200]])
         print(f"{n} crops ({len(classes)} classes), mean {dims[:, 0].mean():.0f}x{dims[:, 1].mean():.0f} px, "
               f"{np.mean([len(d) for _, d in crops]) / 1024:.1f} KiB; generated in {time.monotonic() - t:.1f}s")
         print(f"TensorFlow {tf.__version__}, {os.cpu_count()} cores, "

@@ -1,15 +1,17 @@
-"""Content cache keys for shard tasks (DESIGN.md: "cache keys are content keys").
+"""Content keys for shard outputs (DESIGN.md: "cache keys are content keys").
 
-A shard task is keyed on the stage name, the stage's code/model version, the sorted
-``image_id``s of the shard and the stage config — never on a path or a client — so a
-rerun with unchanged inputs does no work and 1% new listings redo about 1% of shards.
+A shard is keyed on the stage name, the stage's code/model version, the sorted
+``image_id``s of the shard and the settings that change its per-image output — never on a
+path or a client — so a rerun with unchanged inputs does no work and 1% new listings redo
+about 1% of shards. The key names the shard's output in storage
+(:class:`tasks.shards.ShardSpec`); the storage is the cache.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel
@@ -32,34 +34,6 @@ def content_key(stage: str, version: str, image_ids: Iterable[str], config: Any 
         h.update(b"\n")
     h.update(_config_json(config).encode())
     return f"{stage}-{version}-{h.hexdigest()}"
-
-
-def shard_cache_key_fn(
-    stage: str,
-    version: str,
-    ids_param: str = "image_ids",
-    config_param: str = "config",
-    storage_param: str | None = "storage_uri",
-) -> Callable[[Any, dict[str, Any]], str]:
-    """A Prefect ``cache_key_fn`` for a task whose parameters hold the shard's image ids
-    (``ids_param``) and its config (``config_param``).
-
-    The one other thing in the key is the *output* storage (``storage_param``, resolved to
-    its absolute URI): a shard task writes its results and re-encoded images there, so the
-    same images processed into another bucket must run again, or the cached result would
-    point at objects that do not exist in that bucket. Input paths, clients and workers
-    are never part of the key."""
-
-    def key(_context: Any, parameters: dict[str, Any]) -> str:
-        config: Any = parameters.get(config_param)
-        if storage_param is not None:
-            from carflow.storage import open_storage
-
-            config = {"config": _config_json(config), "output": open_storage(parameters.get(storage_param)).uri()}
-        return content_key(stage, version, parameters[ids_param], config)
-
-    key.__name__ = f"{stage}_cache_key"
-    return key
 
 
 def shards(items: list[Any], size: int) -> list[list[Any]]:

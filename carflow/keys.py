@@ -17,6 +17,7 @@ Keys are POSIX-style paths relative to a storage root (a folder or an ``s3://buc
 | ``datasets/exports/<family>/latest.json`` | the family's last index (what the next incremental export starts from) |
 | ``datasets/<version>/export.json`` | a dataset version's export index: shards per split, label map, excluded rows |
 | ``labelling/<name>/`` | labelling kits |
+| ``demo/bootstrap/<name>`` | the demo's pointers from a training recipe to its model version |
 """
 
 from __future__ import annotations
@@ -45,14 +46,23 @@ def image_key(image_id: str, prefix: str = IMAGE_PREFIX) -> str:
     return f"{prefix}/{image_id[:2]}/{image_id}"
 
 
-def listings_prefix(site: str | None = None) -> str:
-    """``listings/`` or ``listings/<site>/``."""
-    return f"{LISTINGS_PREFIX}/{site}/" if site else f"{LISTINGS_PREFIX}/"
+def image_keys(image_ids, prefix: str = IMAGE_PREFIX):
+    """:func:`image_key` over an Arrow array of ids, vectorised (the reduce steps)."""
+    import pyarrow.compute as pc
+
+    return pc.binary_join_element_wise(prefix, pc.utf8_slice_codeunits(image_ids, 0, 2), image_ids, "/")
+
+
+def listings_prefix(site: str | None = None, crawl_id: str | None = None) -> str:
+    """``listings/``, ``listings/<site>/`` or ``listings/<site>/<crawl_id>/``."""
+    if not site:
+        return f"{LISTINGS_PREFIX}/"
+    return f"{LISTINGS_PREFIX}/{site}/{crawl_id}/" if crawl_id else f"{LISTINGS_PREFIX}/{site}/"
 
 
 def feed_part_key(site: str, crawl_id: str, part: int) -> str:
     """``listings/<site>/<crawl_id>/part-NNNNN.jsonl``"""
-    return f"{LISTINGS_PREFIX}/{site}/{crawl_id}/part-{part:05d}.jsonl"
+    return f"{listings_prefix(site, crawl_id)}part-{part:05d}.jsonl"
 
 
 def crawl_stats_key(site: str, crawl_id: str) -> str:
@@ -146,3 +156,8 @@ def export_family_pointer_key(family: str) -> str:
 def export_index_key(version: str) -> str:
     """``datasets/<version>/export.json``: a dataset version's export index (written last)."""
     return version_key("dataset", version, "export.json")
+
+
+def bootstrap_key(name: str) -> str:
+    """``demo/bootstrap/<name>``: the demo's bookkeeping (which model a recipe trained)."""
+    return f"demo/bootstrap/{name}"

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from carflow.errors import UserError
+from carflow.keys import manifest_key  # noqa: F401 - re-exported: keys have one home (carflow.keys)
 from carflow.storage import Storage, StorageKeyError
 
 KEPT = "kept"
@@ -281,11 +282,6 @@ def to_pandas(table: pa.Table):
     return table.to_pandas(types_mapper=mapping.get)
 
 
-def manifest_key(stage: str, name: str = "manifest", prefix: str = "manifests") -> str:
-    """``manifests/<stage>/<name>.parquet``"""
-    return f"{prefix}/{stage}/{name}.parquet"
-
-
 # ---------------------------------------------------------------- stage inputs and lineage
 #: the stages that write a manifest, in DAG order
 STAGES = ("ingest", "clean", "car_filter", "crop", "dataset")
@@ -394,19 +390,23 @@ def check_current(storage: Storage, key: str, metadata: Mapping[bytes, bytes] | 
         lineage = lineage_of(pq.ParquetFile(io.BytesIO(data)).schema_arrow.metadata)
 
 
-def read_input(storage: Storage, key: str, schema: pa.Schema | None = None, check: bool = True) -> StageInput:
+def read_input(storage: Storage, key: str, schema: pa.Schema | None = None, check: bool = True,
+               columns: list[str] | None = None) -> StageInput:
     """Read a stage's input manifest, validate it against ``schema`` and check that it is
-    current (:func:`check_current`). A missing manifest raises :class:`InputError`."""
+    current (:func:`check_current`). A missing manifest raises :class:`InputError`. With
+    ``columns``, only those are read (and validated): what a plan or reduce step needs."""
     try:
         data = storage.get(key)
     except KeyError:
         raise InputError(f"{storage.uri(key)} does not exist: run {_commands([stage_of(key)])} first") from None
     try:
-        table = pq.read_table(io.BytesIO(data))
+        table = pq.read_table(io.BytesIO(data), columns=columns)
     except pa.ArrowInvalid as exc:
         raise ManifestError(f"{storage.uri(key)}: not a Parquet manifest: {exc}") from exc
     if check:
-        check_current(storage, key, table.schema.metadata)
+        check_current(storage, key, pq.ParquetFile(io.BytesIO(data)).schema_arrow.metadata)
     if schema is not None:
+        if columns is not None:
+            schema = pa.schema([f for f in schema if f.name in columns], metadata=schema.metadata)
         table = conform(table, schema, storage.uri(key))
     return StageInput(key, table, content_hash(data))

@@ -460,7 +460,8 @@ class RuntimeSettings(_Section):
     task_runner: Literal["thread", "process", "local", "dask"] = "thread"
     #: the Dask scheduler for ``task_runner: dask``, e.g. ``tcp://dask-scheduler:8786``
     dask_address: str | None = None
-    #: threads or processes of the local runners
+    #: threads or processes of the local runners, and the shard (and folder-import) tasks of
+    #: one stage in flight at once: it bounds a stage's memory
     max_workers: int = Field(2, ge=1, le=256)
     manifests_prefix: str = "manifests"
     #: retries of a task that touches the network or storage (``tasks/retry.py``)

@@ -10,9 +10,9 @@
 registry), reads ``manifests/clean/manifest.parquet`` (it must be current: its recorded
 lineage is checked) and writes
 ``manifests/car_filter/manifest.parquet``: every row gets ``p_car``; kept rows below
-``car_filter.threshold`` are dropped with reason ``no_car``. Shards are cached on
-(stage, model version, sorted image ids, config): a rerun does no inference, a new model
-version rescores everything.
+``car_filter.threshold`` are dropped with reason ``no_car``. Shard outputs live in storage
+under (stage, model version, sorted image ids, config; not the threshold): a rerun does no
+inference, a new threshold rescores nothing, a new model version rescores everything.
 """
 
 from __future__ import annotations
@@ -21,31 +21,20 @@ import argparse
 import json
 import shlex
 import sys
-from collections import Counter
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from carflow.manifest import (
-    CAR_FILTER_SCHEMA,
-    CLEAN_SCHEMA,
-    DROPPED,
-    from_pandas,
-    input_key,
-    manifest_key,
-    read_input,
-    to_pandas,
-    write_manifest,
-)
+from carflow.keys import labelling_prefix
+from carflow.manifest import CLEAN_SCHEMA, input_key, read_input, to_pandas
 from carflow.settings import get_settings
 from carflow.storage import open_storage
 from flows.entry import entry_point
 from tasks.car_filter import (
     REASON,
     STAGE,
-    apply_threshold,
-    load_scores,
+    apply_threshold_task,
     resolve_model,
     score_shard_task,
     scoring_config,
@@ -53,7 +42,7 @@ from tasks.car_filter import (
 from tasks.car_filter_train import train_task
 from tasks.labelling import import_labels, sample_for_labelling, write_labelling_kit
 from tasks.runners import task_runner
-from tasks.shards import plan_shards, run_shards
+from tasks.shards import PLAN_COLUMNS, plan_shards, run_shards
 
 
 def _cfg(**overrides: Any):
@@ -64,7 +53,7 @@ def _cfg(**overrides: Any):
 
 @flow(name="car-filter-kit", log_prints=True)
 def labelling_kit(
-    storage: str | None = None, n: int = 500, out: str = "labelling/car_filter", seed: int = 0
+    storage: str | None = None, n: int = 500, out: str = labelling_prefix("car_filter"), seed: int = 0
 ) -> dict[str, Any]:
     """A stratified sample of kept images as a labelling kit (CSV + thumbnails + sheets)."""
     store = open_storage(storage)
@@ -116,27 +105,23 @@ def score(
     cfg = _cfg(threshold=threshold)
     store = open_storage(storage)
     prefix = get_settings().runtime.manifests_prefix
-    source = read_input(store, input_key(store, STAGE, prefix=prefix), CLEAN_SCHEMA)
-    df = to_pandas(source.table)
+    source = read_input(store, input_key(store, STAGE, prefix=prefix), CLEAN_SCHEMA, columns=PLAN_COLUMNS)
     chosen = resolve_model(store, cfg, model)
-    shards = plan_shards(df, shard_size or cfg.shard_size)
+    shards = plan_shards(source.table, shard_size or cfg.shard_size)
     config = scoring_config(cfg, chosen)
     results, fresh = run_shards(
         score_shard_task,
         shards,
-        store,
         lambda ids: {"storage_uri": storage, "image_ids": ids, "model_uri": chosen["model"],
                      "model_version": chosen["version"], "config": config},
     )
     scored = sum(len(ids) for ids in fresh)
-    logger.info("%d shards: %d from cache, %d images scored", len(shards), len(shards) - len(fresh), scored)
+    logger.info("%d shards: %d reused from storage, %d images scored", len(shards), len(shards) - len(fresh),
+                scored)
 
-    out = apply_threshold(df, load_scores(store, [r["key"] for r in results]), cfg.threshold)
-    table = from_pandas(out)
-    uri = write_manifest(store, manifest_key(STAGE, prefix=prefix), table, CAR_FILTER_SCHEMA,
-                         lineage=source.lineage())
-    reasons = Counter(out.loc[out["status"] == DROPPED, "reason"].tolist())
-    kept = int((out["status"] != DROPPED).sum())
+    counted = apply_threshold_task(storage, source.key, source.hash, [r["key"] for r in results], cfg.threshold,
+                                   prefix)
+    uri, reasons, kept = counted["manifest"], counted["dropped_by_reason"], counted["kept"]
     create_table_artifact(
         key="car-filter-counts",
         table=[{"reason": "kept", "rows": kept}] + [{"reason": r, "rows": n} for r, n in sorted(reasons.items())],
@@ -148,7 +133,7 @@ def score(
         "model": chosen["model"],
         "model_version": chosen["version"],
         "threshold": cfg.threshold,
-        "rows": len(out),
+        "rows": counted["rows"],
         "kept": kept,
         "no_car": int(reasons.get(REASON, 0)),
         "dropped_by_reason": dict(sorted(reasons.items())),
@@ -168,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     k = sub.add_parser("kit", help="write a labelling kit from the clean manifest")
     k.add_argument("--n", type=int, default=500)
-    k.add_argument("--out", default="labelling/car_filter", help="storage prefix of the kit")
+    k.add_argument("--out", default=labelling_prefix("car_filter"), help="storage prefix of the kit")
     k.add_argument("--seed", type=int, default=0)
     t = sub.add_parser("train", help="train a new model version from labels")
     t.add_argument("--labels", required=True, help="labels.csv, or a folder/s3:// prefix with car/ and no_car/")

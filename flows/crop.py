@@ -33,32 +33,19 @@ import argparse
 import json
 import shlex
 import sys
-from collections import Counter
 from typing import Any
 
-import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from carflow.manifest import (
-    CLEAN_SCHEMA,
-    CROP_MANIFEST_SCHEMA,
-    DROPPED,
-    KEPT,
-    from_pandas,
-    input_key,
-    manifest_key,
-    read_input,
-    to_pandas,
-    write_manifest,
-)
+from carflow.manifest import CLEAN_SCHEMA, input_key, read_input
 from carflow.settings import get_settings
 from carflow.storage import open_storage
 from flows.entry import entry_point
 from models.detector import registered_weights
-from tasks.crop import CROP_COLUMNS, crop_config, crop_shard_task, merge_crops
+from tasks.crop import crop_config, crop_shard_task, merge_crops_task
 from tasks.detector_train import finetune_task
-from tasks.shards import load_shard_results, plan_shards, run_shards
+from tasks.shards import PLAN_COLUMNS, plan_shards, run_shards
 
 
 @flow(name="crop", log_prints=True)
@@ -80,33 +67,24 @@ def crop(
     crop_cfg = cfg.crop.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     # crop.weights=latest → the registered fine-tune's weights.pt (the key then names the version)
     crop_cfg = crop_cfg.model_copy(update={"weights": registered_weights(crop_cfg.weights, store)})
-    source = read_input(store, input_key(store, "crop", source, prefix), CLEAN_SCHEMA)
-    df = to_pandas(source.table)
-    shards = plan_shards(df, shard_size or cfg.ingest.shard_size)
+    source = read_input(store, input_key(store, "crop", source, prefix), CLEAN_SCHEMA, columns=PLAN_COLUMNS)
+    shards = plan_shards(source.table, shard_size or cfg.ingest.shard_size)
     config = crop_config(crop_cfg)
     results, fresh = run_shards(
         crop_shard_task,
         shards,
-        store,
         lambda ids: {"storage_uri": storage, "image_ids": ids, "config": config,
                      "gpu_limit": crop_cfg.gpu_limit, "decode_workers": crop_cfg.decode_workers},
     )
-    cropped = load_shard_results(store, [r["key"] for r in results])
-    if cropped.empty:
-        cropped = pd.DataFrame({c: pd.Series(dtype=object) for c in ["image_id", "status", "reason", *CROP_COLUMNS]})
-    df = merge_crops(df, cropped)
-    table = from_pandas(df)
-    # the input (clean, or car_filter = clean + its columns) keeps its contract
-    uri = write_manifest(store, manifest_key("crop", prefix=prefix), table, CROP_MANIFEST_SCHEMA,
-                         lineage=source.lineage())
-    reasons = Counter(df.loc[df["status"] == DROPPED, "reason"].tolist())
+    counted = merge_crops_task(storage, source.key, source.hash, [r["key"] for r in results], prefix)
+    reasons = counted["dropped_by_reason"]
     summary = {
-        "manifest": uri,
+        "manifest": counted["manifest"],
         "input": store.uri(source.key),
-        "rows": len(df),
-        "kept": int((df["status"] == KEPT).sum()),
-        "crops": int(df["crop_id"].notna().sum()),
-        "dropped_by_reason": dict(sorted(reasons.items())),
+        "rows": counted["rows"],
+        "kept": counted["kept"],
+        "crops": counted["crops"],
+        "dropped_by_reason": reasons,
         "shards": len(shards),
         "cached_shards": len(shards) - len(fresh),
         "inferred_images": sum(len(ids) for ids in fresh),
@@ -119,7 +97,7 @@ def crop(
         table=[{"reason": "kept", "rows": summary["kept"]}] + [{"reason": r, "rows": n} for r, n in sorted(reasons.items())],
         description="Crop stage: rows per status/reason",
     )
-    logger.info("crop manifest %s: %s", uri, {k: summary[k] for k in ("rows", "kept", "crops", "dropped_by_reason")})
+    logger.info("crop manifest %s: %s", summary["manifest"], {k: summary[k] for k in ("rows", "kept", "crops", "dropped_by_reason")})
     return summary
 
 

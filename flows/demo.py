@@ -81,8 +81,7 @@ DETECTOR_RECIPE: dict[str, Any] = {
     "crop_conf": 0.1,
 }
 #: where the demo keeps its labelling kit and the bootstrap bookkeeping in storage
-KIT_PREFIX = "labelling/demo-car_filter"
-BOOTSTRAP_PREFIX = "demo/bootstrap"
+KIT_PREFIX = keys.labelling_prefix("demo-car_filter")
 ModelsMode = Literal["bootstrap", "configured", "off"]
 
 
@@ -149,7 +148,7 @@ def bootstrap_car_filter(storage: str | None, site_dir: str, recipe: dict[str, A
     logger = get_run_logger()
     store = open_storage(storage)
     wanted = bootstrap_key(storage, site_dir, recipe)
-    pointer = f"{BOOTSTRAP_PREFIX}/car_filter-{wanted['key']}.json"
+    pointer = keys.bootstrap_key(f"car_filter-{wanted['key']}.json")
     if store.exists(pointer):
         found = json.loads(store.get_text(pointer))
         head, _, name = found["model"].rpartition("/")

@@ -18,19 +18,16 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from carflow.caching import shards
 from carflow.errors import UserError
-from carflow.manifest import INGEST_SCHEMA, REJECTS_SCHEMA, manifest_key, write_manifest
 from carflow.settings import get_settings
-from carflow.storage import open_storage
 from flows.entry import entry_point
 from tasks.ingest import (
-    build_manifest,
+    build_ingest_manifest_task,
     check_folder_dataset,
     import_folder_shard_task,
     list_folder_dataset,
     parse_folder_key,
-    read_listing_feeds_task,
-    write_listing_records,
 )
+from tasks.shards import submit_bounded
 
 
 def _storage_uri(storage: str | None) -> str | None:
@@ -54,7 +51,6 @@ def ingest(
     """
     logger = get_run_logger()
     cfg = get_settings()
-    store = open_storage(storage)
     stats: Counter = Counter()
     report: list[str] = []  # what a person running the import must see (main prints it)
 
@@ -75,17 +71,15 @@ def ingest(
         batches: list[list[str]] = []
         for group in shards(sorted(groups), max(1, per_shard // 4)):
             batches.append([k for lid in group for k in groups[lid]])
-        futures = [
-            import_folder_shard_task.submit(
-                folders, batch, storage, site, listing_regex, label_regex, cfg.ingest.image_extensions
-            )
-            for batch in batches
-        ]
         import_id = "import-" + hashlib.sha256(json.dumps([source.uri(), keys]).encode()).hexdigest()[:12]
-        for part, fut in enumerate(futures):
-            records, shard_stats = fut.result()
-            stats.update({f"import:{k}": v for k, v in shard_stats.items()})
-            write_listing_records(store, site, import_id, records, part)
+        calls = (
+            {"source_uri": folders, "keys": batch, "storage_uri": storage, "site": site,
+             "listing_regex": listing_regex, "label_regex": label_regex, "import_id": import_id, "part": part,
+             "extensions": cfg.ingest.image_extensions}
+            for part, batch in enumerate(batches)
+        )
+        for done in submit_bounded(import_folder_shard_task, calls, cfg.runtime.max_workers):
+            stats.update({f"import:{k}": v for k, v in done["stats"].items()})
         skipped = {k.removeprefix("import:").removeprefix("skipped_"): v for k, v in stats.items() if "skipped_" in k}
         imported = stats["import:stored"]
         logger.info("imported %d files from %s as site %r", imported, source.uri(), site)
@@ -100,25 +94,19 @@ def ingest(
 
     if sites and folders and site not in sites:
         sites = [*sites, site]
-    records, feed_stats = read_listing_feeds_task(storage, sites)
-    stats.update(feed_stats)
-    manifest, rejects, build_stats = build_manifest(records)
-    stats.update(build_stats)
-    prefix = cfg.runtime.manifests_prefix
-    manifest_uri = write_manifest(store, manifest_key("ingest", prefix=prefix), manifest, INGEST_SCHEMA)
-    rejects_uri = write_manifest(store, manifest_key("ingest", "rejects", prefix=prefix), rejects, REJECTS_SCHEMA)
-
-    reasons = Counter(rejects.column("reason").to_pylist()) if rejects.num_rows else Counter()
+    built = build_ingest_manifest_task(storage, sites, cfg.runtime.manifests_prefix)
+    stats.update(built["stats"])
+    manifest_uri, rejects_uri, reasons = built["manifest"], built["rejects"], built["rejected_by_reason"]
     summary = {
         "manifest": manifest_uri,
         "rejects": rejects_uri,
-        "rows": manifest.num_rows,
-        "images": build_stats["images"],
-        "listings": build_stats["listings"],
-        "labelled_listings": build_stats["listings"] - build_stats["listing_missing_label"],
-        "labels": len({x for x in manifest.column("label").to_pylist() if x}),
-        "rejected_refs": rejects.num_rows,
-        "rejected_by_reason": dict(sorted(reasons.items())),
+        "rows": built["rows"],
+        "images": stats["images"],
+        "listings": stats["listings"],
+        "labelled_listings": stats["listings"] - stats["listing_missing_label"],
+        "labels": built["labels"],
+        "rejected_refs": stats["rejected_refs"],
+        "rejected_by_reason": reasons,
         "skipped": {k.removeprefix("import:"): v for k, v in sorted(stats.items()) if "skipped_" in k},
         "label_conflict_listings": stats["import:label_conflict_listings"],
         "stats": dict(sorted(stats.items())),
@@ -132,10 +120,10 @@ def ingest(
     )
     create_markdown_artifact(
         key="ingest-manifest",
-        markdown=f"**Manifest v0**: `{manifest_uri}` ({manifest.num_rows} rows, "
+        markdown=f"**Manifest v0**: `{manifest_uri}` ({summary['rows']} rows, "
         f"{summary['images']} images, {summary['listings']} listings)\n\n**Rejected photo refs**: `{rejects_uri}`",
     )
-    logger.info("manifest %s: %d rows, %d images, %d listings", manifest_uri, manifest.num_rows,
+    logger.info("manifest %s: %d rows, %d images, %d listings", manifest_uri, summary["rows"],
                 summary["images"], summary["listings"])
     return summary
 

@@ -18,11 +18,9 @@ from typing import Any
 
 from scrapy import signals
 
+from carflow.keys import crawl_stats_key as stats_key
+
 logger = logging.getLogger(__name__)
-
-
-def stats_key(site: str, crawl_id: str) -> str:
-    return f"crawls/{site}/{crawl_id}/stats.json"
 
 
 def jsonable_stats(stats: dict[str, Any]) -> dict[str, Any]:

@@ -184,8 +184,8 @@ def start_crawl(
 
 def read_stats(site: str | os.PathLike[str], crawl_id: str, storage: str | None = None) -> dict[str, Any]:
     """``crawls/<site>/<crawl_id>/stats.json`` from storage."""
+    from carflow.keys import crawl_stats_key as stats_key
     from carflow.storage import open_storage
-    from spiders.extensions import stats_key
 
     store = open_storage(storage)
     stats = json.loads(store.get_text(stats_key(site_name(site), crawl_id)))

@@ -1,13 +1,14 @@
-"""Car filter stage: cached batch scoring of the clean manifest.
+"""Car filter stage: batch scoring of the clean manifest, shard outputs kept in storage.
 
 :func:`score_shard_to_storage` runs the car filter's predictor
 (:class:`models.car_filter.CarFilterPredictor`: fp16 and large batches on a GPU, OpenVINO
 on a CPU) over one shard, the bytes read from storage in a thread pool
 (:func:`fetch_images`) and decoded in tf.data at a reduced JPEG scale, and writes
-``work/car_filter/<content key>.parquet``; :func:`apply_threshold` adds ``p_car`` to the
-clean manifest and drops rows below the threshold with reason ``no_car``. The shard task
-is keyed on (stage, model version, sorted image ids, config), so a rerun does no inference
-and a new model rescores all. Inference holds a slot of the Prefect global concurrency
+``work/car_filter/<content key>.parquet`` under the shard contract of :mod:`tasks.shards`;
+:func:`apply_threshold` adds ``p_car`` to the clean manifest and drops rows below the
+threshold with reason ``no_car``. The shards are keyed on (stage, model version, sorted
+image ids, config; never the threshold), so a rerun does no inference, a new threshold
+rescores nothing and a new model rescores all. Inference holds a slot of the Prefect global concurrency
 limit ``gpu`` (when the limit does not exist, or there is no Prefect API, it just runs).
 
 The labelling kit is :mod:`tasks.labelling`, training :mod:`tasks.car_filter_train`, the
@@ -16,28 +17,42 @@ threshold metrics :mod:`tasks.evaluation`.
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
-from carflow.caching import content_key
-from carflow.manifest import DROPPED, KEPT, to_pandas
+from carflow.keys import manifest_key
+from carflow.manifest import (
+    CAR_FILTER_SCHEMA,
+    CLEAN_SCHEMA,
+    DROPPED,
+    KEPT,
+    InputError,
+    read_input,
+    write_manifest,
+)
 from carflow.registry import MAKE_HINTS, Registry, RegistryError
 from carflow.settings import CarFilterSettings
 from carflow.storage import Storage, open_storage
 from models.car_filter import CarFilterPredictor, has_gpu
 from tasks.retry import RETRY
-from tasks.shards import gpu_slot
+from tasks.shards import (
+    ShardSpec,
+    gpu_slot,
+    load_shard_results,
+    merge_results,
+    put_column,
+    read_images,
+    run_shard,
+    status_counts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,27 +60,15 @@ STAGE = "car_filter"
 #: bump when decoding/scoring code changes in a way that changes ``p_car``
 CODE_VERSION = "1"
 REASON = "no_car"
+#: a scoring shard's rows
+SCORES_SCHEMA = pa.schema([pa.field("image_id", pa.string()), pa.field("p_car", pa.float32())])
 
 
 def fetch_images(store: Storage, image_ids: list[str], workers: int = 16, window: int = 256) -> Iterator[bytes]:
-    """The stored bytes of ``image_ids``, in order, read in a thread pool with at most
-    ``window`` reads in flight; a missing image is ``b""`` (it fails to decode, so it gets
+    """The stored bytes of ``image_ids``, in order (:func:`tasks.shards.read_images`: at most
+    ``window`` reads in flight); a missing image is ``b""`` (it fails to decode, so it gets
     no score: reason ``not_scored``)."""
-
-    def get(image_id: str) -> bytes:
-        try:
-            return store.get_image(image_id)
-        except KeyError:
-            return b""
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: list = []
-        for image_id in image_ids:
-            pending.append(pool.submit(get, image_id))
-            if len(pending) >= window:
-                yield pending.pop(0).result()
-        for fut in pending:
-            yield fut.result()
+    return (data for _, data in read_images(store, image_ids, workers, window))
 
 
 def predict_ids(
@@ -119,6 +122,13 @@ def scoring_config(cfg: CarFilterSettings, chosen: dict[str, Any]) -> dict[str, 
             "runtime": runtime, "precision": precision}
 
 
+def score_spec(model_version: str, config: dict[str, Any]) -> ShardSpec:
+    """The scoring shards' :class:`~tasks.shards.ShardSpec`: stage, code + model version,
+    and only what changes ``p_car`` (batch sizes and the threshold do not)."""
+    relevant = {k: v for k, v in config.items() if k not in ("batch_size", "gpu_batch_size")}
+    return ShardSpec(STAGE, f"{CODE_VERSION}.{model_version}", relevant)
+
+
 def score_shard_to_storage(
     store: Storage,
     image_ids: list[str],
@@ -126,46 +136,31 @@ def score_shard_to_storage(
     model_version: str,
     config: dict[str, Any],
 ) -> dict[str, Any]:
-    """Score one shard and store ``image_id, p_car`` under ``work/car_filter/<key>.parquet``."""
-    key = f"work/{STAGE}/{score_key(model_version, image_ids, config)}.parquet"
-    predictor = CarFilterPredictor.load(model_uri, config.get("runtime", "keras"), config.get("precision", "fp32"),
-                                        float(config.get("alpha", 1.0)), version=model_version)
-    batch = int(config.get("batch_size", 64))
-    if has_gpu():
-        batch = max(batch, int(config.get("gpu_batch_size", 512)))
-    t0 = time.monotonic()
-    p = predict_ids(predictor, store, image_ids, batch)
-    seconds = time.monotonic() - t0
-    table = pa.table(
-        {"image_id": pa.array(image_ids, pa.string()), "p_car": pa.array(p, pa.float32(), mask=np.isnan(p))}
-    )
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    store.put(key, buf.getvalue())
-    stats = {"images": len(image_ids), "not_scored": int(np.isnan(p).sum()), "seconds": round(seconds, 3),
-             "batch_size": batch, "model_version": model_version,
-             "runtime": config.get("runtime", "keras"), "precision": config.get("precision", "fp32")}
-    store.put_text(key.removesuffix(".parquet") + ".stats.json", json.dumps(stats, sort_keys=True))
-    return {"key": key, "stats": stats}
+    """Score one shard under the shard contract (:func:`tasks.shards.run_shard`):
+    ``image_id, p_car`` under ``work/car_filter/<content key>.parquet``; a shard already
+    stored loads no model and runs no inference."""
+
+    def compute(ids: list[str]) -> tuple[pa.Table, dict[str, Any]]:
+        predictor = CarFilterPredictor.load(model_uri, config.get("runtime", "keras"),
+                                            config.get("precision", "fp32"), float(config.get("alpha", 1.0)),
+                                            version=model_version)
+        batch = int(config.get("batch_size", 64))
+        if has_gpu():
+            batch = max(batch, int(config.get("gpu_batch_size", 512)))
+        t0 = time.monotonic()
+        p = predict_ids(predictor, store, ids, batch)
+        seconds = time.monotonic() - t0
+        table = pa.table(
+            {"image_id": pa.array(ids, pa.string()), "p_car": pa.array(p, pa.float32(), mask=np.isnan(p))}
+        )
+        return table, {"not_scored": int(np.isnan(p).sum()), "seconds": round(seconds, 3), "batch_size": batch,
+                       "model_version": model_version, "runtime": config.get("runtime", "keras"),
+                       "precision": config.get("precision", "fp32")}
+
+    return run_shard(store, score_spec(model_version, config), image_ids, compute)
 
 
-def score_key(model_version: str, image_ids: Iterable[str], config: dict[str, Any]) -> str:
-    """Content key of a scoring shard: stage, code + model version, sorted ids, config
-    (only what changes ``p_car``; batch sizes and the threshold do not)."""
-    relevant = {k: v for k, v in config.items() if k not in ("batch_size", "gpu_batch_size")}
-    return content_key(STAGE, f"{CODE_VERSION}.{model_version}", image_ids, relevant)
-
-
-def _score_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
-    """The shard's content key plus the *output* storage's URI (as ``tasks/clean.py``):
-    the same images scored into another bucket must run again, or the cached result would
-    point at a shard file that does not exist there."""
-    output = open_storage(parameters.get("storage_uri")).uri()
-    config = {"config": parameters["config"], "output": output}
-    return score_key(parameters["model_version"], parameters["image_ids"], config)
-
-
-@task(name="car-filter-shard", cache_key_fn=_score_cache_key, persist_result=True, **RETRY.io())
+@task(name="car-filter-shard", cache_policy=NO_CACHE, **RETRY.io())
 def score_shard_task(
     storage_uri: str | None,
     image_ids: list[str],
@@ -173,33 +168,41 @@ def score_shard_task(
     model_version: str,
     config: dict[str, Any],
 ) -> dict[str, Any]:
-    """Cached on (stage, model version, sorted image ids, config): a rerun with unchanged
-    inputs and model returns the stored result and runs no inference."""
+    """Keyed on (stage, model version, sorted image ids, config): a shard whose scores are
+    in storage runs no inference, whatever Prefect's local state holds; a new model
+    rescores all."""
     with gpu_slot():
         return score_shard_to_storage(open_storage(storage_uri), image_ids, model_uri, model_version, config)
 
 
-def load_scores(store: Storage, keys: list[str]) -> pd.DataFrame:
-    frames = [to_pandas(pq.read_table(io.BytesIO(store.get(k)))) for k in keys]
-    frames = [f for f in frames if not f.empty]
-    if not frames:
-        return pd.DataFrame({"image_id": pd.Series(dtype="string"), "p_car": pd.Series(dtype="float32")})
-    return pd.concat(frames, ignore_index=True).drop_duplicates("image_id", keep="last")
-
-
-def apply_threshold(manifest: pd.DataFrame, scores: pd.DataFrame, threshold: float) -> pd.DataFrame:
+def apply_threshold(manifest: pa.Table, scores: pa.Table, threshold: float) -> pa.Table:
     """Add ``p_car`` to every row; kept rows below ``threshold`` → dropped, reason
-    ``no_car``; kept rows without a score (undecodable) → dropped, ``not_scored``."""
-    df = manifest.drop(columns=["p_car"], errors="ignore").merge(
-        scores[["image_id", "p_car"]], how="left", on="image_id"
-    )
-    was_kept = df["status"] == KEPT
-    p = df["p_car"].astype("float64")
-    low = was_kept & (p < threshold)
-    df.loc[low, "status"] = DROPPED
-    df.loc[low, "reason"] = REASON
-    lost = was_kept & p.isna()
-    df.loc[lost, "status"] = DROPPED
-    df.loc[lost, "reason"] = "not_scored"
-    df["p_car"] = p.astype("float32")
-    return df
+    ``no_car``; kept rows without a score (undecodable, or never scored) → dropped,
+    ``not_scored``. The threshold is applied here, never in the shards: changing it
+    rescores nothing."""
+    out = merge_results(manifest, scores.select(["image_id", "p_car"]), ["p_car"], "not_scored", only_kept=False)
+    kept = pc.fill_null(pc.equal(out["status"], KEPT), False)
+    p = out["p_car"].cast(pa.float32())
+    low = pc.and_(kept, pc.fill_null(pc.less(p.cast(pa.float64()), threshold), False))
+    lost = pc.and_(kept, pc.is_null(p))
+    status = pc.if_else(pc.or_(low, lost), DROPPED, out["status"])
+    reason = pc.if_else(low, REASON, pc.if_else(lost, "not_scored", out["reason"]))
+    return put_column(put_column(put_column(out, "status", status), "reason", reason), "p_car", p)
+
+
+@task(name="car-filter-threshold", cache_policy=NO_CACHE, retries=1)
+def apply_threshold_task(storage_uri: str | None, source_key: str, source_hash: str, shard_keys: list[str],
+                         threshold: float, prefix: str = "manifests") -> dict[str, Any]:
+    """Read the input manifest (the one the flow planned from: ``source_hash``) and the
+    scoring shards, apply the threshold, write ``manifests/car_filter/manifest.parquet``
+    with its lineage; returns counts (no rows pass through Prefect)."""
+    store = open_storage(storage_uri)
+    source = read_input(store, source_key, CLEAN_SCHEMA, check=False)
+    if source.hash != source_hash:
+        raise InputError(f"{store.uri(source_key)} changed while the car filter ran: run "
+                         "`carflow car-filter score` again")
+    scores = load_shard_results(store, shard_keys, ["image_id", "p_car"], SCORES_SCHEMA)
+    table = apply_threshold(source.table, scores, threshold)
+    uri = write_manifest(store, manifest_key(STAGE, prefix=prefix), table, CAR_FILTER_SCHEMA,
+                         lineage=source.lineage())
+    return {"manifest": uri, **status_counts(table)}

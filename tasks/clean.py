@@ -1,126 +1,224 @@
-"""Clean stage plumbing: shard planning, the cached inspect-shard task, and merging the
-per-image results back onto the manifest rows.
+"""Clean stage: the inspect shards (map) and the reduce step that turns their per-image
+results into the clean manifest.
 
-The per-image logic lives in :mod:`tasks.fix` (fixer + quality + hashes from one decode)
-and :mod:`tasks.dedup` (one reduce step over the small hash table).
+- **Map** (:func:`inspect_rows`, :func:`inspect_shard_task`): one decode per image
+  (:mod:`tasks.fix`: fixer + quality *scores* + hashes) over a shard of unique images,
+  under the shard contract of :mod:`tasks.shards`: ``work/inspect/<content key>.parquet``
+  in storage, reused whenever it exists. The key covers the fix settings and the few
+  quality settings that change a score (:data:`tasks.quality.SCORE_SETTINGS`), never a
+  threshold or an action.
+- **Reduce** (:func:`reduce_clean`, :func:`clean_reduce_task`): reads only the shard
+  columns it needs, as Arrow, and applies what is decided over the whole set: the
+  quality thresholds and actions (:func:`tasks.quality.quality_decisions`), the set-level
+  ``odd_size`` check, then dedup (:mod:`tasks.dedup`, over a narrow frame of the hash
+  columns). Changing a threshold re-decodes nothing and still changes the drops.
 
-Sharding (:mod:`tasks.shards`) is stable as data grows, so adding 1% new listings redoes
-about 1% of the decoding.
+Per-image results never pass through Prefect or stay in the flow: the shard tasks return
+``{"key", "stats", "reused"}``, the reduce task reads the shards and writes the manifest
+itself and returns counts.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import os
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from typing import Any
 
-import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
-from carflow.caching import content_key, shard_cache_key_fn
-from carflow.manifest import DROPPED, KEPT
-from carflow.settings import FixSettings, QualitySettings
+from carflow.keys import image_keys, manifest_key, manifest_side_key
+from carflow.manifest import (
+    CLEAN_SCHEMA,
+    DROPPED,
+    INGEST_SCHEMA,
+    KEPT,
+    InputError,
+    read_input,
+    to_pandas,
+    write_manifest,
+)
+from carflow.settings import DedupSettings, FixSettings, QualitySettings
 from carflow.storage import Storage, open_storage
-from tasks.fix import MISSING, inspect_schema, inspect_shard, shard_stats
+from tasks import fix
+from tasks.dedup import COLUMNS as DEDUP_COLUMNS
+from tasks.dedup import dedup_manifest
+from tasks.fix import MISSING, inspect_schema, inspect_shard
+from tasks.quality import SCORE_SETTINGS, apply_odd_size, quality_decisions, scoring_settings
+from tasks.report import contact_sheet
 from tasks.retry import RETRY
-from tasks.shards import load_shard_results, plan_shards  # noqa: F401 - re-exported
+from tasks.shards import (
+    ShardSpec,
+    load_shard_results,
+    merge_results,
+    put_column,
+    read_images,
+    run_shard,
+    status_counts,
+)
 
 STAGE = "inspect"
-#: bump when fix/quality/hash code changes in a way that changes results
+#: bump when the shard rows change (2: scores only, quality decisions moved to the reduce)
 VERSION = "2"
 
+#: the shard rows: inspect_image's columns without the bytes and the decisions
+SHARD_SCHEMA = pa.schema([f for f in inspect_schema(with_out_bytes=False) if f.name != "quality_flags"])
+#: what the reduce reads back from the shards (everything it writes or decides on)
+RESULT_COLUMNS = SHARD_SCHEMA.names
+#: what goes onto the manifest rows: those (less the keys and decisions) and the flags
+MANIFEST_COLUMNS = [
+    *(n for n in RESULT_COLUMNS if n not in ("image_id", "status", "reason", "out_image_id")), "quality_flags"
+]
+DEDUP_INPUT = ["image_id", "listing_id", "label", "width", "height", "status", "reason",
+               "pixel_hash", "phash", "dhash", "first_seen"]
 
-def _config(fix_cfg: FixSettings, quality_cfg: QualitySettings) -> dict[str, Any]:
-    return {"fix": fix_cfg.model_dump(mode="json"), "quality": quality_cfg.model_dump(mode="json")}
+
+def shard_config(fix_cfg: FixSettings, quality_cfg: QualitySettings) -> dict[str, Any]:
+    """What an inspect shard is keyed on and run with: the fix settings and the quality
+    settings that change a score. Thresholds and actions are decided in the reduce."""
+    q = quality_cfg.model_dump(mode="json")
+    return {"fix": fix_cfg.model_dump(mode="json"), "quality": {k: q[k] for k in SCORE_SETTINGS}}
 
 
-def inspect_shard_to_storage(
+def shard_spec(config: dict[str, Any]) -> ShardSpec:
+    return ShardSpec(STAGE, f"{VERSION}.fix{fix.VERSION}", config)
+
+
+# ---------------------------------------------------------------------------------------
+# map
+# ---------------------------------------------------------------------------------------
+def inspect_rows(
     storage: Storage,
     image_ids: list[str],
     fix_cfg: FixSettings,
     quality_cfg: QualitySettings,
     workers: int = 2,
-) -> dict[str, Any]:
+) -> tuple[pa.Table, dict[str, Any]]:
     """Inspect one shard: read originals, fix/score/hash, store re-encoded images
-    content-addressed, and write the shard's rows as Parquet under ``work/inspect/``.
-    Returns ``{"key", "stats"}`` (small, so Prefect can persist it as the cached result).
+    content-addressed. Returns the shard's rows (:data:`SHARD_SCHEMA`) and counters.
+    Quality is scored, not decided (every check off here)."""
 
-    An original missing from storage is a row with reason ``missing``, and the shard is
-    then *incomplete*: its rows go to ``<key>.partial.parquet`` (never the done key)
-    and the result says ``incomplete``, so a later run computes it again rather than
-    keep a transient miss forever (:func:`tasks.shards.run_shards`)."""
-    key = f"work/{STAGE}/{content_key(STAGE, VERSION, image_ids, _config(fix_cfg, quality_cfg))}.parquet"
-
-    def load(image_id: str) -> tuple[str, bytes | None]:
-        try:
-            return image_id, storage.get_image(image_id)
-        except KeyError:
-            return image_id, None  # not in storage: `missing`, not an empty file
-
-    with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound (S3 GETs)
-        items = pool.map(load, image_ids)
-        rows = inspect_shard(
-            items, fix_cfg, quality_cfg, workers=workers, put_image=storage.put_image
-        )
-    for row in rows:
-        row.pop("out_bytes", None)
-    stats = shard_stats(rows)
-    incomplete = stats["reasons"].get(MISSING, 0)
-    if incomplete:
-        key = key.removesuffix(".parquet") + ".partial.parquet"
-    table = pa.Table.from_pylist(rows, schema=inspect_schema(with_out_bytes=False))
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    storage.put(key, buf.getvalue())
-    storage.put_text(
-        key.removesuffix(".parquet") + ".stats.json", json.dumps(stats, sort_keys=True)
-    )
-    return {"key": key, "stats": stats, **({"incomplete": incomplete} if incomplete else {})}
+    # a lost original reads as None: the fixer records it as `missing` (not `empty`), and
+    # the shard is `incomplete`, so the next run tries again (tasks.shards.run_shard)
+    rows = inspect_shard(read_images(storage, image_ids, missing=None), fix_cfg, scoring_settings(quality_cfg),
+                         workers=workers, put_image=storage.put_image)
+    status: Counter = Counter()
+    reasons: Counter = Counter()
+    actions: Counter = Counter()
+    for r in rows:
+        r.pop("out_bytes", None)
+        r.pop("quality_flags", None)
+        status[r["status"]] += 1
+        if r["reason"]:
+            reasons[r["reason"]] += 1
+        actions.update(r["fix_actions"] or [])
+    stats = {"decoded": len(rows), "status": dict(status), "reasons": dict(sorted(reasons.items())),
+             **({"incomplete": reasons[MISSING]} if reasons.get(MISSING) else {}),
+             "actions": dict(sorted(actions.items()))}
+    return pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), stats
 
 
-@task(
-    name="inspect-shard",
-    cache_key_fn=shard_cache_key_fn(STAGE, VERSION, ids_param="image_ids", config_param="config"),
-    persist_result=True,
-    **RETRY.io(),
-)
+@task(name="inspect-shard", cache_policy=NO_CACHE, **RETRY.io())
 def inspect_shard_task(
-    storage_uri: str | None, image_ids: list[str], config: dict[str, Any]
+    storage_uri: str | None, image_ids: list[str], config: dict[str, Any], workers: int | None = None
 ) -> dict[str, Any]:
-    """Cached on (stage, version, sorted image ids, config): a rerun with unchanged
-    inputs returns the stored result and decodes nothing."""
-    workers = int(config.get("workers") or min(4, os.cpu_count() or 1))
-    return inspect_shard_to_storage(
-        open_storage(storage_uri),
-        image_ids,
-        FixSettings(**config["fix"]),
-        QualitySettings(**config["quality"]),
-        workers=workers,
-    )
+    """One shard under the shard contract: its stored output is reused, whatever
+    Prefect's local state holds; else it is decoded and written."""
+    store = open_storage(storage_uri)
+    n = int(workers or min(4, os.cpu_count() or 1))
+    fix_cfg, quality_cfg = FixSettings(**config["fix"]), QualitySettings(**config["quality"])
+    return run_shard(store, shard_spec(config), image_ids,
+                     lambda ids: inspect_rows(store, ids, fix_cfg, quality_cfg, workers=n))
 
 
-def merge_inspection(manifest: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
-    """Per-image results → manifest rows. ``source_id`` keeps the original bytes' id;
-    ``image_id`` becomes the re-encoded image's id where the fixer re-encoded it.
-    Rows dropped before this stage keep their status and reason."""
-    df = manifest.copy()
-    df["source_id"] = df["image_id"]
-    res = results.rename(columns={"status": "fix_status", "reason": "fix_reason"})
-    df = df.merge(res, how="left", left_on="source_id", right_on="image_id", suffixes=("", "_r"))
-    df = df.drop(columns=[c for c in df.columns if c.endswith("_r")])
-    was_kept = df["status"] == KEPT
-    missing = was_kept & df["fix_status"].isna()
-    if missing.any():  # never silently lose a row: an image without a result is recorded
-        df.loc[missing, "fix_status"] = DROPPED
-        df.loc[missing, "fix_reason"] = "not_inspected"
-    drop = was_kept & (df["fix_status"] == DROPPED)
-    df.loc[drop, "status"] = DROPPED
-    df.loc[drop, "reason"] = df.loc[drop, "fix_reason"]
-    has_new = was_kept & df["out_image_id"].notna() & ~drop
-    df.loc[has_new, "image_id"] = df.loc[has_new, "out_image_id"]
-    df.loc[has_new, "raw_key"] = df.loc[has_new, "image_id"].map(lambda i: f"raw/{i[:2]}/{i}")
-    return df.drop(columns=["fix_status", "fix_reason", "out_image_id"], errors="ignore")
+# ---------------------------------------------------------------------------------------
+# reduce
+# ---------------------------------------------------------------------------------------
+def decide_quality(results: pa.Table, cfg: QualitySettings) -> pa.Table:
+    """Per-image quality decisions on the shard rows: ``quality_flags`` (``[]`` for an
+    image the fixer dropped) and, for a check set to ``drop``, status dropped with the
+    first such check as reason."""
+    kept = pc.fill_null(pc.equal(results["status"], KEPT), False).to_numpy(zero_copy_only=False)
+    flags, drop = quality_decisions(results, cfg, active=kept)
+    dropping = pc.is_valid(drop)
+    results = put_column(results, "status", pc.if_else(dropping, DROPPED, results["status"]))
+    results = put_column(results, "reason", pc.if_else(dropping, drop, results["reason"]))
+    return put_column(results, "quality_flags", flags)
+
+
+def apply_dedup(table: pa.Table, cfg: DedupSettings) -> pa.Table:
+    """:func:`tasks.dedup.dedup_manifest` over a narrow frame of the columns it reads;
+    its status, reason and cluster columns go back onto the Arrow table."""
+    df = dedup_manifest(to_pandas(table.select(DEDUP_INPUT)), cfg)
+    types = {"is_representative": pa.bool_(), "label_conflict": pa.bool_(), "cluster_listings": pa.int64()}
+    for name in ("status", "reason", *DEDUP_COLUMNS):
+        table = put_column(table, name, pa.array(df[name], types.get(name, pa.string()), from_pandas=True))
+    return table
+
+
+def reduce_clean(manifest: pa.Table, results: pa.Table, quality_cfg: QualitySettings,
+                 dedup_cfg: DedupSettings) -> pa.Table:
+    """Manifest v0 + the inspect shards' rows → the clean manifest.
+
+    ``source_id`` keeps the original bytes' id; ``image_id`` (and ``raw_key``) become the
+    re-encoded image's where the fixer re-encoded a kept image. A kept row whose image
+    has no result is dropped as ``not_inspected``; rows dropped before keep their status
+    and reason."""
+    results = decide_quality(results, quality_cfg)
+    table = put_column(manifest, "source_id", manifest["image_id"])
+    table = merge_results(table, results, [*MANIFEST_COLUMNS, "out_image_id"], "not_inspected", on="source_id")
+    renamed = pc.and_(pc.equal(table["status"], KEPT), pc.is_valid(table["out_image_id"]))
+    renamed = pc.fill_null(renamed, False)
+    new_id = pc.if_else(renamed, table["out_image_id"], table["image_id"])
+    table = put_column(table, "image_id", new_id)
+    table = put_column(table, "raw_key", pc.if_else(renamed, image_keys(new_id), table["raw_key"]))
+    table = table.drop_columns(["out_image_id"])
+    table = apply_odd_size(table, quality_cfg)
+    return apply_dedup(table, dedup_cfg)
+
+
+def counts(table: pa.Table) -> dict[str, Any]:
+    """Rows, kept, dropped rows per reason and quality flags of the clean manifest."""
+    flags = pc.value_counts(pc.list_flatten(table["quality_flags"])).to_pylist()
+    return {**status_counts(table), "flags": dict(sorted((r["values"], r["counts"]) for r in flags))}
+
+
+def publish_report(store: Storage, table: pa.Table, prefix: str, per_reason: int = 12) -> dict[str, str]:
+    """Contact sheets of up to ``per_reason`` dropped images per reason (originals, so
+    a person sees what was served), stored beside the manifest."""
+    sheets: dict[str, str] = {}
+    dropped = table.select(["status", "reason", "source_id"]).filter(pc.equal(table["status"], DROPPED))
+    for reason, rows in sorted(counts(table)["dropped_by_reason"].items()):
+        ids = pc.unique(dropped.filter(pc.equal(dropped["reason"], reason))["source_id"])
+        items = []
+        for source_id in pc.take(ids, pc.sort_indices(ids)[:per_reason]).to_pylist():
+            try:
+                data = store.get_image(source_id)
+            except KeyError:
+                data = None
+            items.append((data, source_id[:10]))
+        key = manifest_side_key("clean", f"contact_sheets/{reason}.png", prefix=prefix)
+        store.put(key, contact_sheet(items, title=f"dropped: {reason} ({rows} rows)"), content_type="image/png")
+        sheets[reason] = store.uri(key)
+    return sheets
+
+
+@task(name="clean-reduce", cache_policy=NO_CACHE, retries=1)
+def clean_reduce_task(storage_uri: str | None, source_key: str, source_hash: str, shard_keys: list[str],
+                      config: dict[str, Any], prefix: str = "manifests") -> dict[str, Any]:
+    """Read manifest v0 (the one the flow planned from: ``source_hash``) and the shards,
+    decide, dedup, write the clean manifest (with its lineage) and the contact sheets;
+    returns counts (no rows pass through Prefect)."""
+    store = open_storage(storage_uri)
+    source = read_input(store, source_key, INGEST_SCHEMA, check=False)
+    if source.hash != source_hash:
+        raise InputError(f"{store.uri(source_key)} changed while the clean stage ran: run `carflow clean` again")
+    results = load_shard_results(store, shard_keys, RESULT_COLUMNS, SHARD_SCHEMA)
+    table = reduce_clean(source.table, results, QualitySettings(**config["quality"]),
+                         DedupSettings(**config["dedup"]))
+    lineage = source.lineage()
+    del source, results
+    uri = write_manifest(store, manifest_key("clean", prefix=prefix), table, CLEAN_SCHEMA, lineage=lineage)
+    return {"manifest": uri, **counts(table), "contact_sheets": publish_report(store, table, prefix)}

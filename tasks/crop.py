@@ -2,7 +2,8 @@
 
 The box logic (``largest_box``, ``pad_box``, ``crop_decision``) lives in
 :mod:`models.crop`, shared with serving; here are the batched shard pass
-(:func:`crop_shard_to_storage`) and the batched shard pass (:func:`crop_shard_to_storage`) and the cached Prefect task.
+(:func:`crop_shard_to_storage`, under the shard contract of :mod:`tasks.shards`) and its
+Prefect task.
 
 Batching: images are decoded in threads, letterboxed there (rectangular, ultralytics'
 ``LetterBox``), bucketed by letterbox shape and streamed, a bounded number of images
@@ -28,7 +29,6 @@ from __future__ import annotations
 import functools
 import io
 import itertools
-import json
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,18 +36,32 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any, NamedTuple
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
-from carflow.caching import content_key, shard_cache_key_fn
-from carflow.manifest import DROPPED, KEPT
+from carflow.keys import manifest_key
+from carflow.manifest import (
+    CLEAN_SCHEMA,
+    CROP_MANIFEST_SCHEMA,
+    DROPPED,
+    KEPT,
+    InputError,
+    read_input,
+    write_manifest,
+)
 from carflow.settings import CropSettings
 from carflow.storage import Storage, open_storage
 from models.crop import VEHICLE, crop_decision, largest_box, pad_box  # noqa: F401 - re-exported
 from tasks.retry import RETRY
-from tasks.shards import gpu_slot
+from tasks.shards import (
+    ShardSpec,
+    gpu_slot,
+    load_shard_results,
+    merge_results,
+    run_shard,
+    status_counts,
+)
 
 STAGE = "crop"
 #: bump when the crop logic changes results
@@ -72,26 +86,6 @@ CROP_SCHEMA = pa.schema(
 
 #: the columns the crop stage adds to its input manifest (``CROP_MANIFEST_SCHEMA``)
 CROP_COLUMNS = ["bbox", "det_class", "det_conf", "crop_id"]
-
-
-def merge_crops(manifest: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
-    """Per-image crop rows → manifest rows (by ``image_id``). Rows dropped before this
-    stage keep their status and reason; a kept row without a result is ``not_cropped``."""
-    df = manifest.drop(columns=[c for c in CROP_COLUMNS if c in manifest.columns]).copy()
-    res = results[["image_id", "status", *CROP_COLUMNS, "reason"]].rename(
-        columns={"status": "crop_status", "reason": "crop_reason"}
-    )
-    df = df.merge(res, how="left", on="image_id")
-    was_kept = df["status"] == KEPT
-    missing = was_kept & df["crop_status"].isna()
-    df.loc[missing, "crop_status"] = DROPPED
-    df.loc[missing, "crop_reason"] = "not_cropped"
-    drop = was_kept & (df["crop_status"] == DROPPED)
-    df.loc[drop, "status"] = DROPPED
-    df.loc[drop, "reason"] = df.loc[drop, "crop_reason"]
-    # a dropped row keeps its bbox (too_small) but never a crop
-    df.loc[~was_kept, CROP_COLUMNS] = None
-    return df.drop(columns=["crop_status", "crop_reason"])
 
 
 # -- pure functions (one home: models/crop.py, shared with serving) ----------------------
@@ -306,8 +300,9 @@ def crop_config(cfg: CropSettings) -> dict[str, Any]:
     return data
 
 
-def shard_key(image_ids: Sequence[str], config: dict[str, Any]) -> str:
-    return f"work/{STAGE}/{content_key(STAGE, VERSION, image_ids, config)}.parquet"
+def crop_spec(config: dict[str, Any]) -> ShardSpec:
+    """The crop shards' :class:`~tasks.shards.ShardSpec`: keyed on :func:`crop_config`."""
+    return ShardSpec(STAGE, VERSION, config)
 
 
 def crop_shard_to_storage(
@@ -318,35 +313,50 @@ def crop_shard_to_storage(
     slot: Callable[[], AbstractContextManager[Any]] = nullcontext,
     config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Crop one shard and write its rows under ``work/crop/<content key>.parquet`` (+ a
-    ``.stats.json``). A shard whose result is already stored is not recomputed (resume
-    without Prefect's cache too). Returns ``{"key", "stats", "reused"}``."""
+    """Crop one shard under the shard contract (:func:`tasks.shards.run_shard`): rows
+    under ``work/crop/<content key>.parquet`` plus its ``.stats.json``; a shard whose
+    output is already stored loads no model and runs no inference. Returns
+    ``{"key", "stats", "reused"}``."""
     config = config if config is not None else crop_config(cfg)
-    key = shard_key(image_ids, config)
-    stats_key = key.removesuffix(".parquet") + ".stats.json"
-    if storage.exists(key) and storage.exists(stats_key):
-        return {"key": key, "stats": json.loads(storage.get_text(stats_key)), "reused": True}
-    if model is None:
-        from models.detector import load_detector
 
-        model = load_detector(cfg.weights)
-    stats: Counter[str] = Counter()
-    rows = crop_images(storage, image_ids, model, cfg, slot=slot, stats=stats)
-    table = pa.Table.from_pylist(rows, schema=CROP_SCHEMA)
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    storage.put(key, buf.getvalue())
-    out_stats = dict(sorted(stats.items()))
-    storage.put_text(stats_key, json.dumps(out_stats, sort_keys=True))
-    return {"key": key, "stats": out_stats, "reused": False}
+    def compute(ids: list[str]) -> tuple[pa.Table, dict[str, Any]]:
+        net = model
+        if net is None:
+            from models.detector import load_detector
+
+            net = load_detector(cfg.weights)
+        stats: Counter[str] = Counter()
+        rows = crop_images(storage, ids, net, cfg, slot=slot, stats=stats)
+        return pa.Table.from_pylist(rows, schema=CROP_SCHEMA), dict(sorted(stats.items()))
+
+    return run_shard(storage, crop_spec(config), image_ids, compute)
 
 
-@task(
-    name="crop-shard",
-    cache_key_fn=shard_cache_key_fn(STAGE, VERSION, ids_param="image_ids", config_param="config"),
-    persist_result=True,
-    **RETRY.io(),
-)
+def merge_crops(manifest: pa.Table, results: pa.Table) -> pa.Table:
+    """Per-image crop rows → manifest rows (by ``image_id``), :data:`CROP_COLUMNS` added.
+    Rows dropped before this stage keep their status and reason (and get no crop); a
+    kept row without a result is ``not_cropped``."""
+    return merge_results(manifest, results, CROP_COLUMNS, "not_cropped")
+
+
+@task(name="crop-merge", cache_policy=NO_CACHE, retries=1)
+def merge_crops_task(storage_uri: str | None, source_key: str, source_hash: str, shard_keys: list[str],
+                     prefix: str = "manifests") -> dict[str, Any]:
+    """Read the input manifest (the one the flow planned from: ``source_hash``) and the
+    crop shards, write ``manifests/crop/manifest.parquet`` with its lineage; returns
+    counts (no rows pass through Prefect)."""
+    store = open_storage(storage_uri)
+    source = read_input(store, source_key, CLEAN_SCHEMA, check=False)
+    if source.hash != source_hash:
+        raise InputError(f"{store.uri(source_key)} changed while the crop stage ran: run `carflow crop` again")
+    results = load_shard_results(store, shard_keys, ["image_id", "status", "reason", *CROP_COLUMNS], CROP_SCHEMA)
+    table = merge_crops(source.table, results)
+    uri = write_manifest(store, manifest_key(STAGE, prefix=prefix), table, CROP_MANIFEST_SCHEMA,
+                         lineage=source.lineage())
+    return {"manifest": uri, **status_counts(table), "crops": table.num_rows - table["crop_id"].null_count}
+
+
+@task(name="crop-shard", cache_policy=NO_CACHE, **RETRY.io())
 def crop_shard_task(
     storage_uri: str | None,
     image_ids: list[str],
@@ -354,9 +364,10 @@ def crop_shard_task(
     gpu_limit: str = "gpu",
     decode_workers: int = 4,
 ) -> dict[str, Any]:
-    """Cached on (stage, version, sorted image ids, crop config incl. weights version):
-    a rerun with unchanged inputs loads no model and runs no inference. ``gpu_limit`` and
-    ``decode_workers`` do not change results and are not part of the key."""
+    """Keyed on (stage, version, sorted image ids, crop config incl. weights version): a
+    shard whose output is in storage loads no model and runs no inference, whatever
+    Prefect's local state holds. ``gpu_limit`` and ``decode_workers`` do not change
+    results and are not part of the key."""
     fields = set(CropSettings.model_fields)
     cfg = CropSettings(**{k: v for k, v in config.items() if k in fields}, decode_workers=decode_workers)
     return crop_shard_to_storage(

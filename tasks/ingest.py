@@ -18,19 +18,22 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import PurePosixPath
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import task
 
 from carflow.errors import UserError
 from carflow.imageio import IMAGE_FORMATS, sniff
+from carflow.keys import feed_part_key, image_key, listings_prefix, manifest_key
 from carflow.labels import make_label, normalise_make, normalise_model, normalise_year
-from carflow.manifest import INGEST_SCHEMA, KEPT, REJECTS_SCHEMA, from_records
-from carflow.storage import LocalStorage, Storage, image_key, open_storage
+from carflow.manifest import INGEST_SCHEMA, KEPT, REJECTS_SCHEMA, from_records, write_manifest
+from carflow.storage import LocalStorage, Storage, open_storage
 from tasks.retry import RETRY
 
 STAGE = "ingest"
@@ -54,37 +57,115 @@ CONTENT_TYPES = {
 # ---------------------------------------------------------------------------------------
 def feed_keys(storage: Storage, sites: list[str] | None = None) -> list[str]:
     """Every listing feed part under ``listings/`` (optionally only some sites)."""
-    prefixes = [f"listings/{s}/" for s in sites] if sites else ["listings/"]
+    prefixes = [listings_prefix(s) for s in sites] if sites else [listings_prefix()]
     keys: list[str] = []
     for prefix in prefixes:
         keys.extend(k for k in storage.list(prefix) if k.endswith(".jsonl"))
     return sorted(keys)
 
 
+def _feed_lines(storage: Storage, keys: list[str], batch: int = 16) -> Iterator[tuple[int, int, str]]:
+    """``(part number, line number, line)`` of every non-empty line of the parts ``keys``,
+    a batch of parts fetched at a time, concurrently (S3: one GET per part)."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for i in range(0, len(keys), batch):
+            for j, text in enumerate(pool.map(storage.get_text, keys[i : i + batch])):
+                for lineno, line in enumerate(text.splitlines(), 1):
+                    if line.strip():
+                        yield i + j, lineno, line
+
+
+def _parse(line: str) -> dict | None:
+    try:
+        rec = json.loads(line)
+        rec["listing_id"]  # noqa: B018 - a record must have its id
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return rec
+
+
+def scan_listing_feeds(storage: Storage, keys: list[str]) -> tuple[dict[str, tuple], Counter]:
+    """First pass over the feed parts: which record of each listing wins (the latest
+    ``crawled_at``; on a tie the later part and line), and each listing's earliest
+    ``crawled_at``. Returns ``{listing_id: (part, line, crawled_at, first_crawled_at)}``
+    (no records are kept) and counters (``bad_feed_line``)."""
+    stats: Counter = Counter()
+    winners: dict[str, tuple] = {}
+    for part, lineno, line in _feed_lines(storage, keys):
+        rec = _parse(line)
+        if rec is None:
+            stats["bad_feed_line"] += 1
+            continue
+        crawled = str(rec.get("crawled_at") or "")
+        prev = winners.get(rec["listing_id"])
+        first = min((x for x in (crawled, prev[3] if prev else "") if x), default="")
+        if prev is None or crawled >= prev[2]:
+            winners[rec["listing_id"]] = (part, lineno, crawled, first)
+        else:
+            winners[rec["listing_id"]] = (*prev[:3], first)
+    stats["feed_parts"] = len(keys)
+    stats["listings"] = len(winners)
+    return winners, stats
+
+
+def iter_listing_records(storage: Storage, keys: list[str], winners: dict[str, tuple]) -> Iterator[dict]:
+    """Second pass: the winning record of each listing, with ``first_crawled_at`` (the
+    listing's earliest crawl) set, in feed order."""
+    for part, lineno, line in _feed_lines(storage, keys):
+        rec = _parse(line)
+        if rec is None:
+            continue
+        win = winners.get(rec["listing_id"])
+        if win is not None and win[:2] == (part, lineno):
+            rec.setdefault("_feed", f"{keys[part]}:{lineno}")
+            rec["first_crawled_at"] = win[3] or None
+            yield rec
+
+
 def read_listing_records(storage: Storage, sites: list[str] | None = None) -> tuple[list[dict], Counter]:
-    """Read every listing record; the latest record of a listing wins.
+    """Read every listing record; the latest record of a listing wins, and it carries the
+    listing's earliest ``crawled_at`` as ``first_crawled_at`` (a re-crawl or re-import
+    never moves a photo's ``first_seen`` later).
 
     A malformed line is counted (``stats['bad_feed_line']``) and skipped, never fatal.
     """
-    stats: Counter = Counter()
-    latest: dict[str, dict] = {}
-    for key in feed_keys(storage, sites):
-        stats["feed_parts"] += 1
-        for lineno, line in enumerate(storage.get_text(key).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                listing_id = rec["listing_id"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                stats["bad_feed_line"] += 1
-                continue
-            rec.setdefault("_feed", f"{key}:{lineno}")
-            prev = latest.get(listing_id)
-            if prev is None or str(rec.get("crawled_at", "")) >= str(prev.get("crawled_at", "")):
-                latest[listing_id] = rec
-    stats["listings"] = len(latest)
-    return [latest[k] for k in sorted(latest)], stats
+    keys = feed_keys(storage, sites)
+    winners, stats = scan_listing_feeds(storage, keys)
+    records = sorted(iter_listing_records(storage, keys, winners), key=lambda r: r["listing_id"])
+    return records, stats
+
+
+def build_manifest_from_feeds(
+    storage: Storage, sites: list[str] | None = None, batch: int = 2000
+) -> tuple[pa.Table, pa.Table, Counter]:
+    """:func:`read_listing_records` + :func:`build_manifest` without holding the records:
+    the winning records are turned into Arrow rows ``batch`` at a time, so memory follows
+    the manifest's Arrow size, not Python objects per photo. Same rows, same order."""
+    keys = feed_keys(storage, sites)
+    winners, stats = scan_listing_feeds(storage, keys)
+    manifests, rejects = [], []
+    pending: list[dict] = []
+
+    def flush() -> None:
+        m, r, s = build_manifest(pending)
+        manifests.append(m)
+        rejects.append(r)
+        stats.update({k: v for k, v in s.items() if k not in ("rows", "images", "listings", "rejected_refs")})
+        pending.clear()
+
+    for rec in iter_listing_records(storage, keys, winners):
+        pending.append(rec)
+        if len(pending) >= batch:
+            flush()
+    if pending or not manifests:
+        flush()
+    manifest = pa.concat_tables(manifests).sort_by([("listing_id", "ascending"), ("photo_index", "ascending")])
+    rejected = pa.concat_tables(rejects).sort_by([("listing_id", "ascending"), ("photo_index", "ascending")])
+    stats["rows"] = manifest.num_rows
+    stats["images"] = len(pc.unique(manifest["image_id"]))
+    stats["listings"] = len(winners)
+    stats["rejected_refs"] = rejected.num_rows
+    return manifest, rejected, stats
 
 
 def _epoch_us(value: Any) -> int:
@@ -118,7 +199,7 @@ def build_manifest(records: list[dict]) -> tuple[pa.Table, pa.Table, Counter]:
         if label is None:
             stats["listing_missing_label"] += 1
         seen: set[str] = set()
-        base = _epoch_us(rec.get("crawled_at"))
+        base = _epoch_us(rec.get("first_crawled_at") or rec.get("crawled_at"))
         for index, img in enumerate(rec.get("images") or []):
             image_id = img.get("image_id")
             if not image_id:
@@ -357,7 +438,20 @@ def import_folder_shard(
 
 
 def write_listing_records(storage: Storage, site: str, crawl_id: str, records: list[dict], part: int = 0) -> str:
-    key = f"listings/{site}/{crawl_id}/part-{part:05d}.jsonl"
+    """Write ``records`` as feed part ``part`` of ``crawl_id``. When that part already
+    exists (the same folder imported again), a listing keeps its earlier ``crawled_at``:
+    a re-import never makes old photos look new."""
+    key = feed_part_key(site, crawl_id, part)
+    if storage.exists(key):
+        before = {}
+        for line in storage.get_text(key).splitlines():
+            old = _parse(line) if line.strip() else None
+            if old is not None and old.get("crawled_at"):
+                before[old["listing_id"]] = str(old["crawled_at"])
+        for rec in records:
+            earlier = before.get(rec.get("listing_id"))
+            if earlier and earlier < str(rec.get("crawled_at") or "~"):
+                rec["crawled_at"] = earlier
     storage.put_text(key, "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in records))
     return key
 
@@ -365,22 +459,33 @@ def write_listing_records(storage: Storage, site: str, crawl_id: str, records: l
 # ---------------------------------------------------------------------------------------
 # Prefect task wrappers
 # ---------------------------------------------------------------------------------------
-@task(name="read-listing-feeds", **RETRY.io())
-def read_listing_feeds_task(storage_uri: str | None, sites: list[str] | None) -> tuple[list[dict], dict]:
-    records, stats = read_listing_records(open_storage(storage_uri), sites)
-    return records, dict(stats)
+@task(name="build-ingest-manifest", **RETRY.io())
+def build_ingest_manifest_task(
+    storage_uri: str | None, sites: list[str] | None, prefix: str = "manifests"
+) -> dict[str, Any]:
+    """Every listing feed → ``manifests/ingest/manifest.parquet`` + ``rejects.parquet``,
+    written here; returns counts (no rows pass through Prefect)."""
+    store = open_storage(storage_uri)
+    manifest, rejects, stats = build_manifest_from_feeds(store, sites)
+    reasons = pc.value_counts(rejects["reason"]).to_pylist() if rejects.num_rows else []
+    return {
+        "manifest": write_manifest(store, manifest_key("ingest", prefix=prefix), manifest, INGEST_SCHEMA),
+        "rejects": write_manifest(store, manifest_key("ingest", "rejects", prefix=prefix), rejects, REJECTS_SCHEMA),
+        "rows": manifest.num_rows,
+        "labels": len(pc.unique(manifest["label"].drop_null())),
+        "rejected_by_reason": dict(sorted((r["values"], r["counts"]) for r in reasons)),
+        "stats": dict(stats),
+    }
 
 
 @task(name="import-folder-shard", **RETRY.io())
 def import_folder_shard_task(
-    source_uri: str,
-    keys: list[str],
-    storage_uri: str | None,
-    site: str,
-    listing_regex: str,
-    label_regex: str,
-    extensions: list[str] | None = None,
-) -> tuple[list[dict], dict]:
-    records, stats = import_folder_shard(source_uri, keys, open_storage(storage_uri), site, listing_regex, label_regex,
+    source_uri: str, keys: list[str], storage_uri: str | None, site: str, listing_regex: str, label_regex: str,
+    import_id: str, part: int, extensions: list[str] | None = None,
+) -> dict[str, Any]:
+    """Store one shard's photos and write its listing records as feed part ``part`` of
+    ``import_id``; returns the part's key and counters (the records stay in storage)."""
+    store = open_storage(storage_uri)
+    records, stats = import_folder_shard(source_uri, keys, store, site, listing_regex, label_regex,
                                          extensions=extensions)
-    return records, dict(stats)
+    return {"key": write_listing_records(store, site, import_id, records, part), "stats": dict(stats)}

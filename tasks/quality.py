@@ -58,7 +58,8 @@ import math
 from typing import Any
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image, ImageFilter
 
 from carflow.manifest import DROPPED
@@ -259,50 +260,152 @@ def flag_odd_size(sizes: Any, cfg: QualitySettings | None = None) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 # decisions
 # ---------------------------------------------------------------------------------------
-def _is_issue(check: str, s: dict[str, Any], cfg: QualitySettings) -> bool:
-    def below(key: str, threshold: float) -> bool:
-        v = s.get(key)
-        return v is not None and v < threshold
+#: settings that change a per-image *score* (part of a shard's cache key); every other
+#: quality setting (thresholds, actions, odd_size) is a decision applied in the reduce step
+SCORE_SETTINGS = ("low_information_normalizing_factor", "blurry_normalizing_factor", "blurry_color_threshold")
 
-    if check == "dark":
-        return below("dark_score", cfg.dark_threshold)
-    if check == "light":
-        return below("light_score", cfg.light_threshold)
-    if check == "low_information":
-        return below("low_information_score", cfg.low_information_threshold)
-    if check == "blurry":
-        return below("blurry_score", cfg.blurry_threshold)
-    if check == "grayscale":
-        return s.get("grayscale_score") == 0 or below(
-            "colorfulness", cfg.grayscale_colorfulness_threshold
-        )
-    if check == "odd_aspect_ratio":
-        return below("aspect_ratio", cfg.odd_aspect_ratio_threshold)
-    if check == "odd_size":
-        threshold = cfg.odd_size_threshold
-        if threshold is None:
-            threshold = s.get("odd_size_threshold", 0.5)
-        return below("odd_size_score", threshold)
-    raise ValueError(f"unknown quality check {check!r}")
+
+def scoring_settings(cfg: QualitySettings | dict | None = None) -> QualitySettings:
+    """``cfg`` with every check ``off``: what a shard scores with (scores, no decisions)."""
+    cfg = cfg if isinstance(cfg, QualitySettings) else QualitySettings(**(cfg or {}))
+    return cfg.model_copy(update={f"{c}_action": "off" for c in CHECKS})
+
+
+def _values(scores: Any, key: str, n: int) -> np.ndarray:
+    """Column ``key`` of ``scores`` (a mapping or an Arrow table) as float64, NaN for
+    null or absent."""
+    names = scores.column_names if hasattr(scores, "column_names") else scores
+    if key not in names:
+        return np.full(n, np.nan)
+    col = scores[key]
+    if hasattr(col, "to_numpy") and hasattr(col, "null_count"):  # Arrow
+        return np.asarray(col.cast("float64").to_numpy(zero_copy_only=False), dtype=np.float64)
+    return np.array([np.nan if v is None else v for v in np.atleast_1d(col)], dtype=np.float64)
+
+
+def issue_masks(scores: Any, cfg: QualitySettings | None = None, n: int | None = None) -> dict[str, np.ndarray]:
+    """Per check (in :data:`CHECKS` order, actions ``off`` left out), a boolean mask of
+    the images that fail it. ``scores`` holds score columns (an Arrow table or a mapping
+    of equal-length sequences); a null or absent score never fails. ``odd_size`` is only
+    judged where ``odd_size_score`` is given."""
+    cfg = cfg or QualitySettings()
+    if n is None:
+        n = scores.num_rows if hasattr(scores, "num_rows") else len(next(iter(scores.values()), []))
+
+    def below(key: str, threshold: float) -> np.ndarray:
+        v = _values(scores, key, n)
+        with np.errstate(invalid="ignore"):
+            return ~np.isnan(v) & (v < threshold)
+
+    masks: dict[str, np.ndarray] = {}
+    for check in CHECKS:
+        if getattr(cfg, f"{check}_action") == "off":
+            continue
+        if check == "dark":
+            m = below("dark_score", cfg.dark_threshold)
+        elif check == "light":
+            m = below("light_score", cfg.light_threshold)
+        elif check == "low_information":
+            m = below("low_information_score", cfg.low_information_threshold)
+        elif check == "blurry":
+            m = below("blurry_score", cfg.blurry_threshold)
+        elif check == "grayscale":
+            m = (_values(scores, "grayscale_score", n) == 0) | below(
+                "colorfulness", cfg.grayscale_colorfulness_threshold
+            )
+        elif check == "odd_aspect_ratio":
+            m = below("aspect_ratio", cfg.odd_aspect_ratio_threshold)
+        else:  # odd_size
+            threshold = cfg.odd_size_threshold
+            if threshold is None:
+                t = _values(scores, "odd_size_threshold", n)
+                threshold = np.where(np.isnan(t), 0.5, t)
+            v = _values(scores, "odd_size_score", n)
+            with np.errstate(invalid="ignore"):
+                m = ~np.isnan(v) & (v < threshold)
+        masks[check] = m
+    return masks
 
 
 def apply_quality(
     scores: dict[str, Any], cfg: QualitySettings | None = None
 ) -> tuple[list[str], str | None]:
-    """``(flags, drop_reason)``: every check the image fails (whose action is not
-    ``off``), and the first failed check whose action is ``drop`` (else ``None``).
+    """``(flags, drop_reason)`` of one image: every check the image fails (whose action
+    is not ``off``), and the first failed check whose action is ``drop`` (else ``None``).
     ``odd_size`` is only judged when ``scores`` has an ``odd_size_score``."""
     cfg = cfg or QualitySettings()
-    flags: list[str] = []
-    drop: str | None = None
-    for check in CHECKS:
-        action = getattr(cfg, f"{check}_action")
-        if action == "off" or not _is_issue(check, scores, cfg):
-            continue
-        flags.append(check)
-        if action == "drop" and drop is None:
-            drop = check
+    masks = issue_masks({k: [v] for k, v in scores.items()}, cfg, n=1)
+    flags = [check for check, m in masks.items() if m[0]]
+    drop = next((c for c in flags if getattr(cfg, f"{c}_action") == "drop"), None)
     return flags, drop
+
+
+def quality_decisions(scores: Any, cfg: QualitySettings | None = None, active: np.ndarray | None = None):
+    """:func:`apply_quality` over a table of per-image scores at once (the reduce step):
+    ``(flags, drop)`` as Arrow arrays, ``list<string>`` flags in check order and the
+    first ``drop`` check (null when none). Rows outside ``active`` get ``[]`` and null."""
+    import pyarrow as pa
+
+    cfg = cfg or QualitySettings()
+    n = scores.num_rows
+    masks = issue_masks(scores, cfg, n)
+    if active is not None:
+        masks = {c: m & active for c, m in masks.items()}
+    names = list(masks)
+    matrix = np.stack([masks[c] for c in names], axis=1) if names else np.zeros((n, 0), bool)
+    _, cols = np.nonzero(matrix)  # row-major: each row's flags in check order
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(matrix.sum(axis=1), out=offsets[1:])
+    flags = pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(np.array(names, dtype=object)[cols] if names else [], pa.string())
+    )
+    drop = np.full(n, None, dtype=object)
+    for c in reversed(names):  # the first drop check in order wins
+        if getattr(cfg, f"{c}_action") == "drop":
+            drop[masks[c]] = c
+    return flags, pa.array(drop, pa.string())
+
+
+def _append_flag(flags: pa.Array | pa.ChunkedArray, mask: np.ndarray, flag: str) -> pa.Array:
+    """``flags`` (list<string>) with ``flag`` appended on the rows of ``mask``."""
+    if isinstance(flags, pa.ChunkedArray):
+        flags = flags.combine_chunks()
+    n = len(flags)
+    parents = pc.list_parent_indices(flags).to_numpy()
+    add = np.flatnonzero(mask)
+    all_parents = np.concatenate([parents, add])
+    order = np.argsort(all_parents, kind="stable")
+    values = pa.concat_arrays([pc.list_flatten(flags).cast(pa.string()), pa.array([flag] * add.size, pa.string())])
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(np.bincount(all_parents, minlength=n), out=offsets[1:])
+    nulls = flags.is_null().to_numpy(zero_copy_only=False) & ~mask
+    return pa.ListArray.from_arrays(pa.array(offsets), values.take(pa.array(order)), mask=pa.array(nulls))
+
+
+def apply_odd_size(table: pa.Table, cfg: QualitySettings) -> pa.Table:
+    """``odd_size`` is a set-level check (cleanvision's IQR rule) over the kept rows of the
+    whole manifest (an Arrow table with ``status``, ``reason``, ``width``, ``height``,
+    ``quality_flags``): flags them, and drops them with reason ``odd_size`` when
+    ``quality.odd_size_action`` is ``drop``."""
+    if cfg.odd_size_action == "off":
+        return table
+    kept = pc.and_(pc.not_equal(table["status"], DROPPED), pc.is_valid(table["width"]))
+    kept = pc.fill_null(kept, False).to_numpy(zero_copy_only=False)
+    if not kept.any():
+        return table
+    w = table["width"].cast(pa.float64()).to_numpy(zero_copy_only=False)[kept]
+    h = table["height"].cast(pa.float64()).to_numpy(zero_copy_only=False)[kept]
+    odd = np.zeros(len(kept), dtype=bool)
+    odd[np.flatnonzero(kept)] = flag_odd_size(np.sqrt(w * h), cfg)
+    def put(t: pa.Table, name: str, values: Any) -> pa.Table:
+        return t.set_column(t.schema.get_field_index(name), name, values)
+
+    table = put(table, "quality_flags", _append_flag(table["quality_flags"], odd, "odd_size"))
+    if cfg.odd_size_action == "drop":
+        mask = pa.array(odd)
+        table = put(table, "status", pc.if_else(mask, DROPPED, table["status"]))
+        table = put(table, "reason", pc.if_else(mask, "odd_size", table["reason"]))
+    return table
 
 
 __all__ = [
@@ -315,24 +418,10 @@ __all__ = [
     "brightness_percentiles",
     "flag_odd_size",
     "odd_size_scores",
+    "issue_masks",
     "percentiles",
+    "quality_decisions",
     "quality_scores",
+    "scoring_settings",
 ]
 
-
-def apply_odd_size(df: pd.DataFrame, quality_cfg: QualitySettings) -> pd.DataFrame:
-    """``odd_size`` is a set-level check (cleanvision's IQR rule) over the kept images of
-    the whole manifest: flags them, and drops them with reason ``odd_size`` when
-    ``quality.odd_size_action`` is ``drop``."""
-    kept = (df["status"] != DROPPED) & df["width"].notna()
-    if not kept.any() or quality_cfg.odd_size_action == "off":
-        return df
-    sizes = (df.loc[kept, "width"].astype(float) * df.loc[kept, "height"].astype(float)) ** 0.5
-    odd = pd.Series(flag_odd_size(sizes.to_numpy(), quality_cfg), index=sizes.index)
-    for idx in odd[odd].index:
-        current = df.at[idx, "quality_flags"]
-        df.at[idx, "quality_flags"] = [*(list(current) if current is not None else []), "odd_size"]
-        if quality_cfg.odd_size_action == "drop":
-            df.at[idx, "status"] = DROPPED
-            df.at[idx, "reason"] = "odd_size"
-    return df

@@ -1,105 +1,197 @@
-"""Shards, shared by every per-image stage (clean, car filter, crop), and the ``gpu``
-concurrency slot the model stages hold (:func:`gpu_slot`).
+"""The shard contract, one home for every per-image stage (clean's inspect pass, the car
+filter's scoring, the crop), and the ``gpu`` concurrency slot the model stages hold
+(:func:`gpu_slot`).
 
-Sharding is stable as data grows: unique kept images are ordered by when they were first
-seen, then cut into fixed-size shards. New listings append images at the end, so only the
-tail shard and the new shards get new cache keys.
-
-:func:`run_shards` submits one cached Prefect task per shard. Each shard task writes its
-rows to storage and returns ``{"key": ...}``; a cached result whose file has since been
-deleted from storage is run again (``refresh_cache``) instead of failing the flow, and so
-is a cached result marked ``incomplete`` (an input was missing: a transient miss is not
-kept forever).
+1. **Plan** (:func:`plan_shards`): unique kept images ordered by when they were first
+   seen (then id), cut into fixed-size shards. New listings append images at the end,
+   so only the tail shard and the new shards get new keys.
+2. **Key** (:class:`ShardSpec`): :func:`carflow.caching.content_key` over the stage
+   name and code version, the model version, the sorted image ids and only the settings
+   that change the shard's per-image output. Thresholds applied later (quality checks,
+   the car filter's threshold) are not part of it: the reduce step applies them.
+3. **Run or reuse** (:func:`run_shard`): the output is
+   ``work/<stage>/<content key>.parquet`` plus ``<content key>.stats.json``
+   (:func:`carflow.keys.shard_key` / :func:`carflow.keys.shard_stats_key`), the stats
+   file written last. A shard whose two files exist in the storage is never computed
+   again, whatever Prefect's local cache holds: a new worker container, or a second
+   machine on the same bucket, reuses it. Shard tasks take no Prefect cache
+   (``cache_policy=NO_CACHE``): the storage is the cache. A shard with a missing input
+   (stats ``incomplete``) is written under ``<content key>.partial.parquet`` and never
+   counts as done: a transient miss is retried by the next run, not kept forever.
+4. **Submit** (:func:`run_shards`): one Prefect task per shard, at most
+   ``runtime.max_workers`` in flight (:func:`submit_bounded`); returns the small result
+   dicts and the shards that really ran. Inside a shard, :func:`read_images` streams the
+   bytes with a bounded number of reads in flight.
+5. **Load** (:func:`load_shard_results`): only the needed columns, as one Arrow table.
+6. **Merge** (:func:`merge_results`): per-image results onto the manifest rows, in Arrow,
+   with the one rule for rows without a result: dropped, with the stage's reason.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from carflow.manifest import KEPT, to_pandas
-from carflow.settings import get_settings
+from carflow.caching import content_key
+from carflow.keys import shard_key, shard_stats_key
+from carflow.manifest import DROPPED, KEPT
 from carflow.storage import Storage
-from tasks.retry import with_retry_policy
 
 log = logging.getLogger(__name__)
 
+#: what a shard's ``compute`` returns: its per-image rows and its counters
+ShardOutput = tuple[pa.Table, dict[str, Any]]
 
-def plan_shards(manifest: pd.DataFrame, shard_size: int) -> list[list[str]]:
-    """Unique kept image ids, ordered by first appearance (then id), in shards."""
-    kept = manifest[manifest["status"] == KEPT]
-    if kept.empty:
+
+# ---------------------------------------------------------------------------------------
+# plan
+# ---------------------------------------------------------------------------------------
+PLAN_COLUMNS = ["image_id", "first_seen", "status"]
+
+
+def plan_shards(manifest: Any, shard_size: int) -> list[list[str]]:
+    """Unique kept image ids of ``manifest`` (an Arrow table or a DataFrame with
+    ``image_id``, ``first_seen``, ``status``), ordered by their earliest ``first_seen``
+    (then id), in shards of ``shard_size``."""
+    if shard_size < 1:
+        raise ValueError("shard size must be >= 1")
+    if isinstance(manifest, pa.Table):
+        table = manifest.select(PLAN_COLUMNS)
+    else:
+        table = pa.Table.from_pandas(manifest[PLAN_COLUMNS], preserve_index=False)
+    kept = table.filter(pc.fill_null(pc.equal(table["status"], KEPT), False))
+    if kept.num_rows == 0:
         return []
-    order = kept.groupby("image_id", sort=False)["first_seen"].min().reset_index()
-    order = order.sort_values(["first_seen", "image_id"], kind="stable")
-    ids = order["image_id"].tolist()
+    order = kept.group_by("image_id").aggregate([("first_seen", "min")])
+    order = order.sort_by([("first_seen_min", "ascending"), ("image_id", "ascending")])
+    ids = order["image_id"].to_pylist()
     return [ids[i : i + shard_size] for i in range(0, len(ids), shard_size)]
 
 
-def load_shard_results(storage: Storage, keys: list[str]) -> pd.DataFrame:
-    frames = [to_pandas(pq.read_table(io.BytesIO(storage.get(k)))) for k in keys]
-    frames = [f for f in frames if not f.empty]
-    if not frames:
-        return pd.DataFrame({"image_id": pd.Series(dtype="string")})
-    return pd.concat(frames, ignore_index=True).drop_duplicates("image_id", keep="last")
+# ---------------------------------------------------------------------------------------
+# key, run or reuse, write
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardSpec:
+    """What names one stage's shard outputs. ``version`` is the code version, with the
+    model version appended for model stages; ``config`` holds only the settings that
+    change per-image results (never paths, clients, batch sizes or later thresholds)."""
+
+    stage: str
+    version: str
+    config: Any = None
+
+    def content_key(self, image_ids: Sequence[str]) -> str:
+        return content_key(self.stage, self.version, image_ids, self.config)
+
+    def key(self, image_ids: Sequence[str]) -> str:
+        """``work/<stage>/<content key>.parquet``"""
+        return shard_key(self.stage, self.content_key(image_ids))
+
+    def stats_key(self, image_ids: Sequence[str]) -> str:
+        """``work/<stage>/<content key>.stats.json``"""
+        return shard_stats_key(self.stage, self.content_key(image_ids))
 
 
-def run_shards(
-    task: Any, shards: list[list[str]], store: Storage, arguments: Callable[[list[str]], dict[str, Any]]
-) -> tuple[list[dict[str, Any]], list[list[str]]]:
-    """Submit ``task(**arguments(ids))`` for every shard; returns the results and the
-    shards that really ran (not served from Prefect's cache, not reused from storage)."""
-    task = with_retry_policy(task, get_settings().runtime)
-    futures = [task.submit(**arguments(ids)) for ids in shards]
-    wait_with_progress(futures, [len(ids) for ids in shards], getattr(task, "name", "shards"))
-    results = [f.result() for f in futures]
-    for i, ids in enumerate(shards):
-        if results[i].get("incomplete") and futures[i].state.name == "Cached":
-            log.warning("shard %d: cached result %s had %s missing input(s); recomputing", i, results[i]["key"],
-                        results[i]["incomplete"])
-            futures[i] = task.with_options(refresh_cache=True).submit(**arguments(ids))
-            results[i] = futures[i].result()
-        elif not store.exists(results[i]["key"]):
-            log.warning("shard %d: cached result %s is missing from storage; recomputing", i, results[i]["key"])
-            futures[i] = task.with_options(refresh_cache=True).submit(**arguments(ids))
-            results[i] = futures[i].result()
-    fresh = [
-        ids
-        for ids, f, r in zip(shards, futures, results, strict=True)
-        if f.state.name != "Cached" and not r.get("reused")
-    ]
-    return results, fresh
+def stored_shard(storage: Storage, spec: ShardSpec, image_ids: Sequence[str]) -> dict[str, Any] | None:
+    """The stored result of this shard (``{"key", "stats", "reused": True}``) when both
+    its files exist in ``storage``, else None."""
+    key, stats_key = spec.key(image_ids), spec.stats_key(image_ids)
+    if not storage.exists(key):
+        return None
+    try:
+        stats = json.loads(storage.get_text(stats_key))
+    except KeyError:
+        return None  # the parquet without its stats: an interrupted write, compute again
+    return {"key": key, "stats": stats, "reused": True}
+
+
+def write_shard(storage: Storage, spec: ShardSpec, image_ids: Sequence[str], table: pa.Table,
+                stats: dict[str, Any]) -> dict[str, Any]:
+    """Write the shard's rows, then its stats (last: the stats file marks it complete)."""
+    key = spec.key(image_ids)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    storage.put(key, buf.getvalue(), content_type="application/vnd.apache.parquet")
+    storage.put_text(spec.stats_key(image_ids), json.dumps(stats, sort_keys=True, default=str))
+    return {"key": key, "stats": stats, "reused": False}
+
+
+def run_shard(storage: Storage, spec: ShardSpec, image_ids: list[str],
+              compute: Callable[[list[str]], ShardOutput]) -> dict[str, Any]:
+    """The contract: reuse the shard's stored output when it exists, else
+    ``compute(image_ids)`` → ``(rows, stats)`` and write both. Returns
+    ``{"key", "stats", "reused"}`` (small: that is all that goes through Prefect)."""
+    stored = stored_shard(storage, spec, image_ids)
+    if stored is not None:
+        return stored
+    table, stats = compute(image_ids)
+    stats = {"images": len(image_ids), **stats}
+    if stats.get("incomplete"):  # an input was missing: keep the rows, never as the done shard
+        key = spec.key(image_ids).removesuffix(".parquet") + ".partial.parquet"
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        storage.put(key, buf.getvalue(), content_type="application/vnd.apache.parquet")
+        return {"key": key, "stats": stats, "reused": False, "incomplete": stats["incomplete"]}
+    return write_shard(storage, spec, image_ids, table, stats)
+
+
+def submit_bounded(task: Any, calls: Iterable[dict[str, Any]], limit: int,
+                   sizes: Sequence[int] | None = None) -> list[Any]:
+    """``task.submit(**kw)`` for every ``kw`` of ``calls`` with at most ``limit`` runs in
+    flight (results in order). Prefect's thread runner starts every submitted task at
+    once, so without a bound a stage would run all its shards together and its memory
+    would grow with the corpus (``bench/memory.py``). With ``sizes`` (images per call),
+    one log line per finished call gives images/s and the time left."""
+    limit = max(1, int(limit))
+    futures: deque = deque()
+    results: list[Any] = []
+    progress = _Progress(sizes, getattr(task, "name", "shards")) if sizes and len(sizes) > 1 else None
+
+    def take() -> None:
+        results.append(futures.popleft().result())
+        if progress:
+            progress.done(len(results))
+
+    for kw in calls:
+        if len(futures) >= limit:
+            take()
+        futures.append(task.submit(**kw))
+    while futures:
+        take()
+    return results
+
+
+class _Progress:
+    """One line per finished shard: images done, images/s so far, time left."""
+
+    def __init__(self, sizes: Sequence[int], what: str):
+        self.sizes, self.what, self.start = list(sizes), what, time.monotonic()
+        self.total = sum(self.sizes)
+
+    def done(self, n: int) -> None:
+        images = sum(self.sizes[:n])
+        rate = images / max(time.monotonic() - self.start, 1e-6)
+        eta = (self.total - images) / rate if rate > 0 else 0.0
+        _logger().info("%s: shard %d/%d done, %d/%d images, %.1f img/s, %s left", self.what, n,
+                       len(self.sizes), images, self.total, rate, _duration(eta))
 
 
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-def wait_with_progress(futures: list[Any], sizes: list[int], what: str) -> None:
-    """Wait for shard futures, logging one line per finished shard with the images per
-    second so far and the time left (a long stage shows it is moving)."""
-    if len(futures) <= 1:
-        return
-    from prefect.futures import as_completed
-
-    logger = _logger()
-    size_of = {id(f): n for f, n in zip(futures, sizes, strict=True)}
-    total, done, start = sum(sizes), 0, time.monotonic()
-    for i, future in enumerate(as_completed(futures), 1):
-        done += size_of[id(future)]
-        elapsed = max(time.monotonic() - start, 1e-6)
-        rate = done / elapsed
-        eta = (total - done) / rate if rate > 0 else 0.0
-        logger.info("%s: shard %d/%d done, %d/%d images, %.1f img/s, %s left",
-                    what, i, len(futures), done, total, rate, _duration(eta))
 
 
 def _logger() -> Any:
@@ -111,6 +203,125 @@ def _logger() -> Any:
         return log
 
 
+def run_shards(
+    task: Any, shards: list[list[str]], arguments: Callable[[list[str]], dict[str, Any]], limit: int | None = None
+) -> tuple[list[dict[str, Any]], list[list[str]]]:
+    """Submit ``task(**arguments(ids))`` for every shard (the task calls :func:`run_shard`),
+    at most ``limit`` at a time (default ``runtime.max_workers``); returns the results and
+    the shards that really ran (not reused from storage)."""
+    from carflow.settings import get_settings
+    from tasks.retry import with_retry_policy
+
+    runtime = get_settings().runtime
+    task = with_retry_policy(task, runtime)
+    results = submit_bounded(task, (arguments(ids) for ids in shards), limit or runtime.max_workers,
+                             sizes=[len(ids) for ids in shards])
+    fresh = [ids for ids, r in zip(shards, results, strict=True) if not r.get("reused")]
+    return results, fresh
+
+
+def read_images(storage: Storage, image_ids: Sequence[str], workers: int = 8,
+                window: int = 64, missing: bytes | None = b"") -> Iterator[tuple[str, bytes | None]]:
+    """``(image_id, bytes)`` of ``image_ids`` from storage, in order, read in a thread pool
+    (I/O bound: S3 GETs) with at most ``window`` reads in flight, so a shard's bytes are
+    never all in memory at once. A missing image is ``missing`` (``b""`` by default; the
+    clean stage passes None and records it as ``missing``)."""
+
+    def get(image_id: str) -> tuple[str, bytes | None]:
+        try:
+            return image_id, storage.get_image(image_id)
+        except KeyError:
+            return image_id, missing
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        for image_id in image_ids:
+            pending.append(pool.submit(get, image_id))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+# ---------------------------------------------------------------------------------------
+# load, merge
+# ---------------------------------------------------------------------------------------
+def load_shard_results(
+    storage: Storage, keys: Sequence[str], columns: Sequence[str] | None = None, schema: pa.Schema | None = None
+) -> pa.Table:
+    """The shards' rows as one Arrow table: only ``columns`` (all when None) are read.
+    ``schema`` types the empty table when there is no shard."""
+    def read(key: str) -> pa.Table:
+        return pq.read_table(io.BytesIO(storage.get(key)), columns=list(columns) if columns else None)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound (S3 GETs)
+        tables = [t for t in pool.map(read, keys) if t.num_rows]
+    if tables:
+        return pa.concat_tables(tables, promote_options="permissive")
+    if schema is not None:
+        names = list(columns) if columns else schema.names
+        return pa.schema([schema.field(n) for n in names]).empty_table()
+    return pa.table({"image_id": pa.array([], pa.string())})
+
+
+def put_column(table: pa.Table, name: str, values: Any) -> pa.Table:
+    """``table`` with column ``name`` set to ``values`` (replaced in place, else appended)."""
+    i = table.schema.get_field_index(name)
+    return table.set_column(i, name, values) if i >= 0 else table.append_column(name, values)
+
+
+def merge_results(
+    manifest: pa.Table,
+    results: pa.Table,
+    columns: Sequence[str],
+    missing_reason: str,
+    on: str = "image_id",
+    only_kept: bool = True,
+) -> pa.Table:
+    """Per-image ``results`` (keyed by ``image_id``) → ``columns`` on the manifest rows
+    (matched on the manifest's ``on``), row order unchanged.
+
+    Only rows kept before this stage change status. A result with ``status`` dropped drops
+    the row with the result's ``reason``; a kept row without a result is dropped with
+    ``missing_reason`` (a row is never silently lost). Rows dropped earlier keep their
+    status and reason, and get nulls in ``columns`` unless ``only_kept`` is False.
+    ``results`` without a ``status`` column only add columns (and drop the rows they
+    miss)."""
+    was_kept = pc.fill_null(pc.equal(manifest["status"], KEPT), False)
+    found = pc.index_in(manifest[on], value_set=results["image_id"])
+    idx = pc.if_else(was_kept, found, pa.scalar(None, found.type))
+    has_status = "status" in results.column_names
+    wanted = list(dict.fromkeys([*columns, *(["status", "reason"] if has_status else [])]))
+    taken = results.select(wanted).take(idx)
+    values = taken if only_kept else results.select(list(columns)).take(found)
+    status, reason = manifest["status"], manifest["reason"]
+    if has_status:
+        dropped = pc.fill_null(pc.equal(taken["status"], DROPPED), False)
+        reason = pc.if_else(dropped, taken["reason"].cast(pa.string()), reason)
+        status = pc.if_else(dropped, DROPPED, status)
+    missing = pc.and_(was_kept, pc.is_null(idx))
+    reason = pc.if_else(missing, missing_reason, reason)
+    status = pc.if_else(missing, DROPPED, status)
+    out = put_column(put_column(manifest, "status", status), "reason", reason)
+    for name in columns:
+        out = put_column(out, name, values[name])
+    return out
+
+
+def status_counts(table: pa.Table) -> dict[str, Any]:
+    """Rows, kept rows and dropped rows per reason of a manifest (Arrow, no copies)."""
+    dropped = pc.fill_null(pc.equal(table["status"], DROPPED), False)
+    reasons = pc.value_counts(pc.filter(table["reason"], dropped)).to_pylist()
+    return {
+        "rows": table.num_rows,
+        "kept": table.num_rows - int(pc.sum(dropped).as_py() or 0),
+        "dropped_by_reason": dict(sorted((r["values"], r["counts"]) for r in reasons)),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# the gpu slot
+# ---------------------------------------------------------------------------------------
 #: concurrency limit name → does it exist on the Prefect API (checked once per process)
 _LIMITS: dict[tuple[str, str], bool | None] = {}
 

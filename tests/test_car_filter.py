@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -183,7 +184,7 @@ def test_predictor_takes_decoded_images_of_any_size():
 
 def test_runtime_resolution_and_cache_key():
     from models.car_filter import resolve_runtime
-    from tasks.car_filter import score_key, scoring_config
+    from tasks.car_filter import score_spec, scoring_config
 
     assert resolve_runtime("auto", "auto") == ("openvino", "fp32")  # no GPU here
     assert resolve_runtime("auto", "bf16") == ("openvino", "bf16")
@@ -197,8 +198,9 @@ def test_runtime_resolution_and_cache_key():
     bf16 = scoring_config(CarFilterSettings(precision="bf16"), chosen)
     assert auto["runtime"] == "openvino" and auto["precision"] == "fp32" and bf16["precision"] == "bf16"
     # a different precision rescores; a different batch size does not
-    assert score_key("v1", ["a"], auto) == score_key("v1", ["a"], {**auto, "batch_size": 7})
-    assert score_key("v1", ["a"], auto) != score_key("v1", ["a"], bf16)
+    assert score_spec("v1", auto).key(["a"]) == score_spec("v1", {**auto, "batch_size": 7}).key(["a"])
+    assert score_spec("v1", auto).key(["a"]) != score_spec("v1", bf16).key(["a"])
+    assert score_spec("v1", auto).key(["a"]) != score_spec("v2", auto).key(["a"])
 
 
 def test_scoring_resolves_the_model_through_the_registry(tmp_path):
@@ -236,12 +238,57 @@ def test_threshold_metrics_and_apply():
     assert at["no_car_recall"] == pytest.approx(0.5) and at["accuracy"] == pytest.approx(0.6)
     table = threshold_table(y, p)
     assert [r["threshold"] for r in table][:2] == [0.05, 0.1] and table[-1]["threshold"] == 0.95
-    df = pd.DataFrame({"image_id": ["a", "b", "c", "d"], "status": ["kept", "kept", "dropped", "kept"],
-                       "reason": [None, None, "duplicate", None]})
-    scores = pd.DataFrame({"image_id": ["a", "b", "c"], "p_car": [0.9, 0.1, 0.1]})
-    out = apply_threshold(df, scores, 0.7)
-    assert out["status"].tolist() == ["kept", "dropped", "dropped", "dropped"]
-    assert out["reason"].fillna("-").tolist() == ["-", "no_car", "duplicate", "not_scored"]
+    manifest = pa.table({"image_id": ["a", "b", "c", "d", "e"], "status": ["kept", "kept", "dropped", "kept", "kept"],
+                         "reason": [None, None, "duplicate", None, None]})
+    scores = pa.table({"image_id": ["a", "b", "c", "e"], "p_car": pa.array([0.9, 0.1, 0.1, None], pa.float32())})
+    out = apply_threshold(manifest, scores, 0.7)
+    assert out["status"].to_pylist() == ["kept", "dropped", "dropped", "dropped", "dropped"]
+    assert out["reason"].to_pylist() == [None, "no_car", "duplicate", "not_scored", "not_scored"]
+    assert out["p_car"].to_pylist()[:3] == pytest.approx([0.9, 0.1, 0.1])  # every row gets its score
+
+
+@pytest.mark.integration
+def test_a_new_threshold_rescores_nothing(tmp_path, prefect_server):
+    """The threshold is applied after the shards (not part of their key): a new threshold
+    reuses every stored score and still moves the drops. An untrained 32 px model is enough."""
+    from PIL import Image
+
+    from carflow.manifest import CLEAN_SCHEMA, from_records, write_manifest
+    from flows.car_filter import score
+
+    uri = str(tmp_path)
+    store = open_storage(uri)
+    rng = np.random.default_rng(0)
+    blobs = []
+    for _ in range(6):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+        blobs.append(buf.getvalue())
+    blobs.append(b"\xff\xd8\xff\xe0" + b"\x01" * 300)  # stored, but does not decode
+    rows = []
+    for i, data in enumerate(blobs):
+        image_id = store.put_image(data)
+        rows.append({"image_id": image_id, "listing_id": f"x:{i}", "site": "x", "url": None, "photo_index": 0,
+                     "make": None, "model": None, "year": None, "label": None, "make_raw": None,
+                     "model_raw": None, "raw_key": f"raw/{image_id[:2]}/{image_id}", "bytes": len(data),
+                     "content_type": None, "source": "folders", "crawl_id": None, "first_seen": i,
+                     "status": "kept" if i else "dropped", "reason": None if i else "blurry",
+                     "source_id": image_id, "width": None, "height": None, "fix_actions": [],
+                     "quality_flags": [], "phash": None, "dhash": None, "pixel_hash": None,
+                     "dup_cluster": image_id, "label_conflict": False})
+    write_manifest(store, manifest_key("clean"), from_records(rows, CLEAN_SCHEMA), CLEAN_SCHEMA)
+    cfg = CarFilterSettings(weights="none", image_size=32, alpha=0.35)
+    version = save_model_version(store, build_car_filter("none", 32, 0.35), "untrained", cfg)
+
+    lax = score(storage=uri, model=version.uri(), threshold=0.0, shard_size=3)
+    strict = score(storage=uri, model=version.uri(), threshold=1.0, shard_size=3)
+    assert lax["scored_images"] == 6 and lax["cached_shards"] == 0
+    assert strict["scored_images"] == 0 and strict["cached_shards"] == strict["shards"] == lax["shards"]
+    assert lax["dropped_by_reason"] == {"blurry": 1, "not_scored": 1}
+    assert strict["dropped_by_reason"] == {"blurry": 1, "not_scored": 1, "no_car": 5}
+    df = _read(store, manifest_key("car_filter"))
+    # the kept, decodable photos have their score; the earlier drop was never planned
+    assert df["p_car"].notna().tolist() == [False, True, True, True, True, True, False]
 
 
 def test_split_is_stratified():

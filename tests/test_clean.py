@@ -4,12 +4,14 @@ ground truth, through the real Prefect flow with content-keyed caching."""
 from __future__ import annotations
 
 import io
+import os
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -268,6 +270,93 @@ def test_cache_is_per_output_storage_and_survives_deleted_outputs(crawled, clean
     again = clean(storage=other_uri, shard_size=40)
     assert again["kept"] == summary["kept"] and again["rows"] == summary["rows"]
     assert list(other.list("work/inspect/"))
+
+
+def _copy_inputs(src, dest) -> None:
+    """The crawled photos and manifest v0 into another storage (another bucket, another
+    machine's disk)."""
+    for key in list(src.list("raw/")) + [manifest_key("ingest")]:
+        dest.put(key, src.get(key))
+
+
+@pytest.fixture
+def decodes(monkeypatch) -> list[int]:
+    """Images really handed to the decoder by inspect shards (appended per call)."""
+    import tasks.clean
+
+    calls: list[int] = []
+    real = tasks.clean.inspect_shard
+
+    def counting(items, *args, **kwargs):
+        items = list(items)
+        calls.append(len(items))
+        return real(items, *args, **kwargs)
+
+    monkeypatch.setattr(tasks.clean, "inspect_shard", counting)
+    return calls
+
+
+def test_a_fresh_worker_on_the_same_bucket_decodes_nothing(crawled, s3_uri, tmp_path, decodes, prefect_server):
+    """The shard outputs in S3 are the cache: a second run with an empty PREFECT_HOME (a new
+    worker container, or a second machine on the same bucket) decodes 0 images and
+    writes no shard again."""
+    import boto3
+    from prefect.settings import PREFECT_HOME, temporary_settings
+
+    from flows.clean import clean
+
+    store = open_storage(s3_uri)
+    _copy_inputs(open_storage(crawled), store)
+    first = clean(storage=s3_uri, shard_size=40)
+    unique = len(set(to_pandas(pq.read_table(io.BytesIO(store.get(manifest_key("ingest")))))["image_id"]))
+    assert sum(decodes) == first["inspected_images"] == unique and first["cached_shards"] == 0
+
+    bucket, prefix = s3_uri.removeprefix("s3://").split("/", 1)
+    s3 = boto3.client("s3", endpoint_url=os.environ["CARFLOW_STORAGE__ENDPOINT_URL"])
+
+    def work_objects() -> dict[str, tuple]:
+        listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/work/")["Contents"]
+        return {o["Key"]: (o["ETag"], o["LastModified"]) for o in listed}
+
+    before = work_objects()
+    assert len(before) == 2 * first["shards"]  # rows + stats per shard
+    decodes.clear()
+    with temporary_settings(updates={PREFECT_HOME: str(tmp_path / "fresh-prefect-home")}):
+        again = clean(storage=s3_uri, shard_size=40)
+    assert sum(decodes) == 0 and again["inspected_images"] == 0
+    assert again["cached_shards"] == again["shards"] == first["shards"]
+    assert work_objects() == before
+    assert {k: again[k] for k in ("rows", "kept", "dropped_by_reason")} == {
+        k: first[k] for k in ("rows", "kept", "dropped_by_reason")}
+
+
+def test_a_new_threshold_decodes_nothing_and_changes_the_drops(crawled, tmp_path, decodes, monkeypatch,
+                                                                prefect_server):
+    from carflow.settings import reset_settings
+    from flows.clean import clean
+
+    uri = str(tmp_path / "store")
+    _copy_inputs(open_storage(crawled), open_storage(uri))
+    first = clean(storage=uri, shard_size=40)
+    assert sum(decodes) > 0 and "dark" not in first["dropped_by_reason"]
+    decodes.clear()
+    monkeypatch.setenv("CARFLOW_QUALITY__DARK_THRESHOLD", "0.9")
+    monkeypatch.setenv("CARFLOW_QUALITY__DARK_ACTION", "drop")
+    monkeypatch.setenv("CARFLOW_QUALITY__BLURRY_THRESHOLD", "0.9")  # flag-only: more flags
+    reset_settings()
+    try:
+        second = clean(storage=uri, shard_size=40)
+    finally:
+        monkeypatch.delenv("CARFLOW_QUALITY__DARK_THRESHOLD")
+        monkeypatch.delenv("CARFLOW_QUALITY__DARK_ACTION")
+        monkeypatch.delenv("CARFLOW_QUALITY__BLURRY_THRESHOLD")
+        reset_settings()
+    assert sum(decodes) == 0 and second["inspected_images"] == 0 and second["cached_shards"] == second["shards"]
+    assert second["dropped_by_reason"]["dark"] > 0 and second["kept"] < first["kept"]
+    assert second["flags"].get("blurry", 0) > first["flags"].get("blurry", 0)
+    df = to_pandas(pq.read_table(io.BytesIO(open_storage(uri).get(manifest_key("clean")))))
+    dark = df[df["reason"] == "dark"]
+    assert (dark["dark_score"] < 0.9).all() and all("dark" in f for f in dark["quality_flags"])
 
 
 def test_dedup_on_the_full_demo_site(tmp_path):

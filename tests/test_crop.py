@@ -28,9 +28,9 @@ from tasks.crop import (  # noqa: E402
     crop_decision,
     crop_images,
     crop_shard_to_storage,
+    crop_spec,
     largest_box,
     pad_box,
-    shard_key,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,8 +258,8 @@ def test_weights_version_hashes_local_files(tmp_path):
     a = crop_config(CropSettings(weights=str(p)))
     b = crop_config(CropSettings(weights=str(p), decode_workers=9, gpu_limit="other"))
     assert a == b  # threads/limit do not change results: same cache key
-    assert shard_key(["b", "a"], a) == shard_key(["a", "b"], a)
-    assert shard_key(["a"], a) != shard_key(["a"], crop_config(CropSettings(weights=str(p), conf=0.5)))
+    assert crop_spec(a).key(["b", "a"]) == crop_spec(a).key(["a", "b"])
+    assert crop_spec(a).key(["a"]) != crop_spec(crop_config(CropSettings(weights=str(p), conf=0.5))).key(["a"])
 
 
 # -- a random-init YOLO through the real shard pass ------------------------------------------

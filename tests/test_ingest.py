@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,62 @@ def test_entry_points_start_no_telemetry(tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_streamed_manifest_equals_the_records_manifest(tmp_path):
+    """build_manifest_from_feeds (two passes, Arrow batches) = build_manifest over
+    read_listing_records: same rows, same order, same counts; a listing seen in two
+    crawls takes the later record and the earlier crawl time."""
+    from tasks.ingest import build_manifest_from_feeds
+
+    store = LocalStorage(tmp_path)
+    write_listing_records(store, "demo", "c1", [_listing("a", [_img(1), _img(2)]), _listing("b", [_img(3)])])
+    write_listing_records(store, "demo", "c1", [_listing("c", [_img(4, image_id=None, status="rejected",
+                                                                     reason="http_404"), _img(5)])], part=1)
+    newer = _listing("a", [_img(2), _img(1), _img(6)], crawled_at="2026-11-22T10:00:00+00:00", crawl_id="c2")
+    write_listing_records(store, "demo", "c2", [newer, _listing("d", [_img(1)], crawled_at="2026-11-22T10:00:00+00:00",
+                                                               label=None, make=None, model=None, year=None)])
+    write_listing_records(store, "other", "c3", [_listing("x", [_img(7)], site="other", listing_id="other:x")])
+    store.put_text("listings/demo/c9/part-00000.jsonl", '{"broken json\n')
+
+    records, read_stats = read_listing_records(store)
+    manifest, rejects, stats = build_manifest(records)
+    streamed, streamed_rejects, streamed_stats = build_manifest_from_feeds(store, batch=1)
+    assert streamed.equals(manifest) and streamed_rejects.equals(rejects)
+    for key in ("rows", "images", "listings", "rejected_refs", "listing_missing_label"):
+        assert streamed_stats[key] == stats[key], key
+    assert streamed_stats["bad_feed_line"] == read_stats["bad_feed_line"] == 1
+    rows_a = [r for r in streamed.to_pylist() if r["listing_id"] == "demo:a"]
+    assert [r["image_id"] for r in rows_a] == [f"{2:064x}", f"{1:064x}", f"{6:064x}"]  # the later record
+    first_crawl = datetime(2026, 11, 21, 10, tzinfo=timezone.utc).timestamp() * 1_000_000
+    assert [r["first_seen"] for r in rows_a] == [first_crawl, first_crawl + 1, first_crawl + 2]  # the earlier time
+
+
+@pytest.mark.integration
+def test_reimporting_a_folder_keeps_first_seen_and_the_shard_keys(tmp_path, prefect_server):
+    """Folder A, then folder B, then A again: A's photos keep their first_seen (they do
+    not move behind B's), so every shard keeps its key and nothing is decoded again."""
+    from carflow.settings import FixSettings, QualitySettings
+    from flows.ingest import ingest
+    from tasks.clean import shard_config, shard_spec
+    from tasks.shards import plan_shards
+
+    _make_folder_dataset(LocalStorage(tmp_path / "a"))
+    other = LocalStorage(tmp_path / "b")
+    other.put("fiat_uno_2010/M1_0_x.jpg", _jpeg(7))
+    other.put("fiat_uno_2010/M2_0_y.jpg", _jpeg(8))
+    dest = str(tmp_path / "dest")
+    spec = shard_spec(shard_config(FixSettings(), QualitySettings()))
+
+    def state():
+        table = read_manifest(open_storage(dest), "manifests/ingest/manifest.parquet", INGEST_SCHEMA)
+        seen = sorted(zip(table["listing_id"].to_pylist(), table["image_id"].to_pylist(),
+                          table["first_seen"].to_pylist()))
+        return seen, [spec.key(ids) for ids in plan_shards(table, 2)]
+
+    ingest(storage=dest, folders=str(tmp_path / "a"), site="seed")
+    ingest(storage=dest, folders=str(tmp_path / "b"), site="other")
+    seen, keys = state()
+    ingest(storage=dest, folders=str(tmp_path / "a"), site="seed")  # the same folder again
+    assert state() == (seen, keys)
+    assert len(keys) == 3

@@ -11,6 +11,7 @@ from PIL import Image, ImageFilter
 
 from tasks.fix import FixSettings, fix_image
 from tasks.quality import (
+    CHECKS,
     QualitySettings,
     apply_quality,
     blur_target,
@@ -237,3 +238,42 @@ def test_close_to_cleanvision():
                     theirs[issue],
                 )
     print("max |ours - cleanvision|:", {k: round(v, 4) for k, v in worst.items()})
+
+
+def test_decisions_over_a_table_match_the_per_image_rule():
+    """The reduce step's vectorised decisions (quality_decisions) give, row by row, what
+    apply_quality gives for one image: flags in check order, the first drop check, nulls
+    never failing, inactive rows left alone."""
+    import pyarrow as pa
+
+    from tasks.quality import quality_decisions
+
+    rng = np.random.default_rng(3)
+    n = 400
+    cols = {k: rng.random(n) for k in ("dark_score", "light_score", "low_information_score", "blurry_score",
+                                        "colorfulness", "aspect_ratio")}
+    cols["grayscale_score"] = rng.integers(0, 2, n)
+    table = pa.table({k: pa.array(v, mask=rng.random(n) < 0.1) for k, v in cols.items()})
+    cfg = QualitySettings(dark_threshold=0.5, dark_action="drop", blurry_threshold=0.4, blurry_action="drop",
+                          light_threshold=0.3, low_information_action="off",
+                          grayscale_colorfulness_threshold=0.2)
+    active = rng.random(n) < 0.9
+    flags, drop = quality_decisions(table, cfg, active=active)
+    rows = table.to_pylist()
+    for i in range(n):
+        want = apply_quality(rows[i], cfg) if active[i] else ([], None)
+        assert (flags[i].as_py(), drop[i].as_py()) == want, i
+    assert sum(d is not None for d in drop.to_pylist()) > 50  # both drop checks fired
+    assert {f for fl in flags.to_pylist() for f in fl} == {"dark", "light", "blurry", "grayscale", "odd_aspect_ratio"}
+
+
+def test_a_shard_scores_without_deciding():
+    """A shard's settings make scores only (every check off): what the shard stores does
+    not depend on a threshold or an action."""
+    from tasks.quality import scoring_settings
+
+    cfg = scoring_settings(QualitySettings(dark_action="drop", blurry_normalizing_factor=0.02))
+    assert all(getattr(cfg, f"{c}_action") == "off" for c in CHECKS)
+    assert cfg.blurry_normalizing_factor == 0.02
+    dark = Image.new("RGB", (96, 64), (5, 5, 5))
+    assert apply_quality(scores_of(dark, cfg), cfg) == ([], None)

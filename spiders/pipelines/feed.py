@@ -23,6 +23,8 @@ from typing import Any
 
 from itemadapter import ItemAdapter
 
+from carflow.keys import feed_part_key as part_key
+from carflow.keys import listings_prefix as feed_prefix
 from spiders.items import ListingItem
 
 try:
@@ -38,14 +40,6 @@ except ImportError:  # pragma: no cover - Scrapy < 2.15
 logger = logging.getLogger(__name__)
 
 _PART = re.compile(r"part-(\d+)\.jsonl$")
-
-
-def feed_prefix(site: str, crawl_id: str | None = None) -> str:
-    return f"listings/{site}/{crawl_id}/" if crawl_id else f"listings/{site}/"
-
-
-def part_key(site: str, crawl_id: str, number: int) -> str:
-    return f"{feed_prefix(site, crawl_id)}part-{number:05d}.jsonl"
 
 
 def iter_feed_records(storage, site: str, batch: int = 32) -> Iterator[dict | None]:
