@@ -231,7 +231,7 @@ def gpu_mode(a: argparse.Namespace) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     jpegs = []
-    for i in range(64):
+    for i in range(min(64, n)):
         buf = io.BytesIO()
         Image.fromarray(x[i]).save(buf, "JPEG", quality=90)
         jpegs.append(buf.getvalue())

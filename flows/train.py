@@ -166,8 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(args)
     try:
         params = TrainParams(**vars(a))
-        settings_from(params)  # an invalid combination is one line, before any flow starts
+        cfg = settings_from(params)  # an invalid combination is one line, before any flow starts
     except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError names the field
+        print(f"carflow train: {exc}", file=sys.stderr)
+        return 2
+    try:
+        from tasks.export import open_export
+
+        open_export(params.storage, cfg.dataset)
+    except ExportNotFound as exc:
         print(f"carflow train: {exc}", file=sys.stderr)
         return 2
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -195,7 +196,10 @@ print(json.dumps({{"runtimes": [ov.runtime, ks.runtime], "agree": float((a.argma
 
 
 def _last_json(stdout: str) -> dict:
-    return json.loads(stdout[stdout.rindex("\n{\n") + 1:])
+    """The JSON document `python -m flows.train` prints last (an indented object)."""
+    lines = stdout.splitlines()
+    start = max(i for i, ln in enumerate(lines) if ln == "{")
+    return json.loads("\n".join(lines[start:]))
 
 
 FLAGS = ["--backbone", "mobilenetv2", "--alpha", "0.35", "--weights", "none", "--image-size", str(SIZE),
@@ -236,14 +240,14 @@ def test_sigkilled_run_resumes_from_its_s3_checkpoint(crops, s3_uri, prefect_ser
         first.wait()
     head = first.stdout.read()
     assert state and state["epoch"] == 1 and state["phase"] == "full", (state, head[-2000:])
-    assert "epoch 1/3" in head and "epoch 2/3" not in head
+    assert re.findall(r"\bepoch (\d)/3 \[full\]", head) == ["1"]
     assert any(k.endswith("checkpoint-0001.keras") for k in store.list("work/train/"))
 
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "resuming at epoch 2/3" in again.stdout
-    epochs = [ln.split(" [")[0] for ln in again.stdout.splitlines() if ln.startswith("epoch ")]
-    assert epochs == ["epoch 2/3", "epoch 3/3"]
+    logged = again.stdout + again.stderr  # Prefect's log lines go to stderr
+    assert "resuming at epoch 2/3" in logged
+    assert re.findall(r"\bepoch (\d)/3 \[full\]", logged) == ["2", "3"]
     out = _last_json(again.stdout)
     assert out["epochs"] == 3 and out["resumed_from_epoch"] == 1
     version = store.get(f"models/classifier/{out['version']}/history.json")
@@ -321,3 +325,17 @@ def test_three_fold_cross_validation_grouped_by_listing(demo_export):
     assert cv["best_fold"] == 1 + int(np.argmax(values))
     assert sum(ln.startswith("fold 1/3 epoch") for ln in lines) == 2
     assert any(ln.startswith("cross-validation (3 folds") for ln in lines)
+
+
+def test_train_without_an_export_is_one_line(tmp_path, capsys):
+    """`carflow train` on a storage without a dataset export: one line naming the command
+    that makes one, exit 2, no traceback; --help lists the parameter model's flags."""
+    from flows.cli import main
+    from flows.train import TrainParams, parser
+
+    assert main(["train", "--storage", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "carflow dataset --tfrecord" in err and "Traceback" not in err
+    flags = {a.dest for a in parser()._actions} - {"help"}
+    assert flags == set(TrainParams.model_fields)
+    assert {"backbone", "epochs", "image_size", "cv", "force", "storage"} <= flags
