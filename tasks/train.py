@@ -407,11 +407,12 @@ def plan_phases(cfg: TrainSettings, replicas: int = 1) -> list[Phase]:
     lr = cfg.learning_rate * replicas
     if not is_pretrained(cfg):
         return [Phase("full", 0, cfg.epochs, lr)]
+    head = min(cfg.head_epochs, cfg.epochs)
     phases = []
-    if cfg.head_epochs:
-        phases.append(Phase("head", 0, cfg.head_epochs, lr))
-    if cfg.epochs > cfg.head_epochs:
-        phases.append(Phase("finetune", cfg.head_epochs, cfg.epochs, lr * cfg.finetune_lr_factor))
+    if head:
+        phases.append(Phase("head", 0, head, lr))
+    if cfg.epochs > head:
+        phases.append(Phase("finetune", head, cfg.epochs, lr * cfg.finetune_lr_factor))
     return phases
 
 

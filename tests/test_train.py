@@ -102,6 +102,7 @@ def test_recipe_pieces():
     assert [(p.name, p.start, p.end) for p in phases] == [("head", 0, 2), ("finetune", 2, 5)]
     assert phases[0].learning_rate == pytest.approx(4e-3) and phases[1].learning_rate == pytest.approx(4e-4)
     assert [p.name for p in plan_phases(TrainSettings(weights="none", epochs=3))] == ["full"]
+    assert [p.name for p in plan_phases(TrainSettings(weights="imagenet", epochs=2, head_epochs=3))] == ["head"]
 
     rows = pd.DataFrame({"listing_id": np.repeat([f"l{i}" for i in range(12)], 3),
                          "label": np.repeat(np.arange(12) % 3, 3), "targets": [()] * 36})
@@ -261,15 +262,22 @@ def test_torch_backend_trains_without_tensorflow(demo_export):
     registered, the predictor loads it (and resizes 48 px images to the model's 32), and
     TensorFlow was never imported. (Small: Keras on torch is ~30x slower than on
     TensorFlow on these CPUs.)"""
+    # As on a GPU machine without TensorFlow: importing it fails. (Where it is installed,
+    # Keras' own serializer probes `tensorflow` in model.save even on torch; our code never does.)
     script = f"""
 import json, sys
+class NoTensorFlow:
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            raise ImportError("no TensorFlow on this machine")
+sys.meta_path.insert(0, NoTensorFlow())
 sys.path.insert(0, {str(ROOT)!r})
 from tasks.train import train_classifier
 from models.classifier import ClassifierPredictor
 from tasks.export import open_export, iter_examples
 from tasks.train import decode_image
 import numpy as np
-cfg = {json.dumps({**FAST, "epochs": 2, "export": "none", "image_size": 32, "flip": False})}
+cfg = json.loads({json.dumps(json.dumps({**FAST, "epochs": 2, "export": "none", "image_size": 32, "flip": False}))})
 out = train_classifier({demo_export['uri']!r}, cfg, log=print)
 index = open_export({demo_export['uri']!r})
 x = [decode_image(ex["image"], {SIZE}) for ex in iter_examples(index.files("test")[0])]
