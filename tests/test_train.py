@@ -265,11 +265,16 @@ def test_torch_backend_trains_without_tensorflow(demo_export):
     # As on a GPU machine without TensorFlow: importing it fails. (Where it is installed,
     # Keras' own serializer probes `tensorflow` in model.save even on torch; our code never does.)
     script = f"""
-import json, sys
+import importlib.abc, importlib.machinery, json, sys
+class Absent(importlib.abc.Loader):
+    def create_module(self, spec):
+        raise ModuleNotFoundError(f"No module named {{spec.name!r}}", name=spec.name)
+    def exec_module(self, module):
+        pass
 class NoTensorFlow:
     def find_spec(self, name, path=None, target=None):
         if name == "tensorflow" or name.startswith("tensorflow."):
-            raise ImportError("no TensorFlow on this machine")
+            return importlib.machinery.ModuleSpec(name, Absent())
 sys.meta_path.insert(0, NoTensorFlow())
 sys.path.insert(0, {str(ROOT)!r})
 from tasks.train import train_classifier
