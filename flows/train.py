@@ -95,7 +95,7 @@ def train(params: TrainParams = TrainParams(), argv: list[str] | None = None) ->
                                                             "ece_before", "ece_after", "temperature", "n_test")}
         result["files"] = summary.get("files", {})
         result["promotion"] = promote_task(params.storage, out["version"], params.force, config)
-    lines = where(result)
+    lines = result["where"] = where(result)
     create_markdown_artifact(key="train-summary", markdown="## Classifier " + out["version"] + "\n\n" +
                              "\n".join(f"- {ln}" for ln in lines))
     logger.info("trained %s", out["version"])

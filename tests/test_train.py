@@ -352,3 +352,20 @@ def test_train_without_an_export_is_one_line(tmp_path, capsys):
     flags = {a.dest for a in parser()._actions} - {"help"}
     assert flags == set(TrainParams.model_fields)
     assert {"backbone", "epochs", "image_size", "cv", "force", "storage"} <= flags
+
+
+@pytest.mark.integration
+def test_flow_trains_evaluates_promotes_and_says_where(demo_export, prefect_server):
+    """`flows.train.train`: training → evaluation (tasks.evaluate) → champion/challenger;
+    it ends by printing where the model, the report and the galleries are."""
+    from carflow.registry import Registry
+    from flows.train import TrainParams, train
+
+    params = TrainParams(storage=demo_export["uri"], **{**FAST, "epochs": 2, "image_size": 32, "export": "none"})
+    out = train(params, argv=["carflow", "train", "--epochs", "2"])
+    assert out["epochs"] == 2 and out["evaluation"]["n_test"] == _counts(demo_export["df"])["test"]
+    assert "report.md" in out["files"] and out["promotion"]["candidate"] == out["version"]
+    latest = Registry(demo_export["uri"]).latest("classifier")
+    assert (latest is not None and latest.version == out["version"]) == out["promotion"]["promoted"]
+    for head in ("model: ", "report: ", "plots and galleries: ", "latest: "):  # the lines it prints last
+        assert any(ln.startswith(head) for ln in out["where"]), (head, out["where"])
