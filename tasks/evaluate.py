@@ -533,7 +533,8 @@ def predict_split(predictor: Predictor, index: Any, split: str, batch_size: int 
 
     def flush() -> None:
         if batch:
-            out_logits.append(np.asarray(predictor.logits(np.stack(batch)), dtype=np.float32))
+            # export JPEGs are never upscaled: sizes differ, the predictor resizes
+            out_logits.append(np.asarray(predictor.logits(list(batch)), dtype=np.float32))
             batch.clear()
 
     for path in index.files(split):

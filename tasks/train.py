@@ -790,7 +790,7 @@ def train_one(
             model.fit(
                 train_data, epochs=phase.end, initial_epoch=start, steps_per_epoch=steps,
                 validation_data=val_data, validation_steps=val_steps or None,
-                callbacks=[callback], verbose=0,
+                callbacks=[callback], verbose=0, shuffle=False,  # the pipelines shuffle
             )
     finally:
         tb.close()
