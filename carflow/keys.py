@@ -161,3 +161,15 @@ def export_index_key(version: str) -> str:
 def bootstrap_key(name: str) -> str:
     """``demo/bootstrap/<name>``: the demo's bookkeeping (which model a recipe trained)."""
     return f"demo/bootstrap/{name}"
+
+
+TRAIN_PREFIX = "work/train"
+
+
+def train_run_key(run_key: str, name: str = "", prefix: str = TRAIN_PREFIX) -> str:
+    """``work/train/<run key>/<name>``: one training run's resumable state
+    (``state.json``, ``checkpoint-<epoch>.keras``) and its ``tensorboard/`` logs; the run
+    key covers the dataset export, the recipe and the fold, so rerunning the same command
+    finds its checkpoint."""
+    base = f"{prefix.rstrip('/')}/{run_key}"
+    return f"{base}/{name}" if name else base

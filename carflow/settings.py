@@ -366,7 +366,7 @@ class TrainSettings(_Section):
     l2: float = Field(1e-5, ge=0)
     #: every epoch, both phases together
     epochs: int = Field(10, ge=1)
-    #: phase 1 (head only, frozen base); the rest of ``epochs`` fine-tune
+    #: phase 1 (head only, frozen base; at most ``epochs``); the rest of ``epochs`` fine-tune
     head_epochs: int = Field(3, ge=0)
     #: phase 2 unfreezes the top N layers of the base (BatchNorm stays frozen); -1 = all
     finetune_layers: int = Field(40, ge=-1)
@@ -414,8 +414,6 @@ class TrainSettings(_Section):
 
     @model_validator(mode="after")
     def _phases(self) -> TrainSettings:
-        if self.head_epochs > self.epochs:
-            raise ValueError(f"train.head_epochs ({self.head_epochs}) > train.epochs ({self.epochs})")
         if self.cv == 1:
             raise ValueError("train.cv must be 0 (off) or at least 2 folds")
         return self

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, list[str], str]] = {
     "crop": ("flows.crop", [], "YOLO crop of the largest car/truck (crop train: fine-tune the detector)"),
     "dataset": ("flows.dataset", [], "classes → listing-grouped split → exports"),
     "evaluate": ("flows.evaluate", [], "evaluate a classifier: metrics, calibration, label issues (--promote)"),
+    "train": ("flows.train", [], "train, evaluate and register a make/model classifier (latest dataset)"),
     "pipeline": ("flows.pipeline", [], "the nightly DAG, once"),
     "demo": ("flows.demo", [], "the whole job on the demo marketplace"),
     "serve": ("serve.app", [], "the prediction API and its web page (FastAPI on uvicorn)"),

@@ -96,7 +96,15 @@ def _base(keras: Any, backbone: str, size: int, weights: str | None, alpha: floa
     kwargs: dict[str, Any] = {"include_top": False, "weights": weights, "input_shape": (size, size, 3)}
     if backbone == "mobilenetv2":
         kwargs["alpha"] = alpha
-    base = getattr(keras.applications, cls_name)(**kwargs)
+    try:
+        base = getattr(keras.applications, cls_name)(**kwargs)
+    except Exception as exc:
+        if weights != "imagenet":
+            raise
+        raise WeightsError(
+            f"{SETTING} [{ENV}] = imagenet: the {cls_name} ImageNet weights could not be loaded "
+            f"({exc.__class__.__name__}: {str(exc)[:200]}); on a machine without internet set {SETTING} to a "
+            "downloaded .keras/.weights.h5 path or s3:// URI, or 'none' to train from scratch") from exc
     base.name = BASE_NAME
     if weights is None:
         # From scratch on a small label set the default BN momentum (0.99/0.999) leaves the
@@ -154,16 +162,15 @@ def _load_weights(keras: Any, model: Any, spec: str) -> None:
     from models.car_filter import local_weights
 
     path = local_weights(spec, what=SETTING, env=ENV)
-    if True:
-        if path.endswith(".keras"):
-            src = keras.models.load_model(path, compile=False)
-            try:
-                model.set_weights(src.get_weights())
-            except ValueError as exc:
-                raise WeightsError(f"{SETTING} [{ENV}] = {spec!r} does not fit this architecture "
-                                   f"(backbone, image size, classes): {exc}") from exc
-        else:
-            model.load_weights(path)
+    if not path.endswith(".keras"):
+        model.load_weights(path)
+        return
+    src = keras.models.load_model(path, compile=False)
+    try:
+        model.set_weights(src.get_weights())
+    except ValueError as exc:
+        raise WeightsError(f"{SETTING} [{ENV}] = {spec!r} does not fit this architecture "
+                           f"(backbone, image size, classes): {exc}") from exc
 
 
 def base_of(model: Any) -> Any:

@@ -534,8 +534,8 @@ def predict_split(predictor: Predictor, index: Any, split: str, batch_size: int 
 
     def flush() -> None:
         if batch:
-            same = len({a.shape for a in batch}) == 1  # the export never upscales: sizes may differ
-            out_logits.append(np.asarray(predictor.logits(np.stack(batch) if same else list(batch)), dtype=np.float32))
+            # export JPEGs are never upscaled: sizes differ, the predictor resizes
+            out_logits.append(np.asarray(predictor.logits(list(batch)), dtype=np.float32))
             batch.clear()
 
     classes = list(getattr(index, "classes", []) or [])

@@ -1,0 +1,273 @@
+"""Classifier training throughput, measured side by side in one process.
+
+CPU mode (default, ``KERAS_BACKEND=tensorflow``): the same model (``models/classifier.py``)
+on the same rendered demo crops, trained
+
+* the seeds' way: ``keras.utils.image_dataset_from_directory`` over the exported folders
+  (``tasks.export.export_folders``: crops as stored, decoded and resized every step), and
+* our way: the TFRecord export (``tasks.export.export_tfrecords``, JPEGs resized once at
+  export) through ``tasks.train.tfdata_batches`` (interleave, parallel decode, shuffle,
+  prefetch);
+
+then each input pipeline alone and the model alone (one in-memory batch repeated), to
+show which one is the bottleneck. Prints img/s and the ratios.
+
+GPU mode (``--backend torch``; no TensorFlow is imported, none needs to be installed): the
+model alone on in-memory uint8 batches at the requested backbone, size, precision and
+batch, plus the TensorFlow-free input path's decode rate (PIL in a thread pool, as
+``tasks.train.python_batches``) on random JPEGs of that size; prints img/s, the ratio and
+the device name.
+
+    python bench/train.py                                   # CPU, TensorFlow
+    KERAS_BACKEND=torch python bench/train.py --backend torch --backbone efficientnetb1 \\
+        --image-size 240 --precision bf16 --batch-size 256  # one GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", choices=["tensorflow", "torch", "jax"], default="tensorflow",
+                   help="tensorflow: the CPU comparison with the seeds' input; torch/jax: the GPU mode")
+    p.add_argument("--backbone", default=None, help="default: mobilenetv2 (CPU), efficientnetb1 (GPU)")
+    p.add_argument("--alpha", type=float, default=0.35, help="MobileNetV2 width")
+    p.add_argument("--image-size", type=int, default=None, help="default: 96 (CPU), 240 (GPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 32 (CPU), 256 (GPU)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default: fp32 (CPU), bf16")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 15 CPU, 30 GPU)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
+    p.add_argument("--listings", type=int, default=60, help="CPU mode: demo listings rendered")
+    p.add_argument("--photo-size", default="640x480", help="CPU mode: rendered photo size (crops are ~half)")
+    p.add_argument("--jit", action="store_true", help="jit_compile (XLA on TF, torch.compile on torch)")
+    p.add_argument("--classes", type=int, default=100, help="GPU mode: outputs of the head")
+    a = p.parse_args(argv)
+    gpu = a.backend != "tensorflow"
+    a.backbone = a.backbone or ("efficientnetb1" if gpu else "mobilenetv2")
+    a.image_size = a.image_size or (240 if gpu else 96)
+    a.batch_size = a.batch_size or (256 if gpu else 32)
+    a.precision = a.precision or ("bf16" if gpu else "fp32")
+    a.steps = a.steps or (30 if gpu else 15)
+    return a
+
+
+def recipe(a: argparse.Namespace) -> dict:
+    """The model settings both sides train with (random init: every layer trains)."""
+    return {"backbone": a.backbone, "alpha": a.alpha, "weights": "none", "image_size": a.image_size,
+            "dropout": 0.2, "l2": 1e-5, "flip": True, "rotation": 0.05, "zoom": 0.1, "contrast": 0.1,
+            "translation": 0.1}
+
+
+def compiled_model(keras, a: argparse.Namespace, classes: int):
+    from models.classifier import build_classifier
+
+    keras.config.set_dtype_policy({"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[a.precision])
+    model = build_classifier(classes, recipe(a))
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3),
+                  loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1),
+                  metrics=[keras.metrics.CategoricalAccuracy(name="acc")], jit_compile=bool(a.jit))
+    return model
+
+
+def timed_fit(model, data, a: argparse.Namespace) -> float:
+    """img/s of ``model.fit`` over ``a.steps`` steps after ``a.warmup`` untimed ones."""
+    model.fit(data, epochs=1, steps_per_epoch=a.warmup, verbose=0)
+    t = time.perf_counter()
+    model.fit(data, epochs=1, steps_per_epoch=a.steps, verbose=0)
+    return a.steps * a.batch_size / (time.perf_counter() - t)
+
+
+def timed_iter(it, a: argparse.Namespace) -> float:
+    """img/s of pulling ``a.steps`` batches from an iterator (after ``a.warmup``)."""
+    for _ in range(a.warmup):
+        next(it)
+    t = time.perf_counter()
+    n = 0
+    for _ in range(a.steps):
+        x = next(it)[0]
+        n += len(x)
+    return n / (time.perf_counter() - t)
+
+
+def row(name: str, rate: float, base: float | None = None, note: str = "") -> None:
+    ratio = f"{rate / base:6.2f}x" if base else "       "
+    print(f"  {name:<58} {rate:9.1f} img/s {ratio}  {note}")
+
+
+# ---------------------------------------------------------------------------------------
+# CPU: the seeds' input vs ours, same model, same images
+# ---------------------------------------------------------------------------------------
+def cpu_mode(a: argparse.Namespace) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from carflow.frameworks import import_keras, import_tensorflow
+    from carflow.storage import open_storage
+    from demo.generate import generate_site
+    from tasks.export import export_folders, export_tfrecords, open_export
+    from tasks.train import Feed, python_batches, tfdata_batches
+
+    tf = import_tensorflow()
+    keras = import_keras()
+    from PIL import Image
+
+    w, h = (int(v) for v in a.photo_size.split("x"))
+    with tempfile.TemporaryDirectory(prefix="carflow-bench-train-") as tmp:
+        tmp = Path(tmp)
+        t = time.perf_counter()
+        gt = generate_site(tmp / "site", seed=0, n_listings=a.listings, n_classes=6, image_size=(w, h),
+                           label_problems=False)
+        store = open_storage(str(tmp / "store"))
+        rows = []
+        for lst in gt["listings"]:
+            for p in lst["photos"]:
+                if lst["label"] and p["is_car"] and p["problem"] is None:
+                    crop = Image.open(tmp / "site" / p["url"].lstrip("/")).convert("RGB").crop(tuple(p["bbox"]))
+                    buf = io.BytesIO()
+                    crop.save(buf, "JPEG", quality=92)
+                    image_id = store.put_image(buf.getvalue())
+                    rows.append({"split": "train", "class_label": lst["class_key"], "train_image_id": image_id,
+                                 "image_id": image_id, "listing_id": lst["listing_id"], "status": "kept"})
+        df = pd.DataFrame(rows).drop_duplicates("train_image_id")
+        classes = sorted(df["class_label"].unique())
+        export_folders(df, store, open_storage(str(tmp / "folders")))
+        export_tfrecords(df, store, {"version": "bench", "classes": classes}, size=a.image_size, shard_images=256)
+        store.put("datasets/latest.json", b'{"version": "bench"}')
+        index = open_export(store)
+        sizes = np.array([Image.open(f).size for f in (tmp / "folders" / "train").rglob("*.jpg")])
+        print(f"data: {len(df)} demo crops of {len(classes)} classes (mean {sizes[:, 0].mean():.0f}x"
+              f"{sizes[:, 1].mean():.0f} px as stored), prepared in {time.perf_counter() - t:.0f}s")
+        print(f"model: {a.backbone} (alpha {a.alpha}) at {a.image_size}px, random init, every layer training, "
+              f"batch {a.batch_size}, {a.precision}; Keras {keras.__version__} on {keras.backend.backend()}, "
+              f"{os.cpu_count()} CPU(s)\n")
+
+        def seeds():
+            ds = keras.utils.image_dataset_from_directory(
+                str(tmp / "folders" / "train"), image_size=(a.image_size, a.image_size), batch_size=a.batch_size,
+                label_mode="categorical", shuffle=True, seed=0, verbose=False)
+            # the seeds fed float pixels to a model that rescales; ours takes uint8: same pixels
+            return ds.map(lambda x, y: (tf.cast(tf.round(x), tf.uint8), y)).repeat()
+
+        feed = Feed(("train",), a.batch_size, len(classes), "multiclass", shuffle=True)
+        ours = tfdata_batches(index, feed, a.image_size)
+
+        print("training (input + model), img/s:")
+        model = compiled_model(keras, a, len(classes))
+        base = timed_fit(model, seeds(), a)
+        row("seeds: image_dataset_from_directory over exported folders", base)
+        model = compiled_model(keras, a, len(classes))
+        fast = timed_fit(model, ours, a)
+        row("ours: TFRecord export + tf.data (tasks.train.tfdata_batches)", fast, base, "(target >= 1.5x)")
+
+        print("\ninput alone vs the model's step rate, img/s:")
+        x, y, _w = next(iter(ours))
+        one = tf.data.Dataset.from_tensors((x, y)).repeat()
+        model = compiled_model(keras, a, len(classes))
+        step = timed_fit(model, one, a)
+        row("model alone (one in-memory batch, fit)", step)
+        seeds_in = timed_iter(iter(seeds()), a)
+        row("seeds' input alone", seeds_in, step, "x the model's rate")
+        ours_in = timed_iter(iter(ours), a)
+        row("our tf.data input alone", ours_in, step, "x the model's rate")
+        py_in = timed_iter(python_batches(index, feed, a.image_size, workers=os.cpu_count() or 2), a)
+        row("our TensorFlow-free input alone (python_batches)", py_in, step, "x the model's rate")
+        print(f"\n=> ours trains {fast / base:.2f}x the seeds' way; our input runs at {ours_in / step:.1f}x the "
+              f"model's step rate ({'the model is' if ours_in > step else 'the input is'} the bottleneck)")
+
+
+# ---------------------------------------------------------------------------------------
+# GPU: the model alone, and the TF-free decode rate, without TensorFlow
+# ---------------------------------------------------------------------------------------
+def gpu_mode(a: argparse.Namespace) -> None:
+    import keras
+    import numpy as np
+    from PIL import Image
+
+    assert "tensorflow" not in sys.modules, "GPU mode must not import TensorFlow"
+    device = "cpu"
+    if a.backend == "torch":
+        import torch
+
+        torch.backends.cudnn.benchmark = True
+        if torch.cuda.is_available():
+            device = torch.cuda.get_device_name(0)
+    else:
+        import jax
+
+        device = str(jax.devices()[0].device_kind)
+    rng = np.random.default_rng(0)
+    n = 4 * a.batch_size
+    x = rng.integers(0, 256, (n, a.image_size, a.image_size, 3), dtype=np.uint8)
+    y = np.eye(a.classes, dtype=np.float32)[rng.integers(0, a.classes, n)]
+
+    def batches():
+        i = 0
+        while True:
+            s = (i % 4) * a.batch_size
+            yield x[s:s + a.batch_size], y[s:s + a.batch_size]
+            i += 1
+
+    print(f"device: {device}; Keras {keras.__version__} on {keras.backend.backend()}; {a.backbone} at "
+          f"{a.image_size}px, batch {a.batch_size}, {a.precision}{', jit' if a.jit else ''}, random init, every "
+          f"layer training, {a.classes} outputs\n")
+    model = compiled_model(keras, a, a.classes)
+    t = time.perf_counter()
+    step = timed_fit(model, batches(), a)
+    print(f"  (compile + warmup + timed: {time.perf_counter() - t:.0f}s)")
+    row("model alone: fit on in-memory uint8 batches", step)
+
+    # the TF-free input path's work per image: a JPEG of the export's size, PIL-decoded in threads
+    from concurrent.futures import ThreadPoolExecutor
+
+    jpegs = []
+    for i in range(min(64, n)):
+        buf = io.BytesIO()
+        Image.fromarray(x[i]).save(buf, "JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+
+    def decode(b: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(b)) as im:
+            return np.asarray(im.convert("RGB"))
+
+    workers = os.cpu_count() or 4
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(decode, jpegs))
+        t = time.perf_counter()
+        count = 0
+        while time.perf_counter() - t < 3.0:
+            count += len(list(pool.map(decode, jpegs * 4)))
+        rate = count / (time.perf_counter() - t)
+    row(f"TF-free input: PIL decode of {a.image_size}px JPEGs, {workers} threads", rate, step, "x the model's rate")
+    print(f"\n=> {step:.0f} img/s training on {device} (aim: >= 2000 img/s on one H100 for EfficientNetB1 at 240px "
+          f"bf16); noise JPEGs are the worst case for decode")
+    assert "tensorflow" not in sys.modules
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    os.environ.setdefault("KERAS_BACKEND", a.backend)
+    if os.environ["KERAS_BACKEND"] != a.backend:
+        print(f"KERAS_BACKEND={os.environ['KERAS_BACKEND']} but --backend {a.backend}: set both alike",
+              file=sys.stderr)
+        return 2
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if a.backend == "tensorflow":
+        cpu_mode(a)
+    else:
+        gpu_mode(a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
