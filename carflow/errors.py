@@ -16,6 +16,11 @@ class UserError(Exception):
     exit_code = 2
 
 
+class WeightsError(UserError, FileNotFoundError):
+    """A configured model or weight file that does not exist or does not fit; the message
+    names the setting (``car_filter.weights``, ``train.weights``…) and what it accepts."""
+
+
 def is_user_error(exc: object) -> bool:
     return isinstance(exc, UserError)
 

@@ -304,7 +304,7 @@ STAGE_SCHEMAS = {
 LINEAGE_META = b"carflow.lineage"
 
 
-class InputError(ManifestError):
+class InputError(UserError, ManifestError):
     """A stage's input manifest is missing or stale; the message is one line naming the
     manifest and the command(s) to run."""
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from carflow import keys
+from carflow.errors import UserError
 from carflow.storage import Storage, local_file, open_storage
 
 #: the file a kind's consumers load first, when ``meta.json`` does not name one
@@ -41,7 +42,7 @@ MAIN_FILES: dict[str, str] = {
 }
 
 
-class RegistryError(LookupError):
+class RegistryError(UserError, LookupError):
     """A version or pointer that does not exist; the message says what to run."""
 
 

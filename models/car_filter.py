@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from carflow.errors import WeightsError  # noqa: F401 - the one weights error (re-exported)
 from carflow.frameworks import import_keras, import_tensorflow
 from carflow.storage import local_file
 from models.openvino import OpenVinoModel  # noqa: F401 - scoring's CPU runtime (models/openvino.py)
@@ -32,8 +33,6 @@ SETTING = "car_filter.weights"
 ENV = "CARFLOW_CAR_FILTER__WEIGHTS"
 
 
-class WeightsError(FileNotFoundError):
-    """The configured weight file does not exist or cannot be used."""
 
 
 def local_weights(uri: str, what: str = SETTING, env: str = ENV) -> str:

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from carflow.errors import WeightsError  # noqa: F401 - the one weights error (re-exported)
 from carflow.frameworks import import_keras
 
 SETTING = "train.weights"
@@ -56,8 +57,6 @@ TASKS = ("multiclass", "multilabel")
 MODEL_FILE, LABELS_FILE, CONFIG_FILE = "model.keras", "labels.json", "config.json"
 
 
-class WeightsError(FileNotFoundError):
-    """The configured weights do not exist or do not fit; the message names the setting."""
 
 
 def _get(cfg: Any, name: str, default: Any = None) -> Any:
