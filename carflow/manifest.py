@@ -285,14 +285,6 @@ def to_pandas(table: pa.Table):
 # ---------------------------------------------------------------- stage inputs and lineage
 #: the stages that write a manifest, in DAG order
 STAGES = ("ingest", "clean", "car_filter", "crop", "dataset")
-#: the command that (re)makes each stage's manifest, for one-line errors
-STAGE_COMMANDS = {
-    "ingest": "carflow ingest",
-    "clean": "carflow clean",
-    "car_filter": "carflow car-filter score",
-    "crop": "carflow crop",
-    "dataset": "carflow dataset",
-}
 #: the schema each stage's manifest is checked against when it is written
 STAGE_SCHEMAS = {
     "ingest": INGEST_SCHEMA,

@@ -72,7 +72,7 @@ MANIFEST_COLUMNS = [
     *(n for n in RESULT_COLUMNS if n not in ("image_id", "status", "reason", "out_image_id")), "quality_flags"
 ]
 DEDUP_INPUT = ["image_id", "listing_id", "label", "width", "height", "status", "reason",
-               "pixel_hash", "phash", "dhash", "first_seen"]
+               "pixel_hash", "phash", "dhash", "thumb", "first_seen"]
 
 
 def shard_config(fix_cfg: FixSettings, quality_cfg: QualitySettings) -> dict[str, Any]:

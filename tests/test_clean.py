@@ -117,6 +117,36 @@ def test_exact_duplicates_and_placeholders_are_found(cleaned, demo_site_dir):
         assert (same["status"] == "kept").sum() == 1
 
 
+def test_the_clean_reduce_confirms_hash_pairs_on_the_colour_thumbnail():
+    """The reduce step (tasks.clean.apply_dedup) hands dedup the colour thumbnails: two
+    photos with near-equal grey hashes but different colours (two cars in one pose on white)
+    stay apart, and the same pair with equal thumbnails merges."""
+    import pyarrow as pa
+
+    from carflow.settings import DedupSettings
+    from tasks.clean import apply_dedup
+
+    def car_on_white(colour: tuple[int, int, int]) -> bytes:  # an 8×8 RGB thumbnail: a 4×4 car
+        cells = [colour if 2 <= i // 8 < 6 and 2 <= i % 8 < 6 else (250, 250, 250) for i in range(64)]
+        return bytes(c for cell in cells for c in cell)
+
+    red, blue = car_on_white((200, 30, 30)), car_on_white((30, 30, 200))
+
+    def table(thumb_b: bytes) -> pa.Table:
+        return pa.table({
+            "image_id": ["a" * 64, "b" * 64], "listing_id": ["demo:1", "demo:2"], "label": ["x_y", "z_w"],
+            "width": [640, 640], "height": [480, 480], "status": ["kept", "kept"], "reason": [None, None],
+            "pixel_hash": ["p1", "p2"], "phash": pa.array([123456789, 123456789], pa.int64()),
+            "dhash": pa.array([987654321, 987654321 ^ 0b101], pa.int64()), "thumb": pa.array([red, thumb_b], pa.binary()),
+            "first_seen": pa.array([1, 2], pa.int64()),
+        })
+
+    apart = apply_dedup(table(blue), DedupSettings()).to_pandas()
+    assert apart["dup_cluster"].nunique() == 2 and (apart["status"] == "kept").all()
+    same = apply_dedup(table(red), DedupSettings()).to_pandas()
+    assert same["dup_cluster"].nunique() == 1 and (same["status"] == "kept").sum() == 1
+
+
 def test_near_duplicates_recall_and_false_merges(cleaned, demo_site_dir):
     _, df = cleaned
     truth = _truth(demo_site_dir)
