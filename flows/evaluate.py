@@ -34,6 +34,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from carflow.registry import Registry, RegistryError
 from carflow.settings import get_settings
 from carflow.storage import open_storage
+from flows.entry import entry_point
 from tasks.evaluate import EvaluationError, evaluate_version_task, promote_task, report_markdown
 
 
@@ -95,6 +96,7 @@ def evaluate(
             "label_issues": (summary.get("label_issues") or {}).get("count"), "promotion": decision}
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.evaluate", description=evaluate.__doc__)
     parser.add_argument("--storage", help="storage URI (default: settings storage)")

@@ -35,6 +35,7 @@ from prefect.artifacts import (
 from pydantic import BaseModel, Field, create_model
 
 from carflow.settings import TrainSettings, get_settings
+from flows.entry import entry_point
 
 #: flow options that are not training settings
 FLOW_FIELDS: dict[str, Any] = {
@@ -156,6 +157,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     from carflow.settings import SettingsError
     from models.classifier import WeightsError

@@ -46,10 +46,12 @@ import numpy as np
 from prefect import task
 
 from carflow import keys
+from carflow.errors import UserError
 from carflow.registry import Decision, Registry, Version, now_iso
 from carflow.settings import EvaluateSettings, as_settings
 from carflow.storage import Storage, open_storage
 from tasks.report import contact_sheet
+from tasks.shards import gpu_slot
 
 MULTICLASS = "multiclass"
 MULTILABEL = "multilabel"
@@ -855,7 +857,7 @@ def report_markdown(summary: Mapping[str, Any], report_text: str = "") -> str:
 # ---------------------------------------------------------------------------------------
 # Storage-facing steps: evaluate a registered version, champion/challenger
 # ---------------------------------------------------------------------------------------
-class EvaluationError(RuntimeError):
+class EvaluationError(UserError, RuntimeError):
     """Nothing to evaluate on (no test images); the message says what to run."""
 
 
@@ -1027,7 +1029,8 @@ def promote_if_better(store: Storage | str | None, version: str | Version, force
 @task(name="evaluate-classifier", retries=0)
 def evaluate_version_task(storage: str | None, version: str, dataset_version: str,
                           config: dict[str, Any] | None = None, calibrate: bool = True) -> dict[str, Any]:
-    return evaluate_version(storage, version, dataset_version, config, calibrate=calibrate)
+    with gpu_slot():  # inference: one model stage per GPU at a time
+        return evaluate_version(storage, version, dataset_version, config, calibrate=calibrate)
 
 
 @task(name="promote-classifier", retries=1)

@@ -71,6 +71,7 @@ from PIL import Image
 from prefect import task
 
 from carflow import keys
+from carflow.errors import UserError
 from carflow.imageio import open_checked
 from carflow.manifest import DROPPED, KEPT
 from carflow.storage import LocalStorage, Storage, StorageKeyError, open_storage
@@ -598,7 +599,7 @@ def gc_export_shards(dest: Storage, dry_run: bool = False) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 # reading an export: the index and the TF-free reader
 # ---------------------------------------------------------------------------------------
-class ExportNotFound(FileNotFoundError):
+class ExportNotFound(UserError, FileNotFoundError):
     """No TFRecord export for that dataset version; the message says how to make one."""
 
 

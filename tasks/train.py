@@ -58,10 +58,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from carflow import keys
+from carflow.errors import UserError
 from carflow.frameworks import import_keras
 from carflow.registry import Registry, Version
 from carflow.settings import TrainSettings, as_settings
 from carflow.storage import Storage, open_storage
+from tasks.shards import gpu_slot
 
 #: bump when a change here makes an old checkpoint unusable (part of the run key)
 CODE_VERSION = "1"
@@ -74,7 +76,7 @@ NOT_IN_RUN_KEY = ("workers", "input", "export", "work_prefix", "dataset")
 Log = Callable[[str], None]
 
 
-class TrainError(RuntimeError):
+class TrainError(UserError, RuntimeError):
     """Training cannot start as asked; the message names what is missing."""
 
 
@@ -1043,5 +1045,6 @@ def train_task(storage: str | None, config: dict[str, Any], argv: list[str] | No
     from prefect import get_run_logger
 
     logger = get_run_logger()
-    return train_classifier(storage, TrainSettings(**config), argv, log=lambda m: (print(m), logger.debug(m)),
-                            progress=progress)
+    with gpu_slot():  # one model stage per GPU at a time (the `gpu` global concurrency limit)
+        return train_classifier(storage, TrainSettings(**config), argv, log=lambda m: (print(m), logger.debug(m)),
+                                progress=progress)
