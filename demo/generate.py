@@ -64,7 +64,9 @@ under ``label_problems`` in the ground truth), for the evaluation's finders to f
   site's second class (their page, title and label say so) show cars of the first class
   (``images``: every car photo whose look is not its listing's class, duplicates included);
 * **look-alike**: with ≥ 4 classes, the last class is drawn with the second-to-last class's
-  look (same silhouette, colours and wheels), so no model can tell the two apart.
+  look (same silhouette, colours and wheels), so no model can tell the two apart. Its
+  ``studio`` shots are the exception: a studio pair is two *different* cars in one pose
+  (paired by their silhouettes), so each half keeps its own class's look.
 
 They draw from their own ``random.Random``, so every other photo, listing and count is the
 same with them on or off.
@@ -509,7 +511,11 @@ def _render(p: Photo, seed: int, size: tuple[int, int], looks: dict[str, str] | 
                 p.data = p.data[: int(len(p.data) * frac)]
     elif prob == "studio":
         pair = int(p.variant["pair"])
-        r = R.render_studio(style, size, rng, frac=0.8 - 0.1 * (pair % 3))  # pairs differ in scale
+        # each half shows its own class's car, look-alikes included: drawn with the other
+        # class's look, a pair of the two look-alike classes would be one car (a true near
+        # duplicate) and a look-alike's silhouette would no longer be the one it was paired by
+        own = R.CAR_STYLES[p.class_key or ""]
+        r = R.render_studio(own, size, rng, frac=0.8 - 0.1 * (pair % 3))  # pairs differ in scale
         p.data = R.jpeg(r.image, q())
         p.bbox, (p.width, p.height), p.fmt, p.mode = r.bbox, size, "jpeg", "RGB"
         p.extra["studio_pair"] = pair

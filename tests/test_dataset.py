@@ -105,9 +105,14 @@ def test_planted_leak_fails_check_and_flow(first_run, cleaned, monkeypatch):
         keys = [*store.list("datasets/"), *store.list(manifest_key("dataset").rsplit("/", 1)[0] + "/")]
         return {k: store.get(k) for k in keys}
 
+    from carflow.keys import pointer_key
+    from carflow.registry import Registry
+
     before = snapshot()
-    latest = json.loads(before["datasets/latest.json"])
-    assert {"datasets/assignments.parquet", manifest_key("dataset"), latest["classes"]} <= set(before)
+    latest = Registry(store).latest("dataset")
+    assert latest is not None
+    assert {"datasets/assignments.parquet", manifest_key("dataset"), latest.key("classes.json"),
+            pointer_key("dataset")} <= set(before)
     monkeypatch.setattr(mod, "assign_splits_task", leaky)
     # min_images=1 gives other classes than the first run: a write would show in classes.json
     with pytest.raises(LeakageError):
@@ -116,6 +121,7 @@ def test_planted_leak_fails_check_and_flow(first_run, cleaned, monkeypatch):
     assert set(after) == set(before)  # no new classes.json version, no new file
     for key in before:  # assignments, the dataset manifest, classes.json, latest.json
         assert after[key] == before[key], f"{key} changed although the flow failed"
+    assert Registry(store).latest("dataset").version == latest.version
 
 
 def test_second_run_keeps_assignments_and_exports(first_run, cleaned, s3_uri):

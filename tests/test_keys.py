@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pyarrow as pa
+import pytest
 
 from carflow import keys
 
@@ -10,7 +13,12 @@ from carflow import keys
 def test_key_shapes():
     iid = "ab" + "0" * 62
     assert keys.image_key(iid) == f"raw/ab/{iid}"
-    assert keys.image_keys(pa.array([iid, "cd12"])).to_pylist() == [keys.image_key(iid), keys.image_key("cd12")]
+    # image ids are sha256 hex digests of the bytes; the vectorised form gives the same keys
+    ids = [iid, *(hashlib.sha256(data).hexdigest() for data in (b"first photo", b"second photo"))]
+    assert keys.image_keys(pa.array(ids)).to_pylist() == [keys.image_key(i) for i in ids]
+    for bad in ("cd12", "AB" + "0" * 62, "../" + "0" * 61):
+        with pytest.raises(ValueError, match="sha256"):
+            keys.image_key(bad)
     assert keys.listings_prefix() == "listings/" and keys.listings_prefix("demo") == "listings/demo/"
     assert keys.listings_prefix("demo", "c1") == "listings/demo/c1/"
     assert keys.feed_part_key("demo", "c1", 3) == "listings/demo/c1/part-00003.jsonl"
