@@ -79,7 +79,7 @@ def test_long_stages_log_one_line_per_shard_with_rate_and_time_left(prefect_serv
 
     @flow
     def stage() -> list[dict]:
-        results, _fresh = run_shards(shard, [["a", "b"], ["c"], ["d", "e", "f"]], store, lambda ids: {"ids": ids})
+        results, _fresh = run_shards(shard, [["a", "b"], ["c"], ["d", "e", "f"]], lambda ids: {"ids": ids})
         return results
 
     class Collect(logging.Handler):
