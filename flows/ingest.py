@@ -60,7 +60,7 @@ def ingest(
         source = check_folder_dataset(folders)
         keys, list_stats = list_folder_dataset(source)
         if not keys:
-            raise UserError(f"no files in class folders under {source.uri()}: expected "
+            raise UserError(f"no image files in class folders under {source.uri()}: expected "
                             f"<class>/<listing>_<photo>_<id>.jpg ({dict(list_stats) or 'empty'})")
         stats.update(list_stats)
         # shard by listing, so that no listing is split across two feed parts
@@ -78,13 +78,18 @@ def ingest(
              "extensions": cfg.ingest.image_extensions}
             for part, batch in enumerate(batches)
         )
-        for done in submit_bounded(import_folder_shard_task, calls, cfg.runtime.max_workers):
+        for done in submit_bounded(import_folder_shard_task, calls, cfg.runtime.max_workers,
+                                   sizes=[len(batch) for batch in batches]):
             stats.update({f"import:{k}": v for k, v in done["stats"].items()})
         skipped = {k.removeprefix("import:").removeprefix("skipped_"): v for k, v in stats.items() if "skipped_" in k}
         imported = stats["import:stored"]
         logger.info("imported %d files from %s as site %r", imported, source.uri(), site)
         files = len(keys) + stats["skipped_not_in_class_folder"]
         skips = ", ".join(f"{n} skipped ({why})" for why, n in sorted(skipped.items())) or "none skipped"
+        photos = imported + sum(v for k, v in stats.items() if k.startswith("import:rejected:"))
+        if not photos:  # every file was skipped: the wrong folder, not a dataset with bad photos
+            raise UserError(f"no image files in class folders under {source.uri()}: {files} files, {skips}; "
+                            "expected <class>/<listing>_<photo>_<id>.jpg")
         report.append(f"folder import {source.uri()}: {files} files, {imported} photos stored, {skips}")
         if stats["import:label_conflict_listings"]:
             report.append(f"  {stats['import:label_conflict_listings']} listing(s) found in two class folders: "

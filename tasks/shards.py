@@ -148,7 +148,7 @@ def run_shard(storage: Storage, spec: ShardSpec, image_ids: list[str],
     return write_shard(storage, spec, image_ids, table, stats)
 
 
-def submit_bounded(task: Any, calls: Iterable[dict[str, Any]], limit: int,
+def submit_bounded(task: Any, calls: Iterable[dict[str, Any]], limit: int, *,
                    sizes: Sequence[int] | None = None) -> list[Any]:
     """``task.submit(**kw)`` for every ``kw`` of ``calls`` with at most ``limit`` runs in
     flight (results in order). Prefect's thread runner starts every submitted task at
@@ -204,11 +204,13 @@ def _logger() -> Any:
 
 
 def run_shards(
-    task: Any, shards: list[list[str]], arguments: Callable[[list[str]], dict[str, Any]], limit: int | None = None
+    task: Any, shards: list[list[str]], arguments: Callable[[list[str]], dict[str, Any]], *, limit: int | None = None
 ) -> tuple[list[dict[str, Any]], list[list[str]]]:
-    """Submit ``task(**arguments(ids))`` for every shard (the task calls :func:`run_shard`),
-    at most ``limit`` at a time (default ``runtime.max_workers``); returns the results and
-    the shards that really ran (not reused from storage)."""
+    """Submit ``task(**arguments(ids))`` for every shard (the task calls :func:`run_shard`
+    and opens the storage itself: no storage argument here), at most ``limit`` at a time
+    (default ``runtime.max_workers``; keyword-only, so a stray positional argument fails
+    at the call), with one progress line per finished shard (:class:`_Progress`); returns
+    the results and the shards that really ran (not reused from storage)."""
     from carflow.settings import get_settings
     from tasks.retry import with_retry_policy
 

@@ -8,11 +8,35 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def run_log() -> Iterator[list[str]]:
+    """The INFO messages of Prefect's flow run loggers while the body runs. Prefect
+    configures logging when a run starts (pytest's caplog handler is replaced) and the
+    tests run its loggers at WARNING (conftest): listen on the run logger itself."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    runs = logging.getLogger("prefect.flow_runs")
+    collect, level = Collect(logging.INFO), runs.level
+    runs.addHandler(collect)
+    runs.setLevel(logging.INFO)
+    try:
+        yield messages
+    finally:
+        runs.removeHandler(collect)
+        runs.setLevel(level)
 
 
 def test_native_banners_are_dropped_and_other_native_output_kept(capfd):
@@ -79,29 +103,37 @@ def test_long_stages_log_one_line_per_shard_with_rate_and_time_left(prefect_serv
 
     @flow
     def stage() -> list[dict]:
-        results, _fresh = run_shards(shard, [["a", "b"], ["c"], ["d", "e", "f"]], store, lambda ids: {"ids": ids})
+        results, _fresh = run_shards(shard, [["a", "b"], ["c"], ["d", "e", "f"]], lambda ids: {"ids": ids})
         return results
 
-    class Collect(logging.Handler):
-        def __init__(self) -> None:
-            super().__init__(logging.INFO)
-            self.messages: list[str] = []
-
-        def emit(self, record: logging.LogRecord) -> None:
-            self.messages.append(record.getMessage())
-
-    # Prefect configures logging when a run starts (pytest's caplog handler is replaced)
-    # and the tests run its loggers at WARNING (conftest): listen on the run logger itself
-    runs = logging.getLogger("prefect.flow_runs")
-    collect, level = Collect(), runs.level
-    runs.addHandler(collect)
-    runs.setLevel(logging.INFO)
-    try:
+    with run_log() as messages:
         assert len(stage()) == 3
-    finally:
-        runs.removeHandler(collect)
-        runs.setLevel(level)
-    lines = [m for m in collect.messages if "shard" in m and "img/s" in m]
+    lines = [m for m in messages if "shard" in m and "img/s" in m]
     assert [line.split(":")[1].split(",")[0].strip() for line in lines] == [
         "shard 1/3 done", "shard 2/3 done", "shard 3/3 done"]
     assert "6/6 images" in lines[-1] and lines[-1].endswith("0s left")
+
+
+def test_a_long_folder_import_logs_one_line_per_import_task(prefect_server, tmp_path, monkeypatch):
+    """The folder import goes through the same bounded submission: one line per import
+    task, the last one with every file done."""
+    from PIL import Image
+
+    from carflow.settings import reset_settings
+    from flows.ingest import ingest
+
+    for i, listing in enumerate(["L1", "L2", "L3"]):
+        folder = tmp_path / "src" / "ford_focus_2015"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 24), (40 * i, 90, 150)).save(folder / f"{listing}_0_x{i}.jpg", "JPEG")
+    monkeypatch.setenv("CARFLOW_INGEST__SHARD_SIZE", "4")  # one listing per import task
+    reset_settings()
+    try:
+        with run_log() as messages:
+            summary = ingest(storage=str(tmp_path / "dest"), folders=str(tmp_path / "src"))
+    finally:
+        reset_settings()
+    assert summary["images"] == 3
+    lines = [m for m in messages if m.startswith("import-folder-shard: shard")]
+    assert [line.split(",")[0] for line in lines] == [f"import-folder-shard: shard {n}/3 done" for n in (1, 2, 3)]
+    assert "3/3 images" in lines[-1] and lines[-1].endswith("0s left")

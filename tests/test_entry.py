@@ -90,7 +90,7 @@ def test_settings_errors_never_show_a_secret(monkeypatch, tmp_path, caplog):
     assert len(messages) == 2 * 10
     text = "\n".join(messages) + caplog.text
     assert "storage.bucket is not set" in text and "storage.max_attempts" in text
-    assert "task runner 'dask' is not supported" in text
+    assert "runtime.task_runner is 'dask' but runtime.dask_address is empty" in text
     for secret in SECRETS:
         assert secret not in text
 

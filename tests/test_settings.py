@@ -97,16 +97,21 @@ def test_secrets_only_from_env_and_never_shown(monkeypatch, tmp_path, caplog):
 
 
 def test_settings_that_do_nothing_are_refused(monkeypatch, tmp_path):
+    """Every runner carflow has (tasks/runners.py) loads; a runner it does not have, or
+    ``dask`` with no scheduler to reach, is refused with the setting and its variable."""
     monkeypatch.chdir(tmp_path)
     assert load_settings().runtime.task_runner == "thread"
-    for runner in ("dask", "process"):
+    for runner in ("thread", "process", "local"):
         monkeypatch.setenv("CARFLOW_RUNTIME__TASK_RUNNER", runner)
-        with pytest.raises(SettingsError, match="runtime.task_runner.*not supported"):
-            load_settings()
-    monkeypatch.delenv("CARFLOW_RUNTIME__TASK_RUNNER")
-    monkeypatch.setenv("CARFLOW_RUNTIME__DASK_ADDRESS", "tcp://scheduler:8786")
-    with pytest.raises(SettingsError, match="runtime.dask_address"):
+        assert load_settings().runtime.task_runner == runner
+    monkeypatch.setenv("CARFLOW_RUNTIME__TASK_RUNNER", "ray")
+    with pytest.raises(SettingsError, match=r"runtime\.task_runner \[CARFLOW_RUNTIME__TASK_RUNNER\].*'dask'.*'ray'"):
         load_settings()
+    monkeypatch.setenv("CARFLOW_RUNTIME__TASK_RUNNER", "dask")
+    with pytest.raises(SettingsError, match=r"runtime\.dask_address is empty.*CARFLOW_RUNTIME__DASK_ADDRESS="):
+        load_settings()
+    monkeypatch.setenv("CARFLOW_RUNTIME__DASK_ADDRESS", "tcp://scheduler:8786")
+    assert load_settings().runtime.dask_address == "tcp://scheduler:8786"
 
 
 def test_section_errors_mask_the_secrets_of_the_section(monkeypatch, tmp_path):
