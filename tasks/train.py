@@ -958,6 +958,7 @@ def train_classifier(
     from tasks.export import open_export
 
     cfg = as_settings(TrainSettings, cfg)
+    import_keras().utils.set_random_seed(cfg.seed)  # the same weights init and shuffles for the same seed
     store = open_storage(storage)
     index = open_export(store, cfg.dataset)
     task = resolve_task(cfg, index)

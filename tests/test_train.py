@@ -310,7 +310,7 @@ def test_multilabel_attributes_train_on_real_pixels(crops, tmp_path):
 
     uri = str(tmp_path / "store")
     export_crops(crops, uri, task="multilabel")
-    out = train_classifier(uri, {**FAST, "epochs": 6, "export": "none", "flip": False}, log=print)
+    out = train_classifier(uri, {**FAST, "epochs": 12, "export": "none", "flip": False}, log=print)
     test = out["test"]
     assert out["task"] == "multilabel"
     assert set(test["per_label"]) == {"contrast_roof", "dark_rims", "light_body", "tall"}
@@ -319,7 +319,8 @@ def test_multilabel_attributes_train_on_real_pixels(crops, tmp_path):
     y = np.array([[a in attrs for a in sorted(test["per_label"])] for attrs in
                   crops.loc[crops["split"] == "test", "attributes"]], float)
     baseline = float(np.maximum(y.mean(0), 1 - y.mean(0)).mean())
-    assert test["binary_accuracy"] > baseline, (test, baseline)
+    # 12 epochs: 0.96-0.97 against a baseline of 0.73 in two runs here (6 epochs sat at the baseline)
+    assert test["binary_accuracy"] > baseline + 0.1, (test, baseline)
 
 
 @pytest.mark.integration
