@@ -162,11 +162,14 @@ Loader = Callable[[Version, Settings], Any]
 
 
 def load_car_filter(version: Version, settings: Settings) -> Any:
+    """The version's ``model.keras`` in the runtime/precision the scoring stage resolves
+    from ``car_filter.runtime``/``precision``; its width (``alpha``, for the fp16 copy on a
+    GPU) from its ``meta.json``, as the scoring stage reads it (``tasks.car_filter.resolve_model``)."""
     from models.car_filter import CarFilterPredictor
 
     cf = settings.car_filter
     return CarFilterPredictor.load(str(version.local_path()), runtime=cf.runtime, precision=cf.precision,
-                                   alpha=cf.alpha, version=version.version)
+                                   alpha=float(version.meta.get("alpha", cf.alpha)), version=version.version)
 
 
 def load_detector(version: Version, settings: Settings) -> Any:
@@ -176,10 +179,10 @@ def load_detector(version: Version, settings: Settings) -> Any:
 
 
 def load_classifier(version: Version, settings: Settings) -> Any:
+    """The resolved version itself (no second resolve): its labels, config, temperature."""
     from models.classifier import ClassifierPredictor
 
-    spec = version.version if version.prefix else version.uri()
-    return ClassifierPredictor.load(spec, storage=version.storage)
+    return ClassifierPredictor.load(version)
 
 
 DEFAULT_LOADERS: dict[str, Loader] = {

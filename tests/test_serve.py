@@ -1,7 +1,7 @@
 """The prediction API over real HTTP: uvicorn on a loopback port, a real registry on a
 local folder, the real chain, batching, limits and swaps, with stand-in predictors
 (tests/serve_helpers.py) so that each test takes seconds. The end-to-end run with models
-trained by the pipeline's own code is in tests/test_serve_models.py (slow tier)."""
+trained by the pipeline's own code is in tests/test_serve_e2e.py (slow tier)."""
 
 from __future__ import annotations
 
