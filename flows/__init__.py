@@ -1,13 +1,17 @@
 """Prefect flows: wiring only (``python -m flows.<name>``, or the ``carflow`` command).
 
-Every entry point imports this package before Prefect, so the one default set here
-reaches every temporary Prefect server the flows start: the server's telemetry
-heartbeat is off (``PREFECT_SERVER_ANALYTICS_ENABLED=false``). With it on, each fresh
-``PREFECT_HOME`` printed an ERROR traceback ("database is locked": the heartbeat writes
-to the SQLite database while it is being created) although the run completed. Set the
-variable yourself to turn it back on; a server you run (docker-compose) is not affected.
+Importing this package (which happens before Prefect is imported by any flow module)
+applies carflow's Prefect defaults, :data:`flows.entry.PREFECT_DEFAULTS`, so they reach
+every temporary Prefect server a flow starts, also when a flow is imported without going
+through an entry point (a worker, a test): the telemetry heartbeat is off (with it on,
+each fresh ``PREFECT_HOME`` printed an ERROR traceback, "database is locked") and the
+startup timeout is generous. A value you set yourself wins; a server you run
+(docker-compose) is not affected.
 """
 
 import os
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+from flows.entry import PREFECT_DEFAULTS
+
+for _name, _value in PREFECT_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
