@@ -90,6 +90,12 @@ def shard_stats_key(stage: str, content_key: str) -> str:
     return f"{WORK_PREFIX}/{stage}/{content_key}.stats.json"
 
 
+def shard_partial_key(stage: str, content_key: str) -> str:
+    """``work/<stage>/<content key>.partial.parquet``: the rows of a shard that had a
+    missing input; never taken as the done shard, so the next run computes it again."""
+    return f"{WORK_PREFIX}/{stage}/{content_key}.partial.parquet"
+
+
 def registry_prefix(kind: str) -> str:
     try:
         return REGISTRY_PREFIXES[kind]

@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from carflow.caching import content_key
-from carflow.keys import shard_key, shard_stats_key
+from carflow.keys import shard_key, shard_partial_key, shard_stats_key
 from carflow.manifest import DROPPED, KEPT
 from carflow.storage import Storage
 
@@ -104,6 +104,10 @@ class ShardSpec:
         """``work/<stage>/<content key>.stats.json``"""
         return shard_stats_key(self.stage, self.content_key(image_ids))
 
+    def partial_key(self, image_ids: Sequence[str]) -> str:
+        """``work/<stage>/<content key>.partial.parquet`` (a shard with a missing input)"""
+        return shard_partial_key(self.stage, self.content_key(image_ids))
+
 
 def stored_shard(storage: Storage, spec: ShardSpec, image_ids: Sequence[str]) -> dict[str, Any] | None:
     """The stored result of this shard (``{"key", "stats", "reused": True}``) when both
@@ -140,7 +144,7 @@ def run_shard(storage: Storage, spec: ShardSpec, image_ids: list[str],
     table, stats = compute(image_ids)
     stats = {"images": len(image_ids), **stats}
     if stats.get("incomplete"):  # an input was missing: keep the rows, never as the done shard
-        key = spec.key(image_ids).removesuffix(".parquet") + ".partial.parquet"
+        key = spec.partial_key(image_ids)
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         storage.put(key, buf.getvalue(), content_type="application/vnd.apache.parquet")
