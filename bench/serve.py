@@ -55,23 +55,36 @@ def build_models(out: Path, image_size: int) -> dict[str, str]:
 
 
 class KerasImages:
-    """A Keras model on decoded images: resize to its input size, one call per batch."""
+    """A Keras model on decoded images: resize to its input size, one call per batch
+    (``tf.function`` on the TensorFlow backend; ``predict_on_batch`` on torch/JAX, where no
+    TensorFlow is installed, e.g. the GPU machine)."""
 
     def __init__(self, path: str, version: str):
-        from carflow.frameworks import import_keras, import_tensorflow
+        from carflow.frameworks import import_keras
 
-        self.tf = import_tensorflow()
-        self.model = import_keras().models.load_model(path, compile=False)
+        keras = import_keras()
+        self.model = keras.models.load_model(path, compile=False)
         self.image_size = int(self.model.input_shape[1])
         self.version = version
-        self.fn = self.tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
+        self.tf = None
+        if keras.backend.backend() == "tensorflow":
+            from carflow.frameworks import import_tensorflow
+
+            self.tf = import_tensorflow()
+            self.fn = self.tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
 
     def __call__(self, images):
         import numpy as np
 
         s = self.image_size
-        x = self.tf.stack([self.tf.image.resize(np.asarray(im), (s, s)) for im in images])
-        return np.asarray(self.fn(self.tf.cast(x, self.tf.float32)))
+        if self.tf is not None:
+            x = self.tf.stack([self.tf.image.resize(np.asarray(im), (s, s)) for im in images])
+            return np.asarray(self.fn(self.tf.cast(x, self.tf.float32)))
+        from PIL import Image
+
+        x = np.stack([np.asarray(Image.fromarray(np.asarray(im)).resize((s, s), Image.BILINEAR), np.float32)
+                      for im in images])
+        return np.asarray(self.model.predict_on_batch(x))
 
 
 class BenchCarFilter(KerasImages):
@@ -224,10 +237,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from carflow.frameworks import import_tensorflow
-
-    gpus = import_tensorflow().config.list_physical_devices("GPU")
-    device = f"GPU ({len(gpus)}: {gpus[0].name})" if gpus else f"CPU ({os.cpu_count()} cores)"
+    device = describe_device()
     results: dict[str, dict[int, dict]] = {}
     with tempfile.TemporaryDirectory(prefix="carflow-bench-serve-") as tmp:
         models = build_models(Path(tmp), args.image_size)
@@ -272,6 +282,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device, "results": results}, indent=2))
     return 0
+
+
+def describe_device() -> str:
+    """The accelerator the Keras backend will use, else the CPU."""
+    from carflow.frameworks import import_keras
+
+    backend = import_keras().backend.backend()
+    if backend == "tensorflow":
+        from carflow.frameworks import import_tensorflow
+
+        gpus = import_tensorflow().config.list_physical_devices("GPU")
+        name = gpus[0].name if gpus else None
+    elif backend == "torch":
+        import torch
+
+        name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    else:
+        import jax
+
+        name = next((d.device_kind for d in jax.devices() if d.platform == "gpu"), None)
+    cpu = f"{os.cpu_count()} CPU cores"
+    return f"{name} ({cpu}), Keras on {backend}" if name else f"CPU ({cpu}), Keras on {backend}"
 
 
 def free_port() -> int:

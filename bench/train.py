@@ -226,6 +226,16 @@ def gpu_mode(a: argparse.Namespace) -> None:
     step = timed_fit(model, batches(), a)
     print(f"  (compile + warmup + timed: {time.perf_counter() - t:.0f}s)")
     row("model alone: fit on in-memory uint8 batches", step)
+    # the augmentation sub-model alone (flip, one batched affine warp, contrast) on one batch
+    aug = model.get_layer("augment")
+    xb = keras.ops.convert_to_tensor(x[:a.batch_size].astype(np.float32))
+    for _ in range(a.warmup):
+        keras.ops.convert_to_numpy(aug(xb, training=True)[:1])
+    t = time.perf_counter()
+    for _ in range(a.steps):
+        keras.ops.convert_to_numpy(aug(xb, training=True)[:1])  # [:1]: wait for the device, copy little
+    row("augmentation alone (models.augment + Keras flip/contrast)", a.steps * a.batch_size / (time.perf_counter() - t),
+        step, "x the model's rate")
 
     # the TF-free input path's work per image: a JPEG of the export's size, PIL-decoded in threads
     from concurrent.futures import ThreadPoolExecutor

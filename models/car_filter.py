@@ -186,7 +186,7 @@ def spread_random_init(model: Any, seed: int = 0) -> Any:
         model(x, training=True)
     head = model.get_layer("p_car")
     features = keras.Model(model.inputs, head.input)
-    f = np.asarray(features(x, training=False), dtype=np.float64)
+    f = np.asarray(features.predict_on_batch(x), dtype=np.float64)
     kernel = rng.normal(0, 1, (f.shape[1], 1))
     logits = f @ kernel
     scale = float(logits.std()) or 1.0

@@ -3,8 +3,8 @@ evaluation and serving all call.
 
 :func:`build_classifier` takes **uint8** images ``[N, S, S, 3]``, does its backbone's own
 preprocessing inside (EfficientNet rescales and normalises inside itself; ResNet50V2 and
-MobileNetV2 want [-1, 1]), augments with Keras preprocessing layers (active only while
-training), and ends global pooling → dropout → dense (L2 on the kernel). It outputs
+MobileNetV2 want [-1, 1]), augments while training (Keras' flip and contrast layers and
+one batched affine warp, :mod:`models.augment`), and ends global pooling → dropout → dense (L2 on the kernel). It outputs
 **logits**: no softmax or sigmoid in the graph, so a temperature fitted later divides
 them exactly. Serving and evaluation can never feed it differently from training.
 
@@ -70,19 +70,20 @@ def is_pretrained(cfg: Any) -> bool:
     return str(_get(cfg, "weights", "none")).strip().lower() != "none"
 
 
-def _augmentation(keras: Any, cfg: Any) -> Any | None:
+def _augmentation(keras: Any, cfg: Any, value_range: tuple[float, float]) -> Any | None:
+    """Flip, one affine warp (rotation + zoom + translation: :class:`models.augment.RandomAffine`,
+    batched on every backend), contrast (clipped to ``value_range``: the pixel range after
+    the backbone's scaling); ``None`` when every field is off."""
+    from models.augment import RandomAffine
+
     layers = []
     if _get(cfg, "flip", False):
         layers.append(keras.layers.RandomFlip("horizontal"))
-    if _get(cfg, "rotation", 0):
-        layers.append(keras.layers.RandomRotation(float(_get(cfg, "rotation"))))
-    if _get(cfg, "zoom", 0):
-        layers.append(keras.layers.RandomZoom(float(_get(cfg, "zoom"))))
-    if _get(cfg, "translation", 0):
-        t = float(_get(cfg, "translation"))
-        layers.append(keras.layers.RandomTranslation(t, t))
+    rotation, zoom, translation = (float(_get(cfg, k, 0) or 0) for k in ("rotation", "zoom", "translation"))
+    if rotation or zoom or translation:
+        layers.append(RandomAffine(rotation, zoom, translation, name="affine"))
     if _get(cfg, "contrast", 0):
-        layers.append(keras.layers.RandomContrast(float(_get(cfg, "contrast")), value_range=(0, 255)))
+        layers.append(keras.layers.RandomContrast(float(_get(cfg, "contrast")), value_range=value_range))
     return keras.Sequential(layers, name=AUGMENT_NAME) if layers else None
 
 
@@ -138,9 +139,11 @@ def build_classifier(num_outputs: int, cfg: Any, task: str = "multiclass") -> An
     inputs = keras.Input((size, size, 3), dtype="uint8", name="image")
     if BACKBONES.get(backbone, ("", True))[1]:
         x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")(inputs)
+        value_range = (-1.0, 1.0)
     else:  # the base normalises itself; the layer only casts uint8 → float
         x = keras.layers.Rescaling(1.0, name="preprocess")(inputs)
-    augment = _augmentation(keras, cfg)
+        value_range = (0.0, 255.0)
+    augment = _augmentation(keras, cfg, value_range)
     if augment is not None:
         x = augment(x)
     x = _base(keras, backbone, size, base_weights, float(_get(cfg, "alpha", 1.0)))(x)
