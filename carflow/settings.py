@@ -68,7 +68,12 @@ class StorageSettings(_Section):
     prefix: str = ""
     endpoint_url: str | None = None  # MinIO / moto
     region: str | None = None
+    #: S3 requests: tries in all (botocore ``adaptive`` retries: exponential backoff with jitter)
     max_attempts: int = Field(10, ge=1, le=50)
+    #: S3 requests: seconds to open a connection, and to wait for a response, before that
+    #: try fails and is retried (an endpoint that hangs instead of refusing)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(60.0, gt=0)
     create_bucket: bool = False
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None

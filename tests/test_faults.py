@@ -280,6 +280,36 @@ def test_an_s3_outage_mid_stage_is_carried_through_by_the_retries(faulty_s3, cra
     _assert_same_manifest(uri, reference)
 
 
+def test_a_hanging_endpoint_fails_a_try_after_the_read_timeout(monkeypatch):
+    """An endpoint that accepts connections and never answers: each try ends after
+    ``storage.read_timeout_s`` (a setting), so the retries get their turn instead of a
+    request hanging for botocore's default minute."""
+    from botocore.exceptions import ReadTimeoutError
+
+    from carflow.settings import reset_settings
+    from carflow.storage import StorageError
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                     "CARFLOW_STORAGE__ENDPOINT_URL": f"http://127.0.0.1:{silent.getsockname()[1]}",
+                     "CARFLOW_STORAGE__READ_TIMEOUT_S": "0.5", "CARFLOW_STORAGE__CONNECT_TIMEOUT_S": "2",
+                     "CARFLOW_STORAGE__MAX_ATTEMPTS": "2"}.items():
+            monkeypatch.setenv(k, v)
+        reset_settings()
+        try:
+            store = open_storage("s3://hangs/run")
+            config = store.client.meta.config
+            assert (config.read_timeout, config.connect_timeout) == (0.5, 2.0)
+            assert config.retries["total_max_attempts"] == 2
+            with pytest.raises((ReadTimeoutError, StorageError)):
+                store.get("manifests/clean/manifest.parquet")
+        finally:
+            monkeypatch.undo()
+            reset_settings()
+
+
 # ---------------------------------------------------------------------------------------
 # process kill
 # ---------------------------------------------------------------------------------------
@@ -289,6 +319,7 @@ def _last_json(stdout: str) -> dict:
     return json.loads("\n".join(lines[start:]))
 
 
+@pytest.mark.slow  # two `python -m flows.clean` processes: about 80 s on the shared 2-core machine
 def test_a_killed_clean_run_reuses_its_finished_shards(faulty_s3, crawled, reference, prefect_server):
     """SIGKILL ``python -m flows.clean`` while it waits on a shard write (the endpoint holds
     every stats PUT after the first two), rerun the same command: the two finished
@@ -465,6 +496,7 @@ NIGHTLY_ENV = {"car_filter__enabled": "false", "crop__enabled": "false", "crawl_
                "crawl__download_delay": "0", "runtime__lock_poll_s": "0.2"}
 
 
+@pytest.mark.slow  # three nightly runs, each with a crawl: about 70 s on the shared 2-core machine
 def test_two_nightly_runs_at_once_are_serialised(demo_site, tmp_path, monkeypatch, prefect_server):
     from carflow.registry import Registry
     from carflow.settings import reset_settings
