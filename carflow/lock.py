@@ -80,13 +80,16 @@ class LockRecord:
 class LockHeld(UserError):
     """Another run holds the lock and did not release it within ``runtime.lock_wait_s``."""
 
-    def __init__(self, uri: str, holder: LockRecord, waited_s: float):
+    def __init__(self, message: str, holder: LockRecord | None = None, waited_s: float = 0.0):
+        super().__init__(message)  # the message alone rebuilds it (Prefect pickles a run's exception)
         self.holder, self.waited_s = holder, waited_s
-        super().__init__(
-            f"{uri} is held by {holder.describe()}: another run is writing this storage "
-            f"(waited {waited_s:.0f} s, runtime.lock_wait_s / CARFLOW_RUNTIME__LOCK_WAIT_S); "
-            f"run again when it is done (a killed run's lock goes stale at its lease end)"
-        )
+
+    @classmethod
+    def of(cls, uri: str, holder: LockRecord, waited_s: float) -> LockHeld:
+        return cls(f"{uri} is held by {holder.describe()}: another run is writing this storage "
+                   f"(waited {waited_s:.0f} s, runtime.lock_wait_s / CARFLOW_RUNTIME__LOCK_WAIT_S); "
+                   f"run again when it is done (a killed run's lock goes stale at its lease end)",
+                   holder, waited_s)
 
 
 class LockLost(RuntimeError):
@@ -189,13 +192,20 @@ class _S3LockObject:
         return self._conditional(Body=data, IfMatch=token)
 
     def delete(self, token: Any) -> None:
+        """Delete the lock while it holds ``token``: a conditional delete where the endpoint
+        has one, else read, compare, delete."""
         from botocore.exceptions import ClientError
 
+        client, bucket = self.storage.client, self.storage.bucket
         try:
-            self.storage.client.delete_object(Bucket=self.storage.bucket, Key=self.key, IfMatch=token)
+            client.delete_object(Bucket=bucket, Key=self.key, IfMatch=token)
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") not in (*self.CONFLICT, "NoSuchKey", "404"):
-                raise
+            code = exc.response.get("Error", {}).get("Code")
+            if code in (*self.CONFLICT, "NoSuchKey", "404"):
+                return
+            current = self.read()  # e.g. NotImplemented: an S3 without conditional deletes
+            if current is not None and current[1] == token:
+                client.delete_object(Bucket=bucket, Key=self.key)
 
 
 def _backend(storage: Storage, key: str) -> _LocalLockFile | _S3LockObject:
@@ -276,7 +286,7 @@ class StorageLock:
                 continue
             waited = time.monotonic() - start
             if waited >= self.wait_s:
-                raise LockHeld(self.uri, current, waited)
+                raise LockHeld.of(self.uri, current, waited)
             if announced != current.owner:
                 announced = current.owner
                 self.log.warning("waiting up to %.0f s for %s, held by %s", self.wait_s - waited, self.uri,
