@@ -319,7 +319,7 @@ def _last_json(stdout: str) -> dict:
     return json.loads("\n".join(lines[start:]))
 
 
-@pytest.mark.slow  # two `python -m flows.clean` processes: about 80 s on the shared 2-core machine
+@pytest.mark.slow  # two `python -m flows.clean` processes: 63-77 s on the shared 2-core machine
 def test_a_killed_clean_run_reuses_its_finished_shards(faulty_s3, crawled, reference, prefect_server):
     """SIGKILL ``python -m flows.clean`` while it waits on a shard write (the endpoint holds
     every stats PUT after the first two), rerun the same command: the two finished
@@ -497,7 +497,6 @@ NIGHTLY_ENV = {"car_filter__enabled": "false", "crop__enabled": "false", "crawl_
                "crawl__download_delay": "0", "runtime__lock_poll_s": "0.2"}
 
 
-@pytest.mark.slow  # three nightly runs, each with a crawl: about 70 s on the shared 2-core machine
 def test_two_nightly_runs_at_once_are_serialised(demo_site, tmp_path, monkeypatch, prefect_server):
     from carflow.registry import Registry
     from carflow.settings import reset_settings
