@@ -18,6 +18,7 @@ Keys are POSIX-style paths relative to a storage root (a folder or an ``s3://buc
 | ``datasets/<version>/export.json`` | a dataset version's export index: shards per split, label map, excluded rows |
 | ``labelling/<name>/`` | labelling kits |
 | ``demo/bootstrap/<name>`` | the demo's pointers from a training recipe to its model version |
+| ``locks/<name>.json`` | a storage lock: who holds it, since when, lease expiry (:mod:`carflow.lock`) |
 """
 
 from __future__ import annotations
@@ -179,3 +180,14 @@ def train_run_key(run_key: str, name: str = "", prefix: str = TRAIN_PREFIX) -> s
     finds its checkpoint."""
     base = f"{prefix.rstrip('/')}/{run_key}"
     return f"{base}/{name}" if name else base
+
+
+LOCKS_PREFIX = "locks"
+
+
+def lock_key(name: str = "pipeline") -> str:
+    """``locks/<name>.json``: a storage lock (:mod:`carflow.lock`): the owner, since when,
+    and when its lease expires. ``pipeline`` is the nightly's."""
+    if not name or "/" in name:
+        raise ValueError(f"invalid lock name: {name!r}")
+    return f"{LOCKS_PREFIX}/{name}.json"

@@ -68,7 +68,12 @@ class StorageSettings(_Section):
     prefix: str = ""
     endpoint_url: str | None = None  # MinIO / moto
     region: str | None = None
+    #: S3 requests: tries in all (botocore ``adaptive`` retries: exponential backoff with jitter)
     max_attempts: int = Field(10, ge=1, le=50)
+    #: S3 requests: seconds to open a connection, and to wait for a response, before that
+    #: try fails and is retried (an endpoint that hangs instead of refusing)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(60.0, gt=0)
     create_bucket: bool = False
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None
@@ -470,6 +475,15 @@ class RuntimeSettings(_Section):
     retry_jitter: float = Field(0.5, ge=0)
     #: a task attempt running longer than this fails (and is retried); empty = no limit
     task_timeout_s: float | None = Field(3600.0, gt=0)
+    #: the storage lock a nightly takes (``carflow/lock.py``): a second run on the same
+    #: storage waits up to this long for the first, then stops with one line naming the
+    #: holder (0: stop at once)
+    lock_wait_s: float = Field(3600.0, ge=0)
+    #: a held lock is renewed every third of this; a lock not renewed for this long (its
+    #: run was killed) is stale and the next run takes it over
+    lock_lease_s: float = Field(300.0, gt=0)
+    #: how often a waiting run looks at the lock again
+    lock_poll_s: float = Field(5.0, gt=0)
 
     @model_validator(mode="after")
     def _dask_needs_address(self) -> RuntimeSettings:

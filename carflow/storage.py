@@ -166,7 +166,9 @@ class LocalStorage(Storage):
 class S3Storage(Storage):
     """An S3 bucket (AWS, MinIO, moto) through boto3.
 
-    ``endpoint_url`` points at MinIO/moto; retries use botocore's ``adaptive`` mode.
+    ``endpoint_url`` points at MinIO/moto; retries use botocore's ``adaptive`` mode
+    (``storage.max_attempts`` tries with exponential backoff and jitter), each try bounded
+    by ``storage.connect_timeout_s`` / ``storage.read_timeout_s``.
     Credentials come from the standard AWS environment/credential chain only.
     """
 
@@ -182,6 +184,8 @@ class S3Storage(Storage):
         create_bucket: bool = False,
         max_pool_connections: int = 32,
         credentials: tuple[Any, Any] | None = None,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
     ):
         if not bucket:
             raise ValueError("S3 storage needs a bucket (setting: storage.bucket / CARFLOW_STORAGE__BUCKET)")
@@ -191,6 +195,7 @@ class S3Storage(Storage):
         self.region = region
         self.max_attempts = max_attempts
         self.max_pool_connections = max_pool_connections
+        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self._create_bucket = create_bucket
         # (access_key_id, secret_access_key) as pydantic SecretStr: never shown by repr/logs
         self._credentials = credentials
@@ -222,6 +227,8 @@ class S3Storage(Storage):
                 # total_max_attempts counts the first try (botocore's "max_attempts" counts retries)
                 retries={"total_max_attempts": self.max_attempts, "mode": "adaptive"},
                 max_pool_connections=self.max_pool_connections,
+                connect_timeout=self.connect_timeout,
+                read_timeout=self.read_timeout,
                 s3={"addressing_style": "path"} if self.endpoint_url else None,
             )
             creds = {}
@@ -325,6 +332,8 @@ def open_storage(spec: StorageSettings | str | os.PathLike[str] | Storage | None
                 region=st.region,
                 max_attempts=st.max_attempts,
                 credentials=(st.access_key_id, st.secret_access_key),
+                connect_timeout=st.connect_timeout_s,
+                read_timeout=st.read_timeout_s,
             )
         if parsed.scheme == "file":
             return LocalStorage(parsed.path)
@@ -342,6 +351,8 @@ def open_storage(spec: StorageSettings | str | os.PathLike[str] | Storage | None
         max_attempts=spec.max_attempts,
         create_bucket=spec.create_bucket,
         credentials=(spec.access_key_id, spec.secret_access_key),
+        connect_timeout=spec.connect_timeout_s,
+        read_timeout=spec.read_timeout_s,
     )
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from carflow.lock import storage_locked
 from carflow.settings import get_settings
 from flows.car_filter import score
 from flows.clean import clean
@@ -69,6 +70,7 @@ def stage_counts(summary: dict[str, Any]) -> str:
 
 
 @flow(name="nightly", log_prints=True)
+@storage_locked("pipeline")  # one nightly at a time per storage: a second one waits (runtime.lock_wait_s)
 def nightly(
     sites: list[str] | None = None,
     storage: str | None = None,

@@ -7,6 +7,11 @@ and :func:`retry_if_transient` as its ``retry_condition_fn``: bad input (a
 because waiting does not heal it. The numbers are ``runtime.retries``,
 ``runtime.retry_backoff_s``, ``runtime.retry_jitter`` and ``runtime.task_timeout_s``.
 
+Under this policy every S3 request has its own tries and timeouts (``storage.max_attempts``,
+``storage.connect_timeout_s``, ``storage.read_timeout_s``: :class:`carflow.storage.S3Storage`),
+so a short outage is usually absorbed inside one attempt, and a longer one by these
+retries (``tests/test_faults.py``).
+
 A decorator runs at import time, when no settings are read, so ``RETRY`` holds the
 settings' defaults; :func:`with_retry_policy` re-applies the configured values to a task
 when a flow runs (``tasks.shards.run_shards`` does it for every shard task).
