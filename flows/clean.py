@@ -25,7 +25,15 @@ from carflow.manifest import INGEST_SCHEMA, read_input
 from carflow.settings import get_settings
 from carflow.storage import open_storage
 from flows.entry import entry_point
-from flows.params import FlowParams, add_arguments, params_flow, parse_params, parser
+from flows.params import (
+    FlowParams,
+    add_arguments,
+    params_flow,
+    parse_params,
+    parser,
+    refresh_field,
+    storage_field,
+)
 from tasks.clean import clean_reduce_task, inspect_shard_task, shard_config
 from tasks.runners import task_runner
 from tasks.shards import PLAN_COLUMNS, plan_shards, run_shards
@@ -34,10 +42,9 @@ from tasks.shards import PLAN_COLUMNS, plan_shards, run_shards
 class CleanParams(FlowParams):
     """Manifest v0 → the clean manifest."""
 
-    storage: str | None = Field(None, description="storage URI or path (default: the storage settings)")
+    storage: str | None = storage_field()
     shard_size: int | None = Field(None, ge=1, description="images per shard task (default: ingest.shard_size)")
-    refresh: bool = Field(False, description="recompute this stage even where its shards are stored "
-                                             "(decode every image again and overwrite the stored shards)")
+    refresh: bool = refresh_field("decode every image")
 
 
 @params_flow(name="clean", log_prints=True, task_runner=task_runner("cpu"))

@@ -16,7 +16,15 @@ from prefect.artifacts import create_table_artifact
 from pydantic import Field
 
 from flows.entry import entry_point
-from flows.params import Flag, FlowParams, add_arguments, params_flow, parse_params, parser
+from flows.params import (
+    Flag,
+    FlowParams,
+    add_arguments,
+    params_flow,
+    parse_params,
+    parser,
+    storage_field,
+)
 from tasks.crawl import crawl_task, site_name
 
 
@@ -26,7 +34,7 @@ class CrawlParams(FlowParams):
     site: Annotated[str, Flag(name="site")] = Field(
         "demo", description="site profile: a name (spiders/profiles/<name>.yaml or crawl.profiles_dir) or the path "
                             "of a YAML file (absolute or relative to the working directory)")
-    storage: str | None = Field(None, description="storage URI or path (default: the storage settings)")
+    storage: str | None = storage_field()
     base_url: str | None = Field(None, description="replaces {base_url} in the profile's start URLs")
     jobdir: str | None = Field(None, description="Scrapy JOBDIR: a stopped or killed crawl resumes from here")
     crawl_id: str | None = Field(None, description="the crawl's id (default: a new one, or the JOBDIR's)")

@@ -21,7 +21,15 @@ from carflow.caching import shards
 from carflow.errors import UserError
 from carflow.settings import get_settings
 from flows.entry import entry_point
-from flows.params import Flag, FlowParams, add_arguments, params_flow, parse_params, parser
+from flows.params import (
+    Flag,
+    FlowParams,
+    add_arguments,
+    params_flow,
+    parse_params,
+    parser,
+    storage_field,
+)
 from tasks.ingest import (
     build_ingest_manifest_task,
     check_folder_dataset,
@@ -39,7 +47,7 @@ def _storage_uri(storage: str | None) -> str | None:
 class IngestParams(FlowParams):
     """Listing feeds (and optionally a folder dataset) → manifest v0."""
 
-    storage: str | None = Field(None, description="storage URI or path (default: the storage settings)")
+    storage: str | None = storage_field()
     sites: Annotated[list[str] | None, Flag(name="--site", action="append", metavar="SITE")] = Field(
         None, description="only these sites' listing feeds (default: every site; --site is repeatable)")
     folders: str | None = Field(None, description="first import this seed-style class-folder dataset "

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticUndefined
 
 from carflow.errors import UserError
@@ -56,6 +56,17 @@ class Flag:
     action: str | None = None
     metavar: str | None = None
     cli: bool = True
+
+
+def storage_field() -> Any:
+    """The ``storage`` field every flow has."""
+    return Field(None, description="storage URI (s3://bucket/prefix) or local path (default: the storage settings)")
+
+
+def refresh_field(what: str) -> Any:
+    """The ``refresh`` field of a stage that keeps its shards in the storage."""
+    return Field(False, description=f"recompute this stage even where its shards are stored ({what} again and "
+                                    "overwrite the stored shards)")
 
 
 class UsageError(UserError):

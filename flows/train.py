@@ -33,12 +33,19 @@ from pydantic import BaseModel, Field, create_model
 
 from carflow.settings import TrainSettings, get_settings
 from flows.entry import entry_point
-from flows.params import FlowParams, UsageError, add_arguments, params_flow, parse_params
+from flows.params import (
+    FlowParams,
+    UsageError,
+    add_arguments,
+    params_flow,
+    parse_params,
+    storage_field,
+)
 from flows.params import parser as params_parser
 
 #: flow options that are not training settings
 FLOW_FIELDS: dict[str, Any] = {
-    "storage": (Optional[str], Field(None, description="storage URI or path (default: the storage settings)")),  # noqa: UP045
+    "storage": (Optional[str], storage_field()),  # noqa: UP045
     "evaluate": (bool, Field(True, description="evaluate the new version and run champion/challenger")),
     "force": (bool, Field(False, description="move latest to the new version whatever the numbers")),
 }
