@@ -36,9 +36,9 @@ from flows.params import (
     Flag,
     FlowParams,
     add_arguments,
+    make_parser,
     params_flow,
     parse_params,
-    parser,
     refresh_field,
     storage_field,
 )
@@ -188,14 +188,18 @@ COMMANDS: dict[str, tuple[Any, type[FlowParams], str]] = {
 }
 
 
-@entry_point
-def main(argv: list[str] | None = None) -> int:
-    p = parser("python -m flows.car_filter", __doc__)
+def parser() -> argparse.ArgumentParser:
+    p = make_parser("python -m flows.car_filter", __doc__)
     p.add_argument("--storage", default=argparse.SUPPRESS, help=ScoreParams.model_fields["storage"].description)
     sub = p.add_subparsers(dest="command", required=True, parser_class=type(p))
     for name, (_flow, model, help_) in COMMANDS.items():
         add_arguments(sub.add_parser(name, help=help_, description=model.__doc__), model)
-    a = p.parse_args(argv)
+    return p
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     run, model, _help = COMMANDS[a.command]
     fixed = {}
     if a.command == "train":

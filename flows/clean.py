@@ -12,6 +12,7 @@ images per reason (PNG beside the manifest, linked from a markdown artifact).
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from typing import Any
@@ -27,10 +28,9 @@ from carflow.storage import open_storage
 from flows.entry import entry_point
 from flows.params import (
     FlowParams,
-    add_arguments,
+    make_parser,
     params_flow,
     parse_params,
-    parser,
     refresh_field,
     storage_field,
 )
@@ -95,10 +95,13 @@ def clean(params: CleanParams = CleanParams()) -> dict[str, Any]:
     return summary
 
 
+def parser() -> argparse.ArgumentParser:
+    return make_parser("python -m flows.clean", clean.__doc__, CleanParams)
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    p = add_arguments(parser("python -m flows.clean", clean.__doc__), CleanParams)
-    print(json.dumps(clean(parse_params(CleanParams, p.parse_args(argv))), indent=2, default=str))
+    print(json.dumps(clean(parse_params(CleanParams, parser().parse_args(argv))), indent=2, default=str))
     return 0
 
 

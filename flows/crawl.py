@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
@@ -19,10 +20,9 @@ from flows.entry import entry_point
 from flows.params import (
     Flag,
     FlowParams,
-    add_arguments,
+    make_parser,
     params_flow,
     parse_params,
-    parser,
     storage_field,
 )
 from tasks.crawl import crawl_task, site_name
@@ -64,10 +64,13 @@ def crawl(params: CrawlParams = CrawlParams()) -> dict[str, Any]:
     return stats
 
 
+def parser() -> argparse.ArgumentParser:
+    return make_parser("carflow crawl", crawl.__doc__, CrawlParams)
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    params = parse_params(CrawlParams, add_arguments(parser("carflow crawl", crawl.__doc__), CrawlParams)
-                          .parse_args(argv))
+    params = parse_params(CrawlParams, parser().parse_args(argv))
     # a bad profile is one line, before any flow run
     stats = crawl(params.model_copy(update={"site": check_site(params.site)}))
     print(json.dumps({"crawl_id": stats.get("crawl_id"), "finish_reason": stats.get("finish_reason"),

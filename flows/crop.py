@@ -29,6 +29,7 @@ stored weights. ``crop.weights=latest`` (``--weights latest``) crops with it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import sys
@@ -46,9 +47,9 @@ from flows.params import (
     Flag,
     FlowParams,
     add_arguments,
+    make_parser,
     params_flow,
     parse_params,
-    parser,
     refresh_field,
     storage_field,
 )
@@ -85,7 +86,7 @@ class DetectorTrainParams(FlowParams):
                                                 "(default yolov5nu.yaml)")
     device: str | None = Field(None, description="torch device (default: ultralytics' choice)")
     force: bool = Field(False, description="train even when this version (same data and parameters) is stored")
-    extra: Annotated[dict[str, Any] | None, Flag(cli=False)] = Field(
+    extra: Annotated[dict[str, bool | int | float | str] | None, Flag(cli=False)] = Field(
         None, description="more ultralytics train arguments (lr0, warmup_epochs…) over "
                           "tasks.detector_train.TRAIN_DEFAULTS; the fields above win over them")
     command: Annotated[str | None, Flag(cli=False)] = Field(
@@ -164,14 +165,18 @@ def train_detector(params: DetectorTrainParams) -> dict[str, Any]:
     return result
 
 
-@entry_point
-def main(argv: list[str] | None = None) -> int:
-    p = add_arguments(parser("python -m flows.crop", __doc__), CropParams)
+def parser() -> argparse.ArgumentParser:
+    p = make_parser("python -m flows.crop", __doc__, CropParams)
     sub = p.add_subparsers(dest="command", parser_class=type(p))
     # the train sub-command's fields are read under train_*: `--imgsz` is crop.imgsz before `train`
     add_arguments(sub.add_parser("train", help="fine-tune the detector on a YOLO data.yaml",
                                  description=DetectorTrainParams.__doc__), DetectorTrainParams, dest_prefix="train_")
-    a = p.parse_args(argv)
+    return p
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     if a.command == "train":
         cmd = shlex.join(["python", "-m", "flows.crop", *(sys.argv[1:] if argv is None else argv)])
         given = {"train_storage": a.storage} if "storage" in a else {}  # --storage before `train`

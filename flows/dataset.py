@@ -35,6 +35,7 @@ The summary's ``exports`` holds, per export, its URI and the images per split.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from datetime import datetime, timezone
@@ -62,10 +63,9 @@ from flows.entry import entry_point
 from flows.params import (
     Flag,
     FlowParams,
-    add_arguments,
+    make_parser,
     params_flow,
     parse_params,
-    parser,
     storage_field,
 )
 from tasks.classes import assign_classes_task, classes_document, write_classes
@@ -238,16 +238,20 @@ def dataset(params: DatasetParams = DatasetParams()) -> dict[str, Any]:
     return summary
 
 
-@entry_point
-def main(argv: list[str] | None = None) -> int:
-    p = add_arguments(parser("python -m flows.dataset", dataset.__doc__), DatasetParams)
+def parser() -> argparse.ArgumentParser:
+    p = make_parser("python -m flows.dataset", dataset.__doc__, DatasetParams)
     p.add_argument(
         "--tfrecord", nargs="?", const="", default=None, metavar="URI",
         help="export TFRecord shards (default place: split.tfrecord_uri, else the storage)",
     )
     p.add_argument("--gc-exports", action="store_true",
                    help="only delete export shards that no dataset version's export.json references")
-    a = p.parse_args(argv)
+    return p
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     if a.gc_exports:
         dest = a.tfrecord or get_settings().split.tfrecord_uri or getattr(a, "storage", None)
         print(json.dumps(gc_export_shards(open_storage(dest)), indent=2))

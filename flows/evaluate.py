@@ -22,6 +22,7 @@ The decision and both numbers are recorded (``promotion.json`` in the version).
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Mapping
@@ -35,7 +36,13 @@ from carflow.registry import Registry, RegistryError
 from carflow.settings import get_settings
 from carflow.storage import open_storage
 from flows.entry import entry_point
-from flows.params import FlowParams, add_arguments, params_flow, parse_params, parser, storage_field
+from flows.params import (
+    FlowParams,
+    make_parser,
+    params_flow,
+    parse_params,
+    storage_field,
+)
 from tasks.evaluate import EvaluationError, evaluate_version_task, promote_task, report_markdown
 
 
@@ -103,10 +110,13 @@ def evaluate(params: EvaluateParams = EvaluateParams()) -> dict[str, Any]:
             "label_issues": (summary.get("label_issues") or {}).get("count"), "promotion": decision}
 
 
+def parser() -> argparse.ArgumentParser:
+    return make_parser("python -m flows.evaluate", evaluate.__doc__, EvaluateParams)
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    a = parse_params(EvaluateParams, add_arguments(parser("python -m flows.evaluate", evaluate.__doc__),
-                                                   EvaluateParams).parse_args(argv))
+    a = parse_params(EvaluateParams, parser().parse_args(argv))
     from tasks.export import ExportNotFound, open_export
 
     try:  # a user's mistake is one line, before any flow starts

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import sys
@@ -24,10 +25,9 @@ from flows.entry import entry_point
 from flows.params import (
     Flag,
     FlowParams,
-    add_arguments,
+    make_parser,
     params_flow,
     parse_params,
-    parser,
     storage_field,
 )
 from tasks.ingest import (
@@ -154,13 +154,18 @@ def ingest(params: IngestParams = IngestParams()) -> dict:
     return summary
 
 
-@entry_point
-def main(argv: list[str] | None = None) -> int:
-    p = add_arguments(parser("python -m flows.ingest", ingest.__doc__), IngestParams)
+def parser() -> argparse.ArgumentParser:
+    p = make_parser("python -m flows.ingest", ingest.__doc__, IngestParams)
     p.add_argument("path", nargs="?", help="a seed-style class-folder dataset to import (path or s3://): "
                                            "the same as --folders, with --layout folders")
     p.add_argument("--layout", choices=["crawl", "folders"], default="crawl",
                    help="crawl: read the listing feeds in storage; folders: import PATH first")
+    return p
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     if args.path and args.layout != "folders":
         p.error("PATH needs --layout folders (crawl feeds are read from storage)")

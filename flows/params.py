@@ -69,6 +69,9 @@ def refresh_field(what: str) -> Any:
                                     "overwrite the stored shards)")
 
 
+P = typing.TypeVar("P", bound=argparse.ArgumentParser)
+
+
 class UsageError(UserError):
     """A bad command line: one line naming the flag."""
 
@@ -125,9 +128,11 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (`{self.prog} --help` lists the flags)")
 
 
-def parser(prog: str, description: str | None = None, **kw: Any) -> Parser:
-    return Parser(prog=prog, description=description,
-                  formatter_class=kw.pop("formatter_class", argparse.RawDescriptionHelpFormatter), **kw)
+def make_parser(prog: str, description: str | None = None, model: type[BaseModel] | None = None) -> Parser:
+    """A :class:`Parser` with ``model``'s flags (:func:`add_arguments`)."""
+    p = Parser(prog=prog, description=inspect.cleandoc(description or "") or None,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    return add_arguments(p, model) if model is not None else p
 
 
 def _flag(field: Any) -> Flag:
@@ -148,8 +153,7 @@ def flag_name(model: type[BaseModel], name: str) -> str:
     return flag.name or "--" + name.replace("_", "-")
 
 
-def add_arguments(p: argparse.ArgumentParser, model: type[BaseModel], *, exclude: Iterable[str] = (),
-                  dest_prefix: str = "") -> argparse.ArgumentParser:
+def add_arguments(p: P, model: type[BaseModel], *, exclude: Iterable[str] = (), dest_prefix: str = "") -> P:
     """A flag per field of ``model`` on ``p`` (``dest`` = ``dest_prefix`` + the field name).
     Flags not given are left out of the namespace (``argparse.SUPPRESS``), so the model's
     default applies, and a parent parser's flag of the same name is not overwritten."""
@@ -177,9 +181,11 @@ def add_arguments(p: argparse.ArgumentParser, model: type[BaseModel], *, exclude
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is Literal:
             kw["choices"] = [str(c) for c in typing.get_args(kind)]
-        elif typing.get_origin(kind) in (list, tuple, set):
-            kw["action"] = flag.action or "extend"
-            kw["nargs"] = flag.nargs or ("*" if kw["action"] == "extend" else None)
+        else:
+            kw.setdefault("metavar", cli.lstrip("-").replace("-", "_").upper())
+            if typing.get_origin(kind) in (list, tuple, set):
+                kw["action"] = flag.action or "extend"
+                kw["nargs"] = flag.nargs or ("*" if kw["action"] == "extend" else None)
         if flag.nargs and "nargs" not in kw:
             kw["nargs"] = flag.nargs
         if flag.action and "action" not in kw:

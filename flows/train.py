@@ -19,6 +19,7 @@ It ends by printing where the model, the report and the galleries are.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from typing import Any, Optional
@@ -36,12 +37,11 @@ from flows.entry import entry_point
 from flows.params import (
     FlowParams,
     UsageError,
-    add_arguments,
+    make_parser,
     params_flow,
     parse_params,
     storage_field,
 )
-from flows.params import parser as params_parser
 
 #: flow options that are not training settings
 FLOW_FIELDS: dict[str, Any] = {
@@ -140,9 +140,9 @@ def where(result: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------------------------
 # the command line, from the same model
 # ---------------------------------------------------------------------------------------
-def parser() -> Any:
+def parser() -> argparse.ArgumentParser:
     """``--<field>`` for every field of :data:`TrainParams` (underscores as dashes)."""
-    return add_arguments(params_parser("python -m flows.train", train.__doc__), TrainParams)
+    return make_parser("python -m flows.train", train.__doc__, TrainParams)
 
 
 @entry_point
