@@ -2,10 +2,11 @@
 the command line's flags.
 
 - :class:`FlowParams` is the base of every flow's parameter model (``CleanParams``,
-  ``ScoreParams``…): every field has a default and a ``description``; unknown names and
-  bad values are refused (``extra="forbid"``), so a value typed in the Prefect UI, given to
-  ``prefect deployment run --param`` or passed from Python is validated before the flow
-  starts, and the error names the field.
+  ``ScoreParams``…): every field has a ``description`` and, where one makes sense (not a
+  training run's labels), a default; unknown names and bad values are refused
+  (``extra="forbid"``), so a value typed in the Prefect UI, given to ``prefect deployment
+  run --param`` or passed from Python is validated before the flow starts, and the error
+  names the field.
 - :func:`params_flow` is ``@prefect.flow`` for a flow whose one parameter is
   ``params: <Model> = <Model>()``. Prefect's UI then shows the model as a validated form
   (the deployment's ``parameter_openapi_schema``). Python callers pass the model
@@ -27,10 +28,11 @@ import argparse
 import inspect
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from prefect import Flow
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticUndefined
 
@@ -47,12 +49,12 @@ class FlowParams(BaseModel):
 @dataclass(frozen=True)
 class Flag:
     """How a field appears on the command line, when not as ``--<field-name>``:
-    ``name`` (``"--import-site"``; a name without dashes is positional), ``nargs``,
-    ``action`` (``"append"``: repeatable), ``cli=False`` (not on the command line: set by
-    the flow's ``main`` or only from the UI)."""
+    ``name`` (``"--import-site"``; a name without dashes is positional), ``action``
+    (``"append"``: a repeatable flag, where a list field is otherwise one flag with several
+    values), ``metavar``, ``cli=False`` (not on the command line: set by the flow's ``main``
+    or only from the UI)."""
 
     name: str | None = None
-    nargs: str | None = None
     action: str | None = None
     metavar: str | None = None
     cli: bool = True
@@ -87,32 +89,37 @@ def _params_model(fn: Callable[..., Any]) -> type[BaseModel]:
     return model
 
 
-def params_flow(**options: Any) -> Callable[[Callable[..., Any]], Any]:
-    """``@prefect.flow(**options)`` for ``def f(params: Model = Model(), ...)``: the flow
-    also takes the model's fields as keywords (``f(storage=uri)``), handed to Prefect as
+class ParamsFlow(Flow):  # type: ignore[type-arg]
+    """A Prefect flow whose one parameter is ``params``, a pydantic model; a call may also
+    give the model's fields as keywords (``clean(storage=uri)``), handed to Prefect as
     ``params={...}`` so that Prefect validates them like a value from the UI."""
-    from prefect import Flow
 
-    class ParamsFlow(Flow):  # type: ignore[misc,type-arg]
-        def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            fields = {k: kwargs.pop(k) for k in list(kwargs) if k in self.params_model.model_fields
-                      and k not in self.own_parameters}
-            if fields:
-                if args or "params" in kwargs:
-                    raise TypeError(f"{self.name}: pass either params or its fields, not both")
-                kwargs["params"] = fields
-            return super().__call__(*args, **kwargs)
+    @property
+    def params_model(self) -> type[BaseModel]:
+        return _params_model(self.fn)
 
-        def with_options(self, *a: Any, **kw: Any) -> Any:
-            new = super().with_options(*a, **kw)
-            new.__class__ = type(self)
-            return new
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        own = inspect.signature(self.fn).parameters
+        fields = {k: kwargs.pop(k) for k in list(kwargs) if k in self.params_model.model_fields and k not in own}
+        if fields:
+            if args or "params" in kwargs:
+                raise TypeError(f"{self.name}: pass either params or its fields, not both")
+            kwargs["params"] = fields
+        return super().__call__(*args, **kwargs)
 
-    def wrap(fn: Callable[..., Any]) -> Any:
-        made = ParamsFlow(fn=fn, **options)
-        made.params_model = _params_model(fn)
-        made.own_parameters = set(inspect.signature(fn).parameters)
-        return made
+    def with_options(self, *args: Any, **kwargs: Any) -> Any:
+        new = super().with_options(*args, **kwargs)
+        new.__class__ = type(self)  # Prefect builds a plain Flow
+        return new
+
+
+def params_flow(**options: Any) -> Callable[[Callable[..., Any]], ParamsFlow]:
+    """``@prefect.flow(**options)`` for ``def f(params: Model = Model(), ...)``, as a
+    :class:`ParamsFlow`."""
+
+    def wrap(fn: Callable[..., Any]) -> ParamsFlow:
+        _params_model(fn)  # a flow without a model fails at import
+        return ParamsFlow(fn=fn, **options)
 
     return wrap
 
@@ -153,14 +160,13 @@ def flag_name(model: type[BaseModel], name: str) -> str:
     return flag.name or "--" + name.replace("_", "-")
 
 
-def add_arguments(p: P, model: type[BaseModel], *, exclude: Iterable[str] = (), dest_prefix: str = "") -> P:
+def add_arguments(p: P, model: type[BaseModel], *, dest_prefix: str = "") -> P:
     """A flag per field of ``model`` on ``p`` (``dest`` = ``dest_prefix`` + the field name).
     Flags not given are left out of the namespace (``argparse.SUPPRESS``), so the model's
     default applies, and a parent parser's flag of the same name is not overwritten."""
-    skip = set(exclude)
     for name, field in model.model_fields.items():
         flag = _flag(field)
-        if name in skip or not flag.cli:
+        if not flag.cli:
             continue
         kind = _inner(field.annotation)
         help_ = field.description or ""
@@ -185,9 +191,7 @@ def add_arguments(p: P, model: type[BaseModel], *, exclude: Iterable[str] = (), 
             kw.setdefault("metavar", cli.lstrip("-").replace("-", "_").upper())
             if typing.get_origin(kind) in (list, tuple, set):
                 kw["action"] = flag.action or "extend"
-                kw["nargs"] = flag.nargs or ("*" if kw["action"] == "extend" else None)
-        if flag.nargs and "nargs" not in kw:
-            kw["nargs"] = flag.nargs
+                kw["nargs"] = "*" if kw["action"] == "extend" else None
         if flag.action and "action" not in kw:
             kw["action"] = flag.action
         p.add_argument(cli, **{k: v for k, v in kw.items() if v is not None})
