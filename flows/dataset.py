@@ -66,6 +66,7 @@ from flows.params import (
     make_parser,
     params_flow,
     parse_params,
+    refresh_field,
     storage_field,
 )
 from tasks.classes import assign_classes_task, classes_document, write_classes
@@ -107,6 +108,7 @@ class DatasetParams(FlowParams):
                                                                "(split.tfrecord_size, default train.image_size)")
     source: str | None = Field(None, description="input stage (crop, car_filter, clean) or manifest key; default: "
                                                  "crop, else the nearest earlier stage that has run")
+    refresh: bool = refresh_field("encode every image of the TFRecord export")
 
 
 @params_flow(name="dataset", log_prints=True)
@@ -165,7 +167,7 @@ def dataset(params: DatasetParams = DatasetParams()) -> dict[str, Any]:
         dest = p.tfrecord_uri or split_cfg.tfrecord_uri
         index = export_tfrecords_task(
             df, storage, dest, doc, tfrecord_size, split_cfg.tfrecord_shard_images, split_cfg.tfrecord_quality,
-            split_cfg.tfrecord_fit, cfg.runtime.max_workers, version=doc["version"],
+            split_cfg.tfrecord_fit, cfg.runtime.max_workers, version=doc["version"], refresh=p.refresh,
         )
         exports["tfrecord"] = {
             "uri": open_storage(dest or storage).uri(),

@@ -264,3 +264,25 @@ def test_clean_refresh_decodes_again_and_the_default_reuses(tmp_path, prefect_se
     assert not any(json.loads(store.get_text(k)).get("marked") for k in stats_keys)
     assert {k: refreshed[k] for k in ("rows", "kept", "dropped_by_reason")} == \
         {k: first[k] for k in ("rows", "kept", "dropped_by_reason")}
+
+
+def test_export_refresh_encodes_again_and_the_default_reuses(tmp_path):
+    """The dataset's TFRecord export (its own content-keyed shards): a rerun encodes
+    nothing, ``refresh`` encodes every image again into the same shard keys."""
+    from carflow.storage import open_storage
+    from tasks.export import export_tfrecords
+    from tests.test_export import SIZE, classed, crop_manifest
+
+    store = open_storage(str(tmp_path / "s"))
+    ds, doc = classed(crop_manifest(store, n_listings=10, photos=2)[0])
+    first = export_tfrecords(ds, store, doc, size=SIZE, shard_images=5)
+    assert first["encoded"] == 20
+    again = export_tfrecords(ds, store, doc, size=SIZE, shard_images=5)
+    assert again["encoded"] == 0 and again["shards_written"] == 0
+    refreshed = export_tfrecords(ds, store, doc, size=SIZE, shard_images=5, refresh=True)
+    assert refreshed["encoded"] == 20 and refreshed["shards_reused"] == 0
+    assert _shard_keys(refreshed) == _shard_keys(first)
+
+
+def _shard_keys(index: dict) -> list[str]:
+    return sorted(s["key"] for split in index["splits"].values() for s in split["shards"])
