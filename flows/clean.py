@@ -6,8 +6,9 @@ Shards of a few thousand images are inspected by shard tasks (one decode per ima
 fixer, quality scores and hashes) whose outputs live in storage (``work/inspect/``) and
 are reused whenever they exist (``--refresh``: computed again and overwritten); one
 reduce task applies the quality thresholds and actions and dedups over the small hash
-table, reading only the columns it needs. Publishes a table artifact of counts per reason and contact sheets of a sample of dropped
-images per reason (PNG beside the manifest, linked from a markdown artifact).
+table, reading only the columns it needs. Publishes a table artifact of counts per
+reason and contact sheets of a sample of dropped images per reason (PNG beside the
+manifest, linked from a markdown artifact).
 """
 
 from __future__ import annotations
