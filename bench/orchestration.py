@@ -95,7 +95,7 @@ def flow_clean(uri: str, shard_size: int, runtime=None) -> dict:
     from tasks.runners import task_runner
 
     f = clean if runtime is None else clean.with_options(task_runner=task_runner("cpu", runtime))
-    return f(uri, shard_size=shard_size)
+    return f(storage=uri, shard_size=shard_size)
 
 
 def warm_prefect() -> None:

@@ -21,16 +21,27 @@ import argparse
 import json
 import shlex
 import sys
-from typing import Any
+from typing import Annotated, Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import Field
 
 from carflow.keys import labelling_prefix
 from carflow.manifest import CLEAN_SCHEMA, input_key, read_input, to_pandas
 from carflow.settings import get_settings
 from carflow.storage import open_storage
 from flows.entry import entry_point
+from flows.params import (
+    Flag,
+    FlowParams,
+    add_arguments,
+    make_parser,
+    params_flow,
+    parse_params,
+    refresh_field,
+    storage_field,
+)
 from tasks.car_filter import (
     REASON,
     STAGE,
@@ -45,42 +56,69 @@ from tasks.runners import task_runner
 from tasks.shards import PLAN_COLUMNS, plan_shards, run_shards
 
 
+class KitParams(FlowParams):
+    """A labelling kit of the clean manifest's kept photos."""
+
+    storage: str | None = storage_field()
+    n: int = Field(500, ge=1, description="photos in the kit (a stratified sample of the kept photos)")
+    out: str = Field(labelling_prefix("car_filter"), description="storage prefix of the kit")
+    seed: int = Field(0, description="sampling seed")
+
+
+class CarFilterTrainParams(FlowParams):
+    """Labels → a new car filter version, promoted to latest. Unset fields take the
+    ``car_filter`` settings."""
+
+    labels: str = Field(description="labels.csv, or a folder / s3:// prefix with car/ and no_car/ sub-folders")
+    storage: str | None = storage_field()
+    epochs: int | None = Field(None, ge=1, description="training epochs (default: car_filter.epochs)")
+    weights: str | None = Field(None, description="imagenet | none | a path or s3:// URI (car_filter.weights)")
+    image_size: int | None = Field(None, ge=32, description="input side in pixels (car_filter.image_size)")
+    alpha: float | None = Field(None, gt=0, description="MobileNetV2 width multiplier (car_filter.alpha)")
+    batch_size: int | None = Field(None, ge=1, description="training batch size (car_filter.batch_size)")
+    patience: int | None = Field(None, ge=0, description="early stopping patience in epochs (car_filter.patience)")
+    command: Annotated[str | None, Flag(cli=False)] = Field(
+        None, description="the command line recorded in the version's meta.json (set by the CLI)")
+
+
+class ScoreParams(FlowParams):
+    """The clean manifest → the car filter manifest."""
+
+    storage: str | None = storage_field()
+    model: str | None = Field(None, description="latest, a version id, a version folder or its model.keras "
+                                                "(path or s3:// URI); default: car_filter.model, else latest")
+    shard_size: int | None = Field(None, ge=1, description="images per shard task (default: car_filter.shard_size)")
+    threshold: float | None = Field(None, ge=0, le=1, description="drop kept photos with p_car below this "
+                                                                  "(default: car_filter.threshold)")
+    refresh: bool = refresh_field("score every image")
+
+
 def _cfg(**overrides: Any):
     cfg = get_settings().car_filter
     update = {k: v for k, v in overrides.items() if v is not None}
     return cfg.model_copy(update=update) if update else cfg
 
 
-@flow(name="car-filter-kit", log_prints=True)
-def labelling_kit(
-    storage: str | None = None, n: int = 500, out: str = labelling_prefix("car_filter"), seed: int = 0
-) -> dict[str, Any]:
+@params_flow(name="car-filter-kit", log_prints=True)
+def labelling_kit(params: KitParams = KitParams()) -> dict[str, Any]:
     """A stratified sample of kept images as a labelling kit (CSV + thumbnails + sheets)."""
-    store = open_storage(storage)
+    store = open_storage(params.storage)
     prefix = get_settings().runtime.manifests_prefix
     df = to_pandas(read_input(store, input_key(store, STAGE, prefix=prefix), CLEAN_SCHEMA).table)
-    return write_labelling_kit(store, sample_for_labelling(df, n, seed), out)
+    return write_labelling_kit(store, sample_for_labelling(df, params.n, params.seed), params.out)
 
 
-@flow(name="car-filter-train", log_prints=True)
-def train(
-    labels: str,
-    storage: str | None = None,
-    epochs: int | None = None,
-    weights: str | None = None,
-    image_size: int | None = None,
-    alpha: float | None = None,
-    command: str | None = None,
-    batch_size: int | None = None,
-    patience: int | None = None,
-) -> dict[str, Any]:
+@params_flow(name="car-filter-train", log_prints=True)
+def train(params: CarFilterTrainParams) -> dict[str, Any]:
     """Labels (CSV or car/no_car folders) → a new registered model version
     (``models/car_filter/<version>/``), promoted to ``latest``."""
     logger = get_run_logger()
-    cfg = _cfg(weights=weights, image_size=image_size, alpha=alpha, batch_size=batch_size, patience=patience)
-    labels_df = import_labels(labels)
+    p = params
+    cfg = _cfg(weights=p.weights, image_size=p.image_size, alpha=p.alpha, batch_size=p.batch_size,
+               patience=p.patience)
+    labels_df = import_labels(p.labels)
     logger.info("%d labels: %s", len(labels_df), labels_df["label"].value_counts().to_dict())
-    result = train_task(storage, labels_df, cfg.model_dump(mode="json"), epochs=epochs, command=command)
+    result = train_task(p.storage, labels_df, cfg.model_dump(mode="json"), epochs=p.epochs, command=p.command)
     m = result["metrics"]
     create_markdown_artifact(
         key="car-filter-model",
@@ -93,16 +131,12 @@ def train(
     return result
 
 
-@flow(name="car-filter-score", log_prints=True, task_runner=task_runner("cpu"))
-def score(
-    storage: str | None = None,
-    model: str | None = None,
-    shard_size: int | None = None,
-    threshold: float | None = None,
-) -> dict[str, Any]:
+@params_flow(name="car-filter-score", log_prints=True, task_runner=task_runner("cpu"))
+def score(params: ScoreParams = ScoreParams()) -> dict[str, Any]:
     """Clean manifest → ``manifests/car_filter/manifest.parquet`` with ``p_car``."""
     logger = get_run_logger()
-    cfg = _cfg(threshold=threshold)
+    storage, model, shard_size = params.storage, params.model, params.shard_size
+    cfg = _cfg(threshold=params.threshold)
     store = open_storage(storage)
     prefix = get_settings().runtime.manifests_prefix
     source = read_input(store, input_key(store, STAGE, prefix=prefix), CLEAN_SCHEMA, columns=PLAN_COLUMNS)
@@ -114,6 +148,7 @@ def score(
         shards,
         lambda ids: {"storage_uri": storage, "image_ids": ids, "model_uri": chosen["model"],
                      "model_version": chosen["version"], "config": config},
+        refresh=params.refresh,
     )
     scored = sum(len(ids) for ids in fresh)
     logger.info("%d shards: %d reused from storage, %d images scored", len(shards), len(shards) - len(fresh),
@@ -145,38 +180,31 @@ def score(
     return summary
 
 
+#: sub-command → (its flow, its parameter model)
+COMMANDS: dict[str, tuple[Any, type[FlowParams], str]] = {
+    "kit": (labelling_kit, KitParams, "write a labelling kit from the clean manifest"),
+    "train": (train, CarFilterTrainParams, "train a new model version from labels"),
+    "score": (score, ScoreParams, "score the clean manifest"),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = make_parser("python -m flows.car_filter", __doc__)
+    p.add_argument("--storage", default=argparse.SUPPRESS, help=ScoreParams.model_fields["storage"].description)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=type(p))
+    for name, (_flow, model, help_) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_, description=model.__doc__), model)
+    return p
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.car_filter", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--storage", help="storage URI (default: settings storage)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    k = sub.add_parser("kit", help="write a labelling kit from the clean manifest")
-    k.add_argument("--n", type=int, default=500)
-    k.add_argument("--out", default=labelling_prefix("car_filter"), help="storage prefix of the kit")
-    k.add_argument("--seed", type=int, default=0)
-    t = sub.add_parser("train", help="train a new model version from labels")
-    t.add_argument("--labels", required=True, help="labels.csv, or a folder/s3:// prefix with car/ and no_car/")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--weights", help="imagenet | none | path or s3:// URI (car_filter.weights)")
-    t.add_argument("--image-size", type=int)
-    t.add_argument("--alpha", type=float)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--patience", type=int, help="early stopping patience in epochs")
-    s = sub.add_parser("score", help="score the clean manifest")
-    s.add_argument("--model", help="latest, a version id, a version folder or its model.keras (path or s3:// URI); "
-                   "default: car_filter.model, else latest")
-    s.add_argument("--shard-size", type=int)
-    s.add_argument("--threshold", type=float)
-    a = parser.parse_args(argv)
-    if a.command == "kit":
-        result = labelling_kit(a.storage, a.n, a.out, a.seed)
-    elif a.command == "train":
-        cmd = shlex.join(["python", "-m", "flows.car_filter", *(sys.argv[1:] if argv is None else argv)])
-        result = train(a.labels, a.storage, a.epochs, a.weights, a.image_size, a.alpha, command=cmd,
-                       batch_size=a.batch_size, patience=a.patience)
-    else:
-        result = score(a.storage, a.model, a.shard_size, a.threshold)
+    a = parser().parse_args(argv)
+    run, model, _help = COMMANDS[a.command]
+    fixed = {}
+    if a.command == "train":
+        fixed["command"] = shlex.join(["python", "-m", "flows.car_filter", *(sys.argv[1:] if argv is None else argv)])
+    result = run(parse_params(model, a, **fixed))
     print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -1,13 +1,14 @@
 """Clean flow: fix → quality → dedup over manifest v0.
 
-    python -m flows.clean [--storage URI]
+    python -m flows.clean [--storage URI] [--shard-size N] [--refresh]
 
 Shards of a few thousand images are inspected by shard tasks (one decode per image:
 fixer, quality scores and hashes) whose outputs live in storage (``work/inspect/``) and
-are reused whenever they exist; one reduce task applies the quality thresholds and
-actions and dedups over the small hash table, reading only the columns it needs.
-Publishes a table artifact of counts per reason and contact sheets of a sample of dropped
-images per reason (PNG beside the manifest, linked from a markdown artifact).
+are reused whenever they exist (``--refresh``: computed again and overwritten); one
+reduce task applies the quality thresholds and actions and dedups over the small hash
+table, reading only the columns it needs. Publishes a table artifact of counts per
+reason and contact sheets of a sample of dropped images per reason (PNG beside the
+manifest, linked from a markdown artifact).
 """
 
 from __future__ import annotations
@@ -17,31 +18,50 @@ import json
 import sys
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import Field
 
 from carflow.keys import manifest_key
 from carflow.manifest import INGEST_SCHEMA, read_input
 from carflow.settings import get_settings
 from carflow.storage import open_storage
 from flows.entry import entry_point
+from flows.params import (
+    FlowParams,
+    make_parser,
+    params_flow,
+    parse_params,
+    refresh_field,
+    storage_field,
+)
 from tasks.clean import clean_reduce_task, inspect_shard_task, shard_config
 from tasks.runners import task_runner
 from tasks.shards import PLAN_COLUMNS, plan_shards, run_shards
 
 
-@flow(name="clean", log_prints=True, task_runner=task_runner("cpu"))
-def clean(storage: str | None = None, shard_size: int | None = None) -> dict[str, Any]:
+class CleanParams(FlowParams):
+    """Manifest v0 → the clean manifest."""
+
+    storage: str | None = storage_field()
+    shard_size: int | None = Field(None, ge=1, description="images per shard task (default: ingest.shard_size)")
+    refresh: bool = refresh_field("decode every image")
+
+
+@params_flow(name="clean", log_prints=True, task_runner=task_runner("cpu"))
+def clean(params: CleanParams = CleanParams()) -> dict[str, Any]:
     """Manifest v0 → ``manifests/clean/manifest.parquet`` (every row kept or dropped with a reason)."""
     logger = get_run_logger()
     cfg = get_settings()
+    storage, shard_size = params.storage, params.shard_size
     prefix = cfg.runtime.manifests_prefix
     source = read_input(open_storage(storage), manifest_key("ingest", prefix=prefix), INGEST_SCHEMA,
                         columns=PLAN_COLUMNS)
     shards = plan_shards(source.table, shard_size or cfg.ingest.shard_size)
     config = shard_config(cfg.fix, cfg.quality)
     results, fresh = run_shards(
-        inspect_shard_task, shards, lambda ids: {"storage_uri": storage, "image_ids": ids, "config": config}
+        inspect_shard_task, shards, lambda ids: {"storage_uri": storage, "image_ids": ids, "config": config},
+        refresh=params.refresh,
     )
     cached = len(shards) - len(fresh)
     inspected_images = sum(len(ids) for ids in fresh)
@@ -76,13 +96,13 @@ def clean(storage: str | None = None, shard_size: int | None = None) -> dict[str
     return summary
 
 
+def parser() -> argparse.ArgumentParser:
+    return make_parser("python -m flows.clean", clean.__doc__, CleanParams)
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.clean", description=clean.__doc__)
-    parser.add_argument("--storage", help="storage URI (default: settings storage)")
-    parser.add_argument("--shard-size", type=int, help="images per shard task (default: ingest.shard_size)")
-    a = parser.parse_args(argv)
-    print(json.dumps(clean(a.storage, a.shard_size), indent=2, default=str))
+    print(json.dumps(clean(parse_params(CleanParams, parser().parse_args(argv))), indent=2, default=str))
     return 0
 
 

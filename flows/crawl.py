@@ -10,13 +10,35 @@ import argparse
 import json
 import re
 import sys
-from typing import Any
+from typing import Annotated, Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
+from pydantic import Field
 
 from flows.entry import entry_point
+from flows.params import (
+    Flag,
+    FlowParams,
+    make_parser,
+    params_flow,
+    parse_params,
+    storage_field,
+)
 from tasks.crawl import crawl_task, site_name
+
+
+class CrawlParams(FlowParams):
+    """One crawl of one site profile."""
+
+    site: Annotated[str, Flag(name="site")] = Field(
+        "demo", description="site profile: a name (spiders/profiles/<name>.yaml or crawl.profiles_dir) or the path "
+                            "of a YAML file (absolute or relative to the working directory)")
+    storage: str | None = storage_field()
+    base_url: str | None = Field(None, description="replaces {base_url} in the profile's start URLs")
+    jobdir: str | None = Field(None, description="Scrapy JOBDIR: a stopped or killed crawl resumes from here")
+    crawl_id: str | None = Field(None, description="the crawl's id (default: a new one, or the JOBDIR's)")
+    max_listings: int | None = Field(None, ge=1, description="stop after this many new listings (a quick trial)")
 
 
 def counters(stats: dict[str, Any]) -> list[dict[str, Any]]:
@@ -29,18 +51,12 @@ def artifact_key(site: str) -> str:
     return "crawl-" + (re.sub(r"[^a-z0-9-]+", "-", site.lower()).strip("-") or "site")
 
 
-@flow(name="crawl", log_prints=True)
-def crawl(
-    site: str = "demo",
-    storage: str | None = None,
-    base_url: str | None = None,
-    jobdir: str | None = None,
-    crawl_id: str | None = None,
-    max_listings: int | None = None,
-) -> dict[str, Any]:
+@params_flow(name="crawl", log_prints=True)
+def crawl(params: CrawlParams = CrawlParams()) -> dict[str, Any]:
     """Crawl one site profile into storage and publish its counters as an artifact."""
-    stats = crawl_task(site, storage, base_url, jobdir, crawl_id, None, max_listings)
-    name = stats.get("carflow/site") or site_name(site)
+    p = params
+    stats = crawl_task(p.site, p.storage, p.base_url, p.jobdir, p.crawl_id, None, p.max_listings)
+    name = stats.get("carflow/site") or site_name(p.site)
     create_table_artifact(key=artifact_key(name), table=counters(stats),
                           description=f"crawl {stats.get('crawl_id')} of {name}: quality counters")
     get_run_logger().info("crawl %s of %s: %s", stats.get("crawl_id"), name,
@@ -48,19 +64,15 @@ def crawl(
     return stats
 
 
+def parser() -> argparse.ArgumentParser:
+    return make_parser("carflow crawl", crawl.__doc__, CrawlParams)
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="carflow crawl", description=crawl.__doc__)
-    parser.add_argument("site", help="site profile: a name (spiders/profiles/<name>.yaml or crawl.profiles_dir) "
-                                     "or the path of a YAML file (absolute or relative to here)")
-    parser.add_argument("--storage", help="storage URI (default: settings storage)")
-    parser.add_argument("--base-url", help="replaces {base_url} in the profile's start URLs")
-    parser.add_argument("--jobdir", help="Scrapy JOBDIR: a stopped or killed crawl resumes from here")
-    parser.add_argument("--crawl-id")
-    parser.add_argument("--max-listings", type=int, help="stop after this many new listings (a quick trial)")
-    a = parser.parse_args(argv)
-    site = check_site(a.site)  # a bad profile is one line, before any flow run
-    stats = crawl(site, a.storage, a.base_url, a.jobdir, a.crawl_id, a.max_listings)
+    params = parse_params(CrawlParams, parser().parse_args(argv))
+    # a bad profile is one line, before any flow run
+    stats = crawl(params.model_copy(update={"site": check_site(params.site)}))
     print(json.dumps({"crawl_id": stats.get("crawl_id"), "finish_reason": stats.get("finish_reason"),
                       **{c["counter"]: c["value"] for c in counters(stats)}}, indent=2))
     return 0

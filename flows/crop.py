@@ -33,41 +33,80 @@ import argparse
 import json
 import shlex
 import sys
-from typing import Any
+from typing import Annotated, Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
+from pydantic import Field
 
 from carflow.manifest import CLEAN_SCHEMA, input_key, read_input
 from carflow.settings import get_settings
 from carflow.storage import open_storage
 from flows.entry import entry_point
+from flows.params import (
+    Flag,
+    FlowParams,
+    add_arguments,
+    make_parser,
+    params_flow,
+    parse_params,
+    refresh_field,
+    storage_field,
+)
 from models.detector import registered_weights
 from tasks.crop import crop_config, crop_shard_task, merge_crops_task
 from tasks.detector_train import finetune_task
 from tasks.shards import PLAN_COLUMNS, plan_shards, run_shards
 
 
-@flow(name="crop", log_prints=True)
-def crop(
-    storage: str | None = None,
-    shard_size: int | None = None,
-    source: str | None = None,
-    weights: str | None = None,
-    imgsz: int | None = None,
-    conf: float | None = None,
-) -> dict[str, Any]:
+class CropParams(FlowParams):
+    """A kept photo → its largest vehicle, as a new content-addressed JPEG. Unset fields
+    take the ``crop`` settings."""
+
+    storage: str | None = storage_field()
+    shard_size: int | None = Field(None, ge=1, description="images per shard task (default: ingest.shard_size)")
+    source: str | None = Field(None, description="input stage (clean, car_filter) or manifest key (default: "
+                                                 "car_filter if it has run, else clean)")
+    weights: str | None = Field(None, description="crop.weights: latest (the registry's fine-tune), a .pt path, "
+                                                  "an s3:// URI, a hub name, or none")
+    imgsz: int | None = Field(None, ge=32, description="detector input size in pixels (crop.imgsz)")
+    conf: float | None = Field(None, ge=0, le=1, description="detector confidence threshold (crop.conf)")
+    refresh: bool = refresh_field("detect and crop every image")
+
+
+class DetectorTrainParams(FlowParams):
+    """A YOLO ``data.yaml`` → a registered detector version, promoted to latest."""
+
+    data: str = Field(description="ultralytics data.yaml (images/ + labels/, COCO names)")
+    storage: str | None = storage_field()
+    epochs: int | None = Field(None, ge=1, description="training epochs (default: tasks.detector_train.TRAIN_DEFAULTS)")
+    imgsz: int | None = Field(None, ge=32, description="training image size in pixels")
+    batch: int | None = Field(None, ge=1, description="training batch size")
+    model: str | None = Field(None, description="architecture .yaml (random init) or .pt to start from "
+                                                "(default yolov5nu.yaml)")
+    device: str | None = Field(None, description="torch device (default: ultralytics' choice)")
+    force: bool = Field(False, description="train even when this version (same data and parameters) is stored")
+    extra: Annotated[dict[str, bool | int | float | str] | None, Flag(cli=False)] = Field(
+        None, description="more ultralytics train arguments (lr0, warmup_epochs…) over "
+                          "tasks.detector_train.TRAIN_DEFAULTS; the fields above win over them")
+    command: Annotated[str | None, Flag(cli=False)] = Field(
+        None, description="the command line recorded in the version's meta.json (set by the CLI)")
+
+
+@params_flow(name="crop", log_prints=True)
+def crop(params: CropParams = CropParams()) -> dict[str, Any]:
     """Clean / car-filter manifest → ``manifests/crop/manifest.parquet``. ``weights``,
     ``imgsz`` and ``conf`` override ``crop.weights`` / ``crop.imgsz`` / ``crop.conf``."""
     logger = get_run_logger()
     cfg = get_settings()
+    storage, shard_size = params.storage, params.shard_size
     store = open_storage(storage)
     prefix = cfg.runtime.manifests_prefix
-    overrides = {"weights": weights, "imgsz": imgsz, "conf": conf}
+    overrides = {"weights": params.weights, "imgsz": params.imgsz, "conf": params.conf}
     crop_cfg = cfg.crop.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     # crop.weights=latest → the registered fine-tune's weights.pt (the key then names the version)
     crop_cfg = crop_cfg.model_copy(update={"weights": registered_weights(crop_cfg.weights, store)})
-    source = read_input(store, input_key(store, "crop", source, prefix), CLEAN_SCHEMA, columns=PLAN_COLUMNS)
+    source = read_input(store, input_key(store, "crop", params.source, prefix), CLEAN_SCHEMA, columns=PLAN_COLUMNS)
     shards = plan_shards(source.table, shard_size or cfg.ingest.shard_size)
     config = crop_config(crop_cfg)
     results, fresh = run_shards(
@@ -75,6 +114,7 @@ def crop(
         shards,
         lambda ids: {"storage_uri": storage, "image_ids": ids, "config": config,
                      "gpu_limit": crop_cfg.gpu_limit, "decode_workers": crop_cfg.decode_workers},
+        refresh=params.refresh,
     )
     counted = merge_crops_task(storage, source.key, source.hash, [r["key"] for r in results], prefix)
     reasons = counted["dropped_by_reason"]
@@ -101,27 +141,18 @@ def crop(
     return summary
 
 
-@flow(name="detector-train", log_prints=True)
-def train_detector(
-    data: str,
-    storage: str | None = None,
-    epochs: int | None = None,
-    imgsz: int | None = None,
-    batch: int | None = None,
-    model: str | None = None,
-    device: str | None = None,
-    force: bool = False,
-    command: str | None = None,
-    params: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+@params_flow(name="detector-train", log_prints=True)
+def train_detector(params: DetectorTrainParams) -> dict[str, Any]:
     """Fine-tune the detector on a YOLO ``data.yaml`` → the registered version
-    ``models/detector/<version>/weights.pt``, promoted to ``latest`` (reused when the same data and parameters were trained before, unless ``force``).
-    ``params`` are more ultralytics ``train`` arguments (``lr0``, ``warmup_epochs``…) over
-    ``tasks.detector_train.TRAIN_DEFAULTS``; the named arguments win over them."""
+    ``models/detector/<version>/weights.pt``, promoted to ``latest`` (reused when the same
+    data and parameters were trained before, unless ``force``). ``extra`` are more
+    ultralytics ``train`` arguments (``lr0``, ``warmup_epochs``…) over
+    ``tasks.detector_train.TRAIN_DEFAULTS``; the named fields win over them."""
     logger = get_run_logger()
-    named = {"epochs": epochs, "imgsz": imgsz, "batch": batch, "model": model, "device": device}
-    merged = {**(params or {}), **{k: v for k, v in named.items() if v is not None}}
-    result = finetune_task(storage, data, merged, force, command)
+    p = params
+    named = {"epochs": p.epochs, "imgsz": p.imgsz, "batch": p.batch, "model": p.model, "device": p.device}
+    merged = {**(p.extra or {}), **{k: v for k, v in named.items() if v is not None}}
+    result = finetune_task(p.storage, p.data, merged, p.force, p.command)
     create_table_artifact(
         key="detector-train",
         table=[{"version": result["version"], "weights": result["uri"], "cached": result["cached"],
@@ -134,34 +165,25 @@ def train_detector(
     return result
 
 
+def parser() -> argparse.ArgumentParser:
+    p = make_parser("python -m flows.crop", __doc__, CropParams)
+    sub = p.add_subparsers(dest="command", parser_class=type(p))
+    # the train sub-command's fields are read under train_*: `--imgsz` is crop.imgsz before `train`
+    add_arguments(sub.add_parser("train", help="fine-tune the detector on a YOLO data.yaml",
+                                 description=DetectorTrainParams.__doc__), DetectorTrainParams, dest_prefix="train_")
+    return p
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.crop", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--storage", help="storage URI (default: settings storage)")
-    parser.add_argument("--shard-size", type=int, help="images per shard task (default: ingest.shard_size)")
-    parser.add_argument("--source", help="input stage (clean, car_filter) or manifest key (default: car_filter "
-                                         "if it has run, else clean)")
-    parser.add_argument("--weights", help="crop.weights: latest (the registry's fine-tune), .pt path, s3:// URI, "
-                        "hub name, or none")
-    parser.add_argument("--imgsz", type=int, help="crop.imgsz")
-    parser.add_argument("--conf", type=float, help="crop.conf")
-    sub = parser.add_subparsers(dest="command")
-    t = sub.add_parser("train", help="fine-tune the detector on a YOLO data.yaml")
-    t.add_argument("--data", required=True, help="ultralytics data.yaml (images/ + labels/, COCO names)")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--imgsz", type=int, dest="train_imgsz")
-    t.add_argument("--batch", type=int)
-    t.add_argument("--model", help="architecture .yaml (random init) or .pt to start from (default yolov5nu.yaml)")
-    t.add_argument("--device", help="torch device (default: ultralytics' choice)")
-    t.add_argument("--force", action="store_true", help="train even when this version is stored")
-    a = parser.parse_args(argv)
+    a = parser().parse_args(argv)
     if a.command == "train":
         cmd = shlex.join(["python", "-m", "flows.crop", *(sys.argv[1:] if argv is None else argv)])
-        result = train_detector(a.data, a.storage, a.epochs, a.train_imgsz, a.batch, a.model, a.device, a.force,
-                                command=cmd)
+        given = {"train_storage": a.storage} if "storage" in a else {}  # --storage before `train`
+        given.update(vars(a))
+        result = train_detector(parse_params(DetectorTrainParams, given, dest_prefix="train_", command=cmd))
     else:
-        result = crop(a.storage, a.shard_size, a.source, a.weights, a.imgsz, a.conf)
+        result = crop(parse_params(CropParams, a))
     print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -39,10 +39,11 @@ import argparse
 import json
 import sys
 from datetime import datetime, timezone
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import Field
 
 from carflow import keys
 from carflow.manifest import (
@@ -59,6 +60,15 @@ from carflow.manifest import (
 from carflow.settings import ClassesSettings, SplitSettings, get_settings
 from carflow.storage import open_storage
 from flows.entry import entry_point
+from flows.params import (
+    Flag,
+    FlowParams,
+    make_parser,
+    params_flow,
+    parse_params,
+    refresh_field,
+    storage_field,
+)
 from tasks.classes import assign_classes_task, classes_document, write_classes
 from tasks.export import (
     export_folders_task,
@@ -76,20 +86,33 @@ from tasks.split import (
 )
 
 
-@flow(name="dataset", log_prints=True)
-def dataset(
-    storage: str | None = None,
-    min_images: int | None = None,
-    merge_map: str | None = None,
-    ignore: list[str] | None = None,
-    conflict_policy: str | None = None,
-    export_uri: str | None = None,
-    run: str | None = None,
-    tfrecord: bool | None = None,
-    tfrecord_uri: str | None = None,
-    tfrecord_size: int | None = None,
-    source: str | None = None,
-) -> dict[str, Any]:
+class DatasetParams(FlowParams):
+    """The cleaned/cropped manifest → classes, split, the dataset manifest and exports.
+    Unset fields take the ``classes`` / ``split`` settings."""
+
+    storage: str | None = storage_field()
+    min_images: int | None = Field(None, ge=1, description="classes with fewer images are dropped as rare_class "
+                                                           "(classes.min_images)")
+    merge_map: str | None = Field(None, description="a YAML map of labels to merge (classes.merge_map)")
+    ignore: list[str] | None = Field(None, description="labels or globs to leave out (classes.ignore)")
+    conflict_policy: Literal["majority", "drop"] | None = Field(
+        None, description="a listing with two labels: take the majority, or drop it (classes.conflict_policy)")
+    export_uri: Annotated[str | None, Flag(name="--export")] = Field(
+        None, description="export <split>/<class>/<train_image_id>.jpg here (path or s3:// URI; split.export_uri)")
+    run: str | None = Field(None, description="the run id recorded with new split assignments (default: the time)")
+    tfrecord: Annotated[bool | None, Flag(cli=False)] = Field(
+        None, description="export TFRecord shards, the training format (default: split.tfrecord)")
+    tfrecord_uri: Annotated[str | None, Flag(cli=False)] = Field(
+        None, description="where the TFRecord export goes (default: split.tfrecord_uri, else the storage)")
+    tfrecord_size: int | None = Field(None, ge=16, description="side of the exported JPEGs in pixels "
+                                                               "(split.tfrecord_size, default train.image_size)")
+    source: str | None = Field(None, description="input stage (crop, car_filter, clean) or manifest key; default: "
+                                                 "crop, else the nearest earlier stage that has run")
+    refresh: bool = refresh_field("encode every image of the TFRecord export")
+
+
+@params_flow(name="dataset", log_prints=True)
+def dataset(params: DatasetParams = DatasetParams()) -> dict[str, Any]:
     """Cleaned/cropped manifest → classes.json, split assignments, the dataset manifest
     and the requested exports (folders with ``export_uri``, TFRecord with ``tfrecord``).
     ``source`` (a stage name or manifest key) picks the input; by default the crop
@@ -97,11 +120,14 @@ def dataset(
     must be current. The registry's ``latest`` dataset moves only after the exports."""
     logger = get_run_logger()
     cfg = get_settings()
+    p = params
+    storage, export_uri, run, tfrecord, tfrecord_size = p.storage, p.export_uri, p.run, p.tfrecord, p.tfrecord_size
     store = open_storage(storage)
     prefix = cfg.runtime.manifests_prefix
     overrides = {
         k: v
-        for k, v in {"min_images": min_images, "merge_map": merge_map, "ignore": ignore, "conflict_policy": conflict_policy}.items()
+        for k, v in {"min_images": p.min_images, "merge_map": p.merge_map, "ignore": p.ignore,
+                     "conflict_policy": p.conflict_policy}.items()
         if v is not None
     }
     classes_cfg = ClassesSettings(**{**cfg.classes.model_dump(), **overrides})
@@ -111,7 +137,7 @@ def dataset(
     tfrecord_size = tfrecord_size or split_cfg.tfrecord_size or cfg.train.image_size
     run = run or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
-    inp = read_input(store, input_key(store, "dataset", source, prefix), CLEAN_SCHEMA)
+    inp = read_input(store, input_key(store, "dataset", p.source, prefix), CLEAN_SCHEMA)
     df = to_pandas(inp.table)
     logger.info("dataset input %s: %d rows", store.uri(inp.key), len(df))
     df, not_cropped = with_train_image_id(df)
@@ -138,10 +164,10 @@ def dataset(
         folders = export_folders_task(df, storage, export_uri, cfg.runtime.max_workers)
         exports["folders"] = {"uri": open_storage(export_uri).uri(), **folders}
     if tfrecord:
-        dest = tfrecord_uri or split_cfg.tfrecord_uri
+        dest = p.tfrecord_uri or split_cfg.tfrecord_uri
         index = export_tfrecords_task(
             df, storage, dest, doc, tfrecord_size, split_cfg.tfrecord_shard_images, split_cfg.tfrecord_quality,
-            split_cfg.tfrecord_fit, cfg.runtime.max_workers, version=doc["version"],
+            split_cfg.tfrecord_fit, cfg.runtime.max_workers, version=doc["version"], refresh=p.refresh,
         )
         exports["tfrecord"] = {
             "uri": open_storage(dest or storage).uri(),
@@ -214,34 +240,26 @@ def dataset(
     return summary
 
 
+def parser() -> argparse.ArgumentParser:
+    p = make_parser("python -m flows.dataset", dataset.__doc__, DatasetParams)
+    p.add_argument(
+        "--tfrecord", nargs="?", const="", default=None, metavar="URI",
+        help="export TFRecord shards (default place: split.tfrecord_uri, else the storage)",
+    )
+    p.add_argument("--gc-exports", action="store_true",
+                   help="only delete export shards that no dataset version's export.json references")
+    return p
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.dataset", description=dataset.__doc__)
-    parser.add_argument("--storage", help="storage URI (default: settings storage)")
-    parser.add_argument("--min-images", type=int, help="classes.min_images")
-    parser.add_argument("--merge-map", help="classes.merge_map (YAML)")
-    parser.add_argument("--ignore", nargs="*", help="classes.ignore labels/globs")
-    parser.add_argument("--conflict-policy", choices=["majority", "drop"])
-    parser.add_argument("--export", help="export <split>/<class>/<train_image_id>.jpg here (path or s3:// URI)")
-    parser.add_argument(
-        "--tfrecord", nargs="?", const="", default=None, metavar="URI",
-        help="export TFRecord shards (default place: <storage>/datasets/<version>/tfrecord)",
-    )
-    parser.add_argument("--tfrecord-size", type=int, help="size of the exported JPEGs (split.tfrecord_size)")
-    parser.add_argument("--gc-exports", action="store_true",
-                        help="only delete export shards that no dataset version's export.json references")
-    parser.add_argument("--source", help="input stage (crop, car_filter, clean) or manifest key; default: crop, "
-                        "else the nearest earlier stage that has run")
-    a = parser.parse_args(argv)
+    a = parser().parse_args(argv)
     if a.gc_exports:
-        dest = a.tfrecord or get_settings().split.tfrecord_uri or a.storage
+        dest = a.tfrecord or get_settings().split.tfrecord_uri or getattr(a, "storage", None)
         print(json.dumps(gc_export_shards(open_storage(dest)), indent=2))
         return 0
-    out = dataset(
-        a.storage, a.min_images, a.merge_map, a.ignore, a.conflict_policy, a.export,
-        tfrecord=True if a.tfrecord is not None else None, tfrecord_uri=a.tfrecord or None, tfrecord_size=a.tfrecord_size,
-        source=a.source,
-    )
+    tfrecord = {"tfrecord": True, "tfrecord_uri": a.tfrecord or None} if a.tfrecord is not None else {}
+    out = dataset(parse_params(DatasetParams, a, **tfrecord))
     print(json.dumps(out, indent=2, default=str))
     return 0
 

@@ -28,13 +28,21 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from pydantic import Field
 
 from carflow.registry import Registry, RegistryError
 from carflow.settings import get_settings
 from carflow.storage import open_storage
 from flows.entry import entry_point
+from flows.params import (
+    FlowParams,
+    make_parser,
+    params_flow,
+    parse_params,
+    storage_field,
+)
 from tasks.evaluate import EvaluationError, evaluate_version_task, promote_task, report_markdown
 
 
@@ -71,21 +79,27 @@ def publish_evaluation(summary: Mapping[str, Any], decision: Mapping[str, Any] |
                                  link_text=name)
 
 
-@flow(name="evaluate", log_prints=True)
-def evaluate(
-    storage: str | None = None,
-    model: str = "latest",
-    dataset: str = "latest",
-    promote: bool = False,
-    force: bool = False,
-    calibrate: bool = True,
-) -> dict[str, Any]:
+class EvaluateParams(FlowParams):
+    """A registered classifier on a dataset's test split (+ champion/challenger on request)."""
+
+    storage: str | None = storage_field()
+    model: str = Field("latest", description="classifier: latest, a version, a path or s3:// URI")
+    dataset: str = Field("latest", description="dataset version whose val/test splits to use")
+    promote: bool = Field(False, description="move latest here if its test top-1 is at least the current one's")
+    force: bool = Field(False, description="move latest here whatever the numbers")
+    calibrate: bool = Field(True, description="fit the temperature on val and store it (--no-calibrate keeps "
+                                              "the stored one)")
+
+
+@params_flow(name="evaluate", log_prints=True)
+def evaluate(params: EvaluateParams = EvaluateParams()) -> dict[str, Any]:
     """Evaluate classifier ``model`` on dataset ``dataset``'s val/test splits; with
     ``promote`` (or ``force``) run champion/challenger."""
     logger = get_run_logger()
+    p = params
     config = get_settings().evaluate.model_dump(mode="json")
-    summary = evaluate_version_task(storage, model, dataset, config, calibrate)
-    decision = promote_task(storage, summary["version"], force, config) if (promote or force) else None
+    summary = evaluate_version_task(p.storage, p.model, p.dataset, config, p.calibrate)
+    decision = promote_task(p.storage, summary["version"], p.force, config) if (p.promote or p.force) else None
     publish_evaluation(summary, decision)
     headline = {k: summary.get(k) for k in ("version", "dataset_version", "n_test", "top1", "top5", "macro_f1",
                                              "ece_before", "ece_after", "temperature")}
@@ -96,16 +110,13 @@ def evaluate(
             "label_issues": (summary.get("label_issues") or {}).get("count"), "promotion": decision}
 
 
+def parser() -> argparse.ArgumentParser:
+    return make_parser("python -m flows.evaluate", evaluate.__doc__, EvaluateParams)
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.evaluate", description=evaluate.__doc__)
-    parser.add_argument("--storage", help="storage URI (default: settings storage)")
-    parser.add_argument("--model", default="latest", help="classifier: latest, a version, a path or s3:// URI")
-    parser.add_argument("--dataset", default="latest", help="dataset version whose test split to use")
-    parser.add_argument("--promote", action="store_true", help="move latest here if top-1 >= the current one's")
-    parser.add_argument("--force", action="store_true", help="move latest here whatever the numbers")
-    parser.add_argument("--no-calibrate", action="store_true", help="keep the stored temperature")
-    a = parser.parse_args(argv)
+    a = parse_params(EvaluateParams, parser().parse_args(argv))
     from tasks.export import ExportNotFound, open_export
 
     try:  # a user's mistake is one line, before any flow starts
@@ -116,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"carflow evaluate: {exc}", file=sys.stderr)
         return 2
     try:
-        out = evaluate(a.storage, a.model, a.dataset, a.promote, a.force, not a.no_calibrate)
+        out = evaluate(a)
     except (RegistryError, ExportNotFound, EvaluationError) as exc:
         print(f"carflow evaluate: {exc}", file=sys.stderr)
         return 2

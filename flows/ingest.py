@@ -12,14 +12,24 @@ import hashlib
 import json
 import sys
 from collections import Counter
+from typing import Annotated
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import Field
 
 from carflow.caching import shards
 from carflow.errors import UserError
 from carflow.settings import get_settings
 from flows.entry import entry_point
+from flows.params import (
+    Flag,
+    FlowParams,
+    make_parser,
+    params_flow,
+    parse_params,
+    storage_field,
+)
 from tasks.ingest import (
     build_ingest_manifest_task,
     check_folder_dataset,
@@ -34,15 +44,24 @@ def _storage_uri(storage: str | None) -> str | None:
     return storage  # None → settings default inside each task (pickle-friendly)
 
 
-@flow(name="ingest", log_prints=True)
-def ingest(
-    storage: str | None = None,
-    sites: list[str] | None = None,
-    folders: str | None = None,
-    site: str = "import",
-    listing_regex: str | None = None,
-    label_regex: str | None = None,
-) -> dict:
+class IngestParams(FlowParams):
+    """Listing feeds (and optionally a folder dataset) → manifest v0."""
+
+    storage: str | None = storage_field()
+    sites: Annotated[list[str] | None, Flag(name="--site", action="append", metavar="SITE")] = Field(
+        None, description="only these sites' listing feeds (default: every site; --site is repeatable)")
+    folders: str | None = Field(None, description="first import this seed-style class-folder dataset "
+                                                  "(a local path or s3:// prefix)")
+    site: Annotated[str, Flag(name="--import-site")] = Field(
+        "import", description="the site name the imported folder dataset's listings get")
+    listing_regex: str | None = Field(None, description="folder import: the listing id in a file name "
+                                                        "(default: ingest.listing_regex)")
+    label_regex: str | None = Field(None, description="folder import: make/model/year in a class folder's name "
+                                                      "(default: ingest.label_regex)")
+
+
+@params_flow(name="ingest", log_prints=True)
+def ingest(params: IngestParams = IngestParams()) -> dict:
     """Build ``manifests/ingest/manifest.parquet`` from every listing feed in ``storage``.
 
     With ``folders`` (a local path or ``s3://`` prefix in the seeds' class-folder
@@ -51,6 +70,8 @@ def ingest(
     """
     logger = get_run_logger()
     cfg = get_settings()
+    storage, sites, folders, site = params.storage, params.sites, params.folders, params.site
+    listing_regex, label_regex = params.listing_regex, params.label_regex
     stats: Counter = Counter()
     report: list[str] = []  # what a person running the import must see (main prints it)
 
@@ -133,23 +154,25 @@ def ingest(
     return summary
 
 
+def parser() -> argparse.ArgumentParser:
+    p = make_parser("python -m flows.ingest", ingest.__doc__, IngestParams)
+    p.add_argument("path", nargs="?", help="a seed-style class-folder dataset to import (path or s3://): "
+                                           "the same as --folders, with --layout folders")
+    p.add_argument("--layout", choices=["crawl", "folders"], default="crawl",
+                   help="crawl: read the listing feeds in storage; folders: import PATH first")
+    return p
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.ingest", description=ingest.__doc__)
-    parser.add_argument("path", nargs="?", help="a seed-style class-folder dataset to import (path or s3://)")
-    parser.add_argument("--layout", choices=["crawl", "folders"], default="crawl",
-                        help="crawl: read the listing feeds in storage; folders: import PATH first")
-    parser.add_argument("--storage", help="storage URI (default: settings storage)")
-    parser.add_argument("--site", action="append", dest="sites", help="only these sites' feeds (repeatable)")
-    parser.add_argument("--folders", help="same as PATH with --layout folders")
-    parser.add_argument("--import-site", default="import", help="site name for imported folders")
-    args = parser.parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     if args.path and args.layout != "folders":
-        parser.error("PATH needs --layout folders (crawl feeds are read from storage)")
-    args.folders = args.folders or args.path
-    if args.folders:
-        check_folder_dataset(args.folders)  # a typo is one line, before any flow run
-    summary = ingest(storage=args.storage, sites=args.sites, folders=args.folders, site=args.import_site)
+        p.error("PATH needs --layout folders (crawl feeds are read from storage)")
+    params = parse_params(IngestParams, args, **({"folders": args.path} if args.path and "folders" not in args else {}))
+    if params.folders:
+        check_folder_dataset(params.folders)  # a typo is one line, before any flow run
+    summary = ingest(params)
     for line in summary["report"]:
         print(line)
     print(json.dumps({k: v for k, v in summary.items() if k not in ("stats", "report")}, indent=2))

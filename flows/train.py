@@ -22,11 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import types
-import typing
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -36,10 +34,18 @@ from pydantic import BaseModel, Field, create_model
 
 from carflow.settings import TrainSettings, get_settings
 from flows.entry import entry_point
+from flows.params import (
+    FlowParams,
+    UsageError,
+    make_parser,
+    params_flow,
+    parse_params,
+    storage_field,
+)
 
 #: flow options that are not training settings
 FLOW_FIELDS: dict[str, Any] = {
-    "storage": (Optional[str], Field(None, description="storage URI or path (default: the storage settings)")),  # noqa: UP045
+    "storage": (Optional[str], storage_field()),  # noqa: UP045
     "evaluate": (bool, Field(True, description="evaluate the new version and run champion/challenger")),
     "force": (bool, Field(False, description="move latest to the new version whatever the numbers")),
 }
@@ -47,6 +53,7 @@ FLOW_FIELDS: dict[str, Any] = {
 #: the one parameter model: the flags of `python -m flows.train` / `carflow train` and the Prefect form
 TrainParams: type[BaseModel] = create_model(  # type: ignore[call-overload]
     "TrainParams",
+    __base__=FlowParams,
     __doc__="Training parameters: every `train` setting (None = the settings' value) plus the flow's options.",
     **FLOW_FIELDS,
     **{name: (Optional[f.annotation], Field(None, description=f"train.{name} (default: {f.default!r})"))  # noqa: UP045
@@ -75,7 +82,7 @@ def _progress_hook() -> Any:
     return hook
 
 
-@flow(name="train", log_prints=True)
+@params_flow(name="train", log_prints=True)
 def train(params: TrainParams = TrainParams(), argv: list[str] | None = None) -> dict[str, Any]:  # type: ignore[valid-type]
     """Train a classifier on the latest dataset export (or ``dataset``), register it,
     evaluate it and run champion/challenger."""
@@ -133,28 +140,9 @@ def where(result: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------------------------
 # the command line, from the same model
 # ---------------------------------------------------------------------------------------
-def _inner(annotation: Any) -> Any:
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return args[0] if len(args) == 1 else str
-    return annotation
-
-
 def parser() -> argparse.ArgumentParser:
     """``--<field>`` for every field of :data:`TrainParams` (underscores as dashes)."""
-    p = argparse.ArgumentParser(prog="python -m flows.train", description=train.__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for name, f in TrainParams.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        kind = _inner(f.annotation)
-        if kind is bool:
-            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=f.default, help=f.description)
-        elif typing.get_origin(kind) is Literal:
-            p.add_argument(flag, dest=name, choices=list(typing.get_args(kind)), default=f.default, help=f.description)
-        else:
-            p.add_argument(flag, dest=name, type=kind if kind in (int, float) else str, default=f.default,
-                           help=f.description)
-    return p
+    return make_parser("python -m flows.train", train.__doc__, TrainParams)
 
 
 @entry_point
@@ -165,12 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.train import TrainError
 
     args = list(sys.argv[1:] if argv is None else argv)
-    a = parser().parse_args(args)
     try:
-        params = TrainParams(**vars(a))
+        params = parse_params(TrainParams, parser().parse_args(args))  # a bad flag: one line naming it
         cfg = settings_from(params)  # an invalid combination is one line, before any flow starts
-    except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError names the field
+    except UsageError as exc:
         print(f"carflow train: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError names the field
+        print(f"carflow train: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     try:
         from tasks.export import open_export

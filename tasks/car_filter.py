@@ -135,10 +135,11 @@ def score_shard_to_storage(
     model_uri: str,
     model_version: str,
     config: dict[str, Any],
+    refresh: bool = False,
 ) -> dict[str, Any]:
     """Score one shard under the shard contract (:func:`tasks.shards.run_shard`):
     ``image_id, p_car`` under ``work/car_filter/<content key>.parquet``; a shard already
-    stored loads no model and runs no inference."""
+    stored loads no model and runs no inference (unless ``refresh``)."""
 
     def compute(ids: list[str]) -> tuple[pa.Table, dict[str, Any]]:
         predictor = CarFilterPredictor.load(model_uri, config.get("runtime", "keras"),
@@ -157,7 +158,7 @@ def score_shard_to_storage(
                        "model_version": model_version, "runtime": config.get("runtime", "keras"),
                        "precision": config.get("precision", "fp32")}
 
-    return run_shard(store, score_spec(model_version, config), image_ids, compute)
+    return run_shard(store, score_spec(model_version, config), image_ids, compute, refresh=refresh)
 
 
 @task(name="car-filter-shard", cache_policy=NO_CACHE, **RETRY.io())
@@ -167,12 +168,14 @@ def score_shard_task(
     model_uri: str,
     model_version: str,
     config: dict[str, Any],
+    refresh: bool = False,
 ) -> dict[str, Any]:
     """Keyed on (stage, model version, sorted image ids, config): a shard whose scores are
-    in storage runs no inference, whatever Prefect's local state holds; a new model
-    rescores all."""
+    in storage runs no inference, whatever Prefect's local state holds (unless
+    ``refresh``); a new model rescores all."""
     with gpu_slot():
-        return score_shard_to_storage(open_storage(storage_uri), image_ids, model_uri, model_version, config)
+        return score_shard_to_storage(open_storage(storage_uri), image_ids, model_uri, model_version, config,
+                                      refresh=refresh)
 
 
 def apply_threshold(manifest: pa.Table, scores: pa.Table, threshold: float) -> pa.Table:

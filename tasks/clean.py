@@ -122,15 +122,16 @@ def inspect_rows(
 
 @task(name="inspect-shard", cache_policy=NO_CACHE, **RETRY.io())
 def inspect_shard_task(
-    storage_uri: str | None, image_ids: list[str], config: dict[str, Any], workers: int | None = None
+    storage_uri: str | None, image_ids: list[str], config: dict[str, Any], workers: int | None = None,
+    refresh: bool = False,
 ) -> dict[str, Any]:
     """One shard under the shard contract: its stored output is reused, whatever
-    Prefect's local state holds; else it is decoded and written."""
+    Prefect's local state holds (unless ``refresh``); else it is decoded and written."""
     store = open_storage(storage_uri)
     n = int(workers or min(4, os.cpu_count() or 1))
     fix_cfg, quality_cfg = FixSettings(**config["fix"]), QualitySettings(**config["quality"])
     return run_shard(store, shard_spec(config), image_ids,
-                     lambda ids: inspect_rows(store, ids, fix_cfg, quality_cfg, workers=n))
+                     lambda ids: inspect_rows(store, ids, fix_cfg, quality_cfg, workers=n), refresh=refresh)
 
 
 # ---------------------------------------------------------------------------------------

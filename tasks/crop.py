@@ -312,10 +312,11 @@ def crop_shard_to_storage(
     model: Any = None,
     slot: Callable[[], AbstractContextManager[Any]] = nullcontext,
     config: dict[str, Any] | None = None,
+    refresh: bool = False,
 ) -> dict[str, Any]:
     """Crop one shard under the shard contract (:func:`tasks.shards.run_shard`): rows
     under ``work/crop/<content key>.parquet`` plus its ``.stats.json``; a shard whose
-    output is already stored loads no model and runs no inference. Returns
+    output is already stored loads no model and runs no inference (unless ``refresh``). Returns
     ``{"key", "stats", "reused"}``."""
     config = config if config is not None else crop_config(cfg)
 
@@ -329,7 +330,7 @@ def crop_shard_to_storage(
         rows = crop_images(storage, ids, net, cfg, slot=slot, stats=stats)
         return pa.Table.from_pylist(rows, schema=CROP_SCHEMA), dict(sorted(stats.items()))
 
-    return run_shard(storage, crop_spec(config), image_ids, compute)
+    return run_shard(storage, crop_spec(config), image_ids, compute, refresh=refresh)
 
 
 def merge_crops(manifest: pa.Table, results: pa.Table) -> pa.Table:
@@ -363,13 +364,15 @@ def crop_shard_task(
     config: dict[str, Any],
     gpu_limit: str = "gpu",
     decode_workers: int = 4,
+    refresh: bool = False,
 ) -> dict[str, Any]:
     """Keyed on (stage, version, sorted image ids, crop config incl. weights version): a
     shard whose output is in storage loads no model and runs no inference, whatever
-    Prefect's local state holds. ``gpu_limit`` and ``decode_workers`` do not change
-    results and are not part of the key."""
+    Prefect's local state holds (unless ``refresh``). ``gpu_limit`` and ``decode_workers``
+    do not change results and are not part of the key."""
     fields = set(CropSettings.model_fields)
     cfg = CropSettings(**{k: v for k, v in config.items() if k in fields}, decode_workers=decode_workers)
     return crop_shard_to_storage(
-        open_storage(storage_uri), image_ids, cfg, slot=functools.partial(gpu_slot, gpu_limit), config=config
+        open_storage(storage_uri), image_ids, cfg, slot=functools.partial(gpu_slot, gpu_limit), config=config,
+        refresh=refresh,
     )

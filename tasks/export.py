@@ -359,6 +359,7 @@ def export_tfrecords(
     dest: Storage | None = None,
     version: str | None = None,
     task: str = "multiclass",
+    refresh: bool = False,
 ) -> dict[str, Any]:
     """Export the dataset rows incrementally as content-keyed TFRecord shards, then the
     dataset version's index ``datasets/<version>/export.json`` (last: the pointer).
@@ -375,7 +376,8 @@ def export_tfrecords(
     than half a shard (so small tails do not pile up). So 1% new images re-encode about
     1%, and a class merge or an ignore-list change re-encodes nothing: the index maps
     label text → class. Missing or undecodable images are left out and listed, never
-    fatal; an undecodable one is not retried, a missing one when it appears.
+    fatal; an undecodable one is not retried, a missing one when it appears. ``refresh``
+    starts from nothing: every row is encoded again, overwriting shards of the same key.
 
     Returns the index plus ``skipped`` (the same index was already there),
     ``encoded`` (images encoded now), ``written`` (= ``encoded``), ``shards_written``,
@@ -395,7 +397,7 @@ def export_tfrecords(
         raise ExportError("task 'multilabel' needs an `attributes` column with tags on the dataset rows")
 
     # -- what the family's last index holds, and what of it can stay -----------------------
-    prev = _previous_index(dest, family)
+    prev = None if refresh else _previous_index(dest, family)
     prev_shards: list[tuple[str, dict[str, Any]]] = []
     if prev is not None:
         for split, info in prev.get("splits", {}).items():
@@ -467,7 +469,7 @@ def export_tfrecords(
             ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
         for split, rows in plans:
             planned = shard_content_key(rows, size, fit, quality)
-            if dest.exists(keys.export_shard_key(family, planned, "parquet")):  # written by an interrupted run
+            if not refresh and dest.exists(keys.export_shard_key(family, planned, "parquet")):  # an interrupted run's
                 done = _read_members(dest, family, planned)
                 new_shards.append((split, {"key": planned, "records": len(done),
                                            "bytes": _size_of(dest, keys.export_shard_key(family, planned))}))
@@ -932,9 +934,10 @@ def export_tfrecords_task(
     max_workers: int = 4,
     version: str | None = None,
     task: str = "multiclass",
+    refresh: bool = False,
 ) -> dict[str, Any]:
     store = open_storage(storage)
     return export_tfrecords(
         df, store, classes_doc, size, shard_images, quality, fit, max_workers,
-        dest=open_storage(dest_uri) if dest_uri else store, version=version, task=task,
+        dest=open_storage(dest_uri) if dest_uri else store, version=version, task=task, refresh=refresh,
     )

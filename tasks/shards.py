@@ -14,7 +14,8 @@ filter's scoring, the crop), and the ``gpu`` concurrency slot the model stages h
    (:func:`carflow.keys.shard_key` / :func:`carflow.keys.shard_stats_key`), the stats
    file written last. A shard whose two files exist in the storage is never computed
    again, whatever Prefect's local cache holds: a new worker container, or a second
-   machine on the same bucket, reuses it. Shard tasks take no Prefect cache
+   machine on the same bucket, reuses it; a stage's ``refresh`` parameter recomputes and
+   overwrites it. Shard tasks take no Prefect cache
    (``cache_policy=NO_CACHE``): the storage is the cache. A shard with a missing input
    (stats ``incomplete``) is written under ``<content key>.partial.parquet`` and never
    counts as done: a transient miss is retried by the next run, not kept forever.
@@ -134,11 +135,12 @@ def write_shard(storage: Storage, spec: ShardSpec, image_ids: Sequence[str], tab
 
 
 def run_shard(storage: Storage, spec: ShardSpec, image_ids: list[str],
-              compute: Callable[[list[str]], ShardOutput]) -> dict[str, Any]:
-    """The contract: reuse the shard's stored output when it exists, else
-    ``compute(image_ids)`` → ``(rows, stats)`` and write both. Returns
-    ``{"key", "stats", "reused"}`` (small: that is all that goes through Prefect)."""
-    stored = stored_shard(storage, spec, image_ids)
+              compute: Callable[[list[str]], ShardOutput], refresh: bool = False) -> dict[str, Any]:
+    """The contract: reuse the shard's stored output when it exists (unless ``refresh``:
+    then compute it again and overwrite it), else ``compute(image_ids)`` → ``(rows, stats)``
+    and write both. Returns ``{"key", "stats", "reused"}`` (small: that is all that goes
+    through Prefect)."""
+    stored = None if refresh else stored_shard(storage, spec, image_ids)
     if stored is not None:
         return stored
     table, stats = compute(image_ids)
@@ -208,19 +210,23 @@ def _logger() -> Any:
 
 
 def run_shards(
-    task: Any, shards: list[list[str]], arguments: Callable[[list[str]], dict[str, Any]], *, limit: int | None = None
+    task: Any, shards: list[list[str]], arguments: Callable[[list[str]], dict[str, Any]], *, limit: int | None = None,
+    refresh: bool = False,
 ) -> tuple[list[dict[str, Any]], list[list[str]]]:
     """Submit ``task(**arguments(ids))`` for every shard (the task calls :func:`run_shard`
     and opens the storage itself: no storage argument here), at most ``limit`` at a time
     (default ``runtime.max_workers``; keyword-only, so a stray positional argument fails
     at the call), with one progress line per finished shard (:class:`_Progress`); returns
-    the results and the shards that really ran (not reused from storage)."""
+    the results and the shards that really ran (not reused from storage). ``refresh``
+    (a stage's ``refresh`` parameter) is handed to every task as ``refresh=True``, for its
+    :func:`run_shard`: stored shards are computed again and overwritten."""
     from carflow.settings import get_settings
     from tasks.retry import with_retry_policy
 
     runtime = get_settings().runtime
     task = with_retry_policy(task, runtime)
-    results = submit_bounded(task, (arguments(ids) for ids in shards), limit or runtime.max_workers,
+    extra = {"refresh": True} if refresh else {}
+    results = submit_bounded(task, ({**arguments(ids), **extra} for ids in shards), limit or runtime.max_workers,
                              sizes=[len(ids) for ids in shards])
     fresh = [ids for ids, r in zip(shards, results, strict=True) if not r.get("reused")]
     return results, fresh

@@ -101,7 +101,7 @@ def test_deploy_all_then_a_worker_runs_a_deployment(live_server, tmp_path):
     data = _folder_dataset(tmp_path / "seed")
     storage = tmp_path / "storage"
     flow_run = _api(base, "POST", f"/deployments/{by_name['ingest']['id']}/create_flow_run",
-                    {"parameters": {"storage": str(storage), "folders": str(data), "site": "seed"}})
+                    {"parameters": {"params": {"storage": str(storage), "folders": str(data), "site": "seed"}}})
     wenv = dict(env, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="5")
     worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "cpu", "--type", "process",
                                "--run-once"], env=wenv, cwd=tmp_path, stdout=subprocess.PIPE,

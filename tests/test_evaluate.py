@@ -513,7 +513,7 @@ def test_evaluate_flow_publishes_artifacts_and_forces(registered, prefect_server
 
     from flows.evaluate import evaluate
 
-    out = evaluate(registered.uri(), "chal", "ds1", promote=True, force=True)
+    out = evaluate(storage=registered.uri(), model="chal", dataset="ds1", promote=True, force=True)
     assert out["promotion"]["promoted"] and out["promotion"]["reason"].startswith("forced")
     assert Registry(registered).latest("classifier").version == "chal"
     assert {"confusion.png", "reliability.png", "metrics.json"} <= set(out["files"])

@@ -137,10 +137,10 @@ def test_clean_on_a_dask_cluster_gives_the_local_manifest(tmp_path, prefect_serv
     ids_remote = write_bulk_ingest(open_storage(remote), 120, bodies=6, broken_every=10)
     assert ids_local == ids_remote
 
-    local_summary = clean.with_options(task_runner=task_runner("cpu", RuntimeSettings()))(local, shard_size=40)
+    local_summary = clean.with_options(task_runner=task_runner("cpu", RuntimeSettings()))(storage=local, shard_size=40)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         runtime = RuntimeSettings(task_runner="dask", dask_address=cluster.scheduler_address)
-        dask_summary = clean.with_options(task_runner=task_runner("cpu", runtime))(remote, shard_size=40)
+        dask_summary = clean.with_options(task_runner=task_runner("cpu", runtime))(storage=remote, shard_size=40)
         with Client(cluster) as client:  # the shards really ran in the workers' processes
             ran = client.run(lambda: "tasks.clean" in sys.modules)
     assert any(ran.values()), ran
