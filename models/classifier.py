@@ -160,6 +160,15 @@ def build_classifier(num_outputs: int, cfg: Any, task: str = "multiclass") -> An
     return model
 
 
+def load_keras_model(path: str | Path, compile: bool = False) -> Any:
+    """``keras.models.load_model`` for a classifier file, training checkpoints included
+    (their ``augment`` sub-model holds :class:`models.augment.RandomAffine`, registered by
+    importing that module first)."""
+    import models.augment  # noqa: F401 - registers carflow>RandomAffine for deserialisation
+
+    return import_keras().models.load_model(path, compile=compile)
+
+
 def _load_weights(keras: Any, model: Any, spec: str) -> None:
     from models.car_filter import local_weights
 
@@ -167,7 +176,7 @@ def _load_weights(keras: Any, model: Any, spec: str) -> None:
     if not path.endswith(".keras"):
         model.load_weights(path)
         return
-    src = keras.models.load_model(path, compile=False)
+    src = load_keras_model(path)
     try:
         model.set_weights(src.get_weights())
     except ValueError as exc:
@@ -325,10 +334,9 @@ class ClassifierPredictor:
                     Path(tmp, name).write_bytes(version.get(name))
                 model = OpenVinoModel(Path(tmp, XML), "fp32")
             else:
-                keras = import_keras()
                 path = Path(tmp, MODEL_FILE)
                 path.write_bytes(version.get(MODEL_FILE))
-                model = keras.models.load_model(path, compile=False)
+                model = load_keras_model(path)
         return cls(model, labels, task, size, temperature, version.version, config, runtime)
 
     # -- predicting ----------------------------------------------------------------------

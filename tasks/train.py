@@ -596,11 +596,12 @@ class Checkpointer:
             self.store.delete(self.key(old["checkpoint"]))
 
     def load_model(self, state: Mapping[str, Any]) -> Any:
-        keras = import_keras()
         with tempfile.TemporaryDirectory(prefix="carflow-ckpt-") as tmp:
             path = Path(tmp) / state["checkpoint"]
             path.write_bytes(self.store.get(self.key(state["checkpoint"])))
-            return keras.models.load_model(path)
+            from models.classifier import load_keras_model
+
+            return load_keras_model(path, compile=True)
 
     def clear(self) -> None:
         """Remove the checkpoints and state (the TensorBoard logs stay)."""
