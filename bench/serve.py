@@ -74,11 +74,6 @@ class KerasImages:
         return np.asarray(self.fn(self.tf.cast(x, self.tf.float32)))
 
 
-class BenchCarFilter(KerasImages):
-    def predict(self, images):
-        return self(images).reshape(-1)
-
-
 class BenchClassifier(KerasImages):
     labels = LABELS
     temperature = 1.0
@@ -93,6 +88,7 @@ def run_carflow(port: int, models: dict[str, str], store: str, batching: bool) -
 
     from carflow.registry import Registry
     from carflow.settings import load_settings
+    from models.car_filter import CarFilterPredictor, load_model_file
     from models.crop import CropPredictor
     from serve.app import create_app
 
@@ -107,7 +103,8 @@ def run_carflow(port: int, models: dict[str, str], store: str, batching: bool) -
              "queue_size": 256, "car_threshold": 0.0, "request_timeout_s": 120}
     settings = load_settings(storage={"root": store}, crop=crop, serve=serve, fix={"min_side": 32})
     loaders = {
-        "car_filter": lambda v, s: BenchCarFilter(str(v.local_path()), v.version),
+        # the real predictor (its one decode + resize), in Keras fp32 as the classifier runs here
+        "car_filter": lambda v, s: CarFilterPredictor(load_model_file(str(v.local_path())), "keras", "fp32", v.version),
         "detector": lambda v, s: CropPredictor.load("none", s.crop, version=v.version),
         "classifier": lambda v, s: BenchClassifier(str(v.local_path()), v.version),
     }

@@ -113,15 +113,18 @@ def train_detector(
     force: bool = False,
     command: str | None = None,
     params: dict[str, Any] | None = None,
+    crop: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the detector on a YOLO ``data.yaml`` → the registered version
     ``models/detector/<version>/weights.pt``, promoted to ``latest`` (reused when the same data and parameters were trained before, unless ``force``).
     ``params`` are more ultralytics ``train`` arguments (``lr0``, ``warmup_epochs``…) over
-    ``tasks.detector_train.TRAIN_DEFAULTS``; the named arguments win over them."""
+    ``tasks.detector_train.TRAIN_DEFAULTS``; the named arguments win over them. ``crop``
+    (``imgsz``, ``conf``, ``keep_classes``) overrides the crop settings stored with the
+    version (``tasks.detector_train.crop_meta``)."""
     logger = get_run_logger()
     named = {"epochs": epochs, "imgsz": imgsz, "batch": batch, "model": model, "device": device}
     merged = {**(params or {}), **{k: v for k, v in named.items() if v is not None}}
-    result = finetune_task(storage, data, merged, force, command)
+    result = finetune_task(storage, data, merged, force, command, crop=crop)
     create_table_artifact(
         key="detector-train",
         table=[{"version": result["version"], "weights": result["uri"], "cached": result["cached"],
