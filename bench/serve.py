@@ -87,11 +87,6 @@ class KerasImages:
         return np.asarray(self.model.predict_on_batch(x))
 
 
-class BenchCarFilter(KerasImages):
-    def predict(self, images):
-        return self(images).reshape(-1)
-
-
 class BenchClassifier(KerasImages):
     labels = LABELS
     temperature = 1.0
@@ -106,6 +101,7 @@ def run_carflow(port: int, models: dict[str, str], store: str, batching: bool) -
 
     from carflow.registry import Registry
     from carflow.settings import load_settings
+    from models.car_filter import CarFilterPredictor, load_model_file
     from models.crop import CropPredictor
     from serve.app import create_app
 
@@ -120,7 +116,8 @@ def run_carflow(port: int, models: dict[str, str], store: str, batching: bool) -
              "queue_size": 256, "car_threshold": 0.0, "request_timeout_s": 120}
     settings = load_settings(storage={"root": store}, crop=crop, serve=serve, fix={"min_side": 32})
     loaders = {
-        "car_filter": lambda v, s: BenchCarFilter(str(v.local_path()), v.version),
+        # the real predictor (its one decode + resize), in Keras fp32 as the classifier runs here
+        "car_filter": lambda v, s: CarFilterPredictor(load_model_file(str(v.local_path())), "keras", "fp32", v.version),
         "detector": lambda v, s: CropPredictor.load("none", s.crop, version=v.version),
         "classifier": lambda v, s: BenchClassifier(str(v.local_path()), v.version),
     }

@@ -144,7 +144,7 @@ def has_jpeg_eoi(data: bytes) -> bool:
     entropy-coded data never contains ``FF D9`` (0xFF bytes there are stuffed with
     0x00), so a trailer after the EOI is allowed. A file cut exactly after such a
     thumbnail passes this test; its decode then fails as truncated, which
-    ``tasks.fix`` handles the same way."""
+    ``carflow.fixer`` handles the same way."""
     if data[-2:] == JPEG_EOI or data[-66:].rstrip(b"\x00").endswith(JPEG_EOI):
         return True
     sos = data.rfind(JPEG_SOS)
@@ -262,7 +262,7 @@ def decode_small(data: bytes, target: int = 32, max_pixels: int = 40_000_000) ->
     """Open ``data`` (bomb-checked) and decode it small, as RGB.
 
     For a JPEG this decodes at 1/2, 1/4 or 1/8 scale (the smallest that keeps the
-    short side ≥ ``target`` and the long side ≥ ``2 * target``). Ignores EXIF orientation: use ``tasks.fix.fix_image`` for
+    short side ≥ ``target`` and the long side ≥ ``2 * target``). Ignores EXIF orientation: use ``carflow.fixer.fix_image`` for
     the full treatment."""
     im = open_checked(data, max_pixels)
     small = draft_small(im, target)
@@ -338,100 +338,33 @@ def image_decoded_rows(
 
 
 # ---------------------------------------------------------------------------------------
-# one upload/photo through the fixer's checks (serving)
+# the full decode of a stored image (the crop stage and serving)
 # ---------------------------------------------------------------------------------------
-class ImageRejected(ValueError):
-    """An image refused by :func:`screen` / :func:`decode_checked`: ``reason`` is one of
-    the fixer's drop reasons (``empty``, ``not_image``, ``unsupported_format``,
-    ``too_large``, ``too_small``, ``truncated``, ``decode_error``)."""
-
-    def __init__(self, reason: str, detail: str):
-        self.reason, self.detail = reason, detail
-        super().__init__(f"{reason}: {detail}")
+#: decompression-bomb guard of :func:`decode_rgb` (the fixer's default ``max_pixels``)
+DECODE_MAX_PIXELS = 40_000_000
 
 
-def screen(data: bytes, allowed_formats, max_pixels: int, min_side: int, min_bytes: int = 1) -> Image.Image:
-    """The fixer's checks that need no pixels, in its order: ``empty`` → ``not_image`` →
-    ``unsupported_format`` → ``too_large`` (from the header; nothing allocated) →
-    ``too_small``. Returns the opened (not decoded) image or raises :class:`ImageRejected`."""
-    if len(data) < max(min_bytes, 1):
-        raise ImageRejected("empty", f"{len(data)} bytes")
-    fmt = sniff(data)
-    if fmt in NOT_IMAGE_FORMATS:
-        raise ImageRejected("not_image", f"content is {fmt}")
-    if fmt is None:
-        try:
-            with Image.open(io.BytesIO(data)) as probe:
-                other = (probe.format or "unknown").lower()
-        except Exception:
-            raise ImageRejected("not_image", "unknown content") from None
-        raise ImageRejected("unsupported_format", f"format {other} is not accepted")
-    if fmt not in allowed_formats:
-        raise ImageRejected("unsupported_format", f"format {fmt} is not accepted (allowed: {', '.join(allowed_formats)})")
-    try:
-        im = open_checked(data, max_pixels, fmt)
-    except ImageTooLarge as exc:
-        raise ImageRejected("too_large", str(exc)) from None
-    except Exception as exc:  # noqa: BLE001 - a header Pillow cannot read
-        raise ImageRejected("decode_error", f"{type(exc).__name__}: {exc}"[:300]) from None
-    if min(im.size) < min_side:
-        im.close()
-        raise ImageRejected("too_small", f"{im.width}x{im.height} < min_side {min_side}")
-    return im
-
-
-def decode_checked(data: bytes, allowed_formats, max_pixels: int, min_side: int, min_bytes: int = 1,
-                   min_decoded_fraction: float = 0.9) -> np.ndarray:
-    """:func:`screen`, then one full decode to an upright RGB ``uint8`` array as the
-    fixer makes it: first frame, EXIF orientation, alpha on white; a JPEG cut short is
-    kept (cropped to the rows that decoded) when at least ``min_decoded_fraction`` of its
-    rows decoded, else ``truncated``. Raises :class:`ImageRejected`."""
+def decode_rgb(data: bytes, max_pixels: int = DECODE_MAX_PIXELS) -> np.ndarray:
+    """Bytes → upright RGB ``uint8`` array (EXIF orientation applied; bombs refused with
+    :class:`ImageTooLarge`). What the crop stage decodes each stored image with, and what
+    serving decodes the fixer's stored bytes with (:meth:`carflow.fixer.FixResult.stored_bytes`),
+    so both hand the detector the same pixels."""
     from PIL import ImageOps
 
-    im = screen(data, allowed_formats, max_pixels, min_side, min_bytes)
-    try:
-        is_jpeg = im.format in ("JPEG", "MPO")
-        complete = not is_jpeg or has_jpeg_eoi(data)
-        if complete:
-            try:
-                im.load()
-            except OSError as exc:
-                if not is_jpeg or "truncated" not in str(exc).lower():
-                    raise ImageRejected("truncated" if "truncated" in str(exc).lower() else "decode_error",
-                                        f"{type(exc).__name__}: {exc}"[:300]) from None
-                complete = False
-        if not complete:
-            full = load_truncated_jpeg(data, max_pixels)
-            rows = decoded_rows(np.asarray(full))
-            if rows == 0 or rows / full.height < min_decoded_fraction:
-                raise ImageRejected("truncated", f"only {rows / full.height:.1%} of rows decoded "
-                                                 f"(< {min_decoded_fraction:.0%})")
-            im = full.crop((0, 0, full.width, rows)) if rows < full.height else full
-        else:
-            im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-            rgba = im.convert("RGBA")
-            out = Image.new("RGB", im.size, (255, 255, 255))
-            out.paste(rgba, mask=rgba.getchannel("A"))
-            im = out
-        rgb = np.asarray(im.convert("RGB"))
-    except ImageRejected:
-        raise
-    except Exception as exc:  # noqa: BLE001 - bad input is a reason, never a crash
-        raise ImageRejected("decode_error", f"{type(exc).__name__}: {exc}"[:300]) from None
-    if min(rgb.shape[:2]) < min_side:
-        raise ImageRejected("too_small", f"{rgb.shape[1]}x{rgb.shape[0]} < min_side {min_side}")
-    return rgb
+    with open_checked(data, max_pixels) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        return np.asarray(im.convert("RGB"))
 
 
 __all__ = [
     "IMAGE_FORMATS",
     "NOT_IMAGE_FORMATS",
     "PIL_FORMATS",
-    "ImageRejected",
     "ImageTooLarge",
     "UnidentifiedImageError",
-    "decode_checked",
+    "DECODE_MAX_PIXELS",
+    "decode_rgb",
     "decode_small",
     "decoded_rows",
     "draft_request",
@@ -444,6 +377,5 @@ __all__ = [
     "load_truncated_jpeg",
     "open_checked",
     "reduce_to",
-    "screen",
     "sniff",
 ]

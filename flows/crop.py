@@ -89,6 +89,9 @@ class DetectorTrainParams(FlowParams):
     extra: Annotated[dict[str, bool | int | float | str] | None, Flag(cli=False)] = Field(
         None, description="more ultralytics train arguments (lr0, warmup_epochs…) over "
                           "tasks.detector_train.TRAIN_DEFAULTS; the fields above win over them")
+    crop: Annotated[dict[str, int | float | list[int]] | None, Flag(cli=False)] = Field(
+        None, description="crop settings stored with the version (imgsz, conf, keep_classes) over the crop "
+                          "settings (tasks.detector_train.crop_meta)")
     command: Annotated[str | None, Flag(cli=False)] = Field(
         None, description="the command line recorded in the version's meta.json (set by the CLI)")
 
@@ -147,12 +150,14 @@ def train_detector(params: DetectorTrainParams) -> dict[str, Any]:
     ``models/detector/<version>/weights.pt``, promoted to ``latest`` (reused when the same
     data and parameters were trained before, unless ``force``). ``extra`` are more
     ultralytics ``train`` arguments (``lr0``, ``warmup_epochs``…) over
-    ``tasks.detector_train.TRAIN_DEFAULTS``; the named fields win over them."""
+    ``tasks.detector_train.TRAIN_DEFAULTS``; the named fields win over them. ``crop``
+    (``imgsz``, ``conf``, ``keep_classes``) overrides the crop settings stored with the
+    version (``tasks.detector_train.crop_meta``)."""
     logger = get_run_logger()
     p = params
     named = {"epochs": p.epochs, "imgsz": p.imgsz, "batch": p.batch, "model": p.model, "device": p.device}
     merged = {**(p.extra or {}), **{k: v for k, v in named.items() if v is not None}}
-    result = finetune_task(p.storage, p.data, merged, p.force, p.command)
+    result = finetune_task(p.storage, p.data, merged, p.force, p.command, crop=p.crop)
     create_table_artifact(
         key="detector-train",
         table=[{"version": result["version"], "weights": result["uri"], "cached": result["cached"],

@@ -204,7 +204,7 @@ def bootstrap_detector(storage: str | None, site_dir: str, workdir: str, recipe:
     same photos, boxes and recipe were trained before) + its held-out IoU ≥ 0.5 rate."""
     data = yolo_dataset(site_dir, str(Path(workdir) / "detector-data" / Path(site_dir).name))
     params = {k: v for k, v in recipe.items() if k != "crop_conf"}
-    result = train_detector(data=data["data"], storage=storage, extra=params,
+    result = train_detector(data=data["data"], storage=storage, extra=params, crop={"conf": recipe["crop_conf"]},
                             command=f"python -m flows.demo (bootstrap detector, recipe {params})")
     hits = held_out_hits(storage, result["version"], result["weights"], recipe["imgsz"], recipe["crop_conf"],
                          data["held_out"])

@@ -19,7 +19,7 @@ this module loads nothing.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -206,7 +206,11 @@ def has_gpu() -> bool:
 def decode_resize(data: Any, image_size: int) -> Any:
     """Encoded bytes (a scalar string tensor) → float32 ``image_size``² RGB in [0, 255].
     JPEGs are decoded at the largest DCT scale (1/2, 1/4, 1/8) that still leaves the short
-    side ≥ ``image_size`` ("decode once, small"); other formats through ``decode_image``."""
+    side ≥ ``image_size`` ("decode once, small"); other formats through ``decode_image``.
+
+    The car filter's only preprocessing: training's tf.data input, the scoring stage
+    (:meth:`CarFilterPredictor.predict_encoded`) and serving
+    (:meth:`CarFilterPredictor.preprocess`) all run it on the clean stage's stored bytes."""
     tf = import_tensorflow()
 
     def jpeg():
@@ -238,12 +242,14 @@ class CarFilterPredictor:
 
     - :meth:`load` (a ``model.keras`` path / ``s3://`` URI, cached per process) or the
       constructor (a Keras model, or an :class:`OpenVinoModel`);
-    - :meth:`predict`: decoded uint8 RGB images (H, W, 3), any size → ``p_car`` per image;
+    - :meth:`preprocess` (bytes → the model's input: :func:`decode_resize`, the one
+      decode + resize of training, scoring and serving) and :meth:`predict_inputs`
+      (a batch of those → ``p_car``): serving;
     - :meth:`predict_encoded`: encoded image bytes → ``p_car`` (NaN where undecodable)
-      through tf.data (parallel decode at a reduced JPEG scale, batch, prefetch).
+      through tf.data (the same :func:`decode_resize`, in parallel, batch, prefetch):
+      the scoring stage.
 
-    The model takes RGB pixels in [0, 255] at ``image_size``²; resizing is bilinear, as in
-    training."""
+    The model takes RGB pixels in [0, 255] at ``image_size``²."""
 
     _cache: dict[str, CarFilterPredictor] = {}
     _cache_lock = threading.Lock()
@@ -257,6 +263,7 @@ class CarFilterPredictor:
         self.batch_size = int(batch_size)
         self.image_size = int(model.input_shape[1])
         self._forward: Any = None
+        self._preprocess: Any = None
 
     @classmethod
     def from_keras(cls, model: Any, runtime: str = "auto", precision: str = "auto", alpha: float = 1.0,
@@ -293,17 +300,34 @@ class CarFilterPredictor:
                 self._forward = tf.function(lambda b: model(b, training=False), reduce_retracing=True)
         return np.asarray(self._forward(x), dtype=np.float32).reshape(-1)
 
-    def predict(self, images: Sequence[np.ndarray] | np.ndarray, batch_size: int | None = None) -> np.ndarray:
-        """``p_car`` for decoded uint8 RGB images (each (H, W, 3), sizes may differ)."""
+    def preprocess(self, data: bytes) -> np.ndarray | None:
+        """Encoded bytes → the model's input, float32 (size, size, 3) in [0, 255]: the ONE
+        preprocessing of the car filter (:func:`decode_resize`: TensorFlow's JPEG decode
+        at a reduced DCT scale, bilinear resize). :meth:`predict_encoded` (the scoring
+        stage) maps the same function over tf.data, training maps it over its input
+        pipeline, and serving calls this per upload on the fixer's stored bytes, so all
+        three give the model the same pixels. None where the bytes do not decode (the
+        scoring stage's ``not_scored``)."""
         tf = import_tensorflow()
 
-        out = np.zeros(len(images), np.float32)
+        if self._preprocess is None:
+            size = self.image_size
+            self._preprocess = tf.function(lambda b: decode_resize(b, size),
+                                           input_signature=[tf.TensorSpec([], tf.string)])
+        if not data:
+            return None
+        try:
+            return self._preprocess(tf.constant(data)).numpy()
+        except (tf.errors.OpError, ValueError):
+            return None
+
+    def predict_inputs(self, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """``p_car`` for a batch of :meth:`preprocess` outputs (N, size, size, 3)."""
+        x = np.asarray(x, np.float32)
+        out = np.zeros(len(x), np.float32)
         bs = int(batch_size or self.batch_size)
-        size = self.image_size
-        for start in range(0, len(images), bs):
-            chunk = images[start : start + bs]
-            x = tf.stack([tf.image.resize(tf.convert_to_tensor(np.asarray(im)), (size, size)) for im in chunk])
-            out[start : start + len(chunk)] = self.forward(tf.cast(x, tf.float32))
+        for start in range(0, len(x), bs):
+            out[start : start + bs] = self.forward(x[start : start + bs])
         return out
 
     def predict_encoded(self, blobs: Iterable[bytes], count: int | None = None,

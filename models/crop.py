@@ -7,12 +7,18 @@ images in, one padded vehicle box (or a reason) per image out, from ONE forward 
 
 COCO ``car`` (2) and ``truck`` (7) are merged into one output class, ``vehicle``, as the
 seed scripts did; the box with the largest area wins.
+
+The settings a detector's boxes depend on (:data:`DETECTOR_FIELDS`: ``imgsz``, ``conf``,
+``keep_classes``) are stored with each fine-tuned version (``meta.json`` ``crop``,
+written by ``tasks/detector_train.py``); :func:`detector_settings` applies them wherever
+``crop.*`` does not set them explicitly, for the crop stage and serving alike.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +27,35 @@ from carflow.manifest import DROPPED, KEPT
 from carflow.settings import CropSettings
 
 VEHICLE = "vehicle"
+#: the crop settings stored with a detector version (``meta.json`` → ``crop``)
+DETECTOR_FIELDS = ("imgsz", "conf", "keep_classes")
+#: the weights file of a registered detector version (``models.detector.version_weights``)
+WEIGHTS_NAME = "weights.pt"
+
+
+def detector_settings(cfg: CropSettings, meta: Mapping[str, Any] | None) -> CropSettings:
+    """``cfg`` with the detector version's stored crop settings (``meta["crop"]``) for
+    each of :data:`DETECTOR_FIELDS` that ``cfg`` does not set explicitly (pydantic's
+    ``model_fields_set``: an env variable, the YAML file, a keyword or a CLI flag)."""
+    stored = (meta or {}).get("crop") or {}
+    update = {k: stored[k] for k in DETECTOR_FIELDS if k in stored and k not in cfg.model_fields_set}
+    return CropSettings.model_validate({**cfg.model_dump(exclude_unset=True), **update}) if update else cfg
+
+
+def weights_meta(weights: str) -> dict[str, Any]:
+    """The ``meta.json`` of the registered detector version whose ``weights.pt`` is
+    ``weights`` (a path or URI, as ``crop.weights=latest`` resolves); ``{}`` for any other
+    spec (a hub name, random init, a loose file)."""
+    from carflow.keys import META_NAME
+    from carflow.storage import local_file
+
+    w = (weights or "").strip()
+    if not w.replace("\\", "/").endswith("/" + WEIGHTS_NAME):
+        return {}
+    try:
+        return json.loads(local_file(w[: -len(WEIGHTS_NAME)] + META_NAME).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
 
 
 def largest_box(
@@ -84,32 +119,48 @@ def crop_decision(det: dict[str, Any] | None, width: int, height: int, cfg: Crop
 class CropPredictor:
     """The detector at inference, as the crop stage decides: :meth:`decide` takes decoded
     RGB ``uint8`` images and returns one :func:`crop_decision` per image from one forward
-    pass. Images of one size are letterboxed rectangularly (as ``model.predict`` does for
-    one image); mixed sizes go to an ``imgsz`` square canvas (as it does for a list).
+    pass per letterbox shape (rectangular, as ``model.predict`` does for one image and
+    the crop stage does for its batches). ``cfg``'s ``imgsz`` / ``conf`` / ``keep_classes``
+    come from the version's ``meta`` where ``cfg`` does not set them (:func:`detector_settings`).
 
     ``net`` is a :class:`models.detector.DetectorNet` (or anything with its ``letterbox``
     and ``detect``); :meth:`load` builds one from ``crop.weights``-style specs."""
 
-    def __init__(self, net: Any, cfg: CropSettings | None = None, version: str | None = None):
+    def __init__(self, net: Any, cfg: CropSettings | None = None, version: str | None = None,
+                 meta: Mapping[str, Any] | None = None):
         self.net = net
-        self.cfg = cfg or CropSettings()
+        self.cfg = detector_settings(cfg or CropSettings(), meta)
         self.version = version
 
     @classmethod
-    def load(cls, weights: str, cfg: CropSettings | None = None, version: str | None = None) -> CropPredictor:
+    def load(cls, weights: str, cfg: CropSettings | None = None, version: str | None = None,
+             meta: Mapping[str, Any] | None = None) -> CropPredictor:
+        """``weights`` (a ``crop.weights``-style spec) with ``cfg``; ``meta`` is the
+        version's ``meta.json`` (its stored crop settings: :func:`detector_settings`)."""
         from models.detector import detector_net, load_detector
 
         cfg = cfg or CropSettings()
         model = load_detector(weights, cache=False)
-        return cls(detector_net(model, cfg.device, cfg.precision, cfg.torch_threads), cfg, version)
+        return cls(detector_net(model, cfg.device, cfg.precision, cfg.torch_threads), cfg, version, meta)
 
     def detect(self, images: Sequence[np.ndarray]) -> list[tuple[Any, Any, Any]]:
-        """(xyxy, cls, conf) per image, in the image's pixels; one forward pass."""
+        """(xyxy, cls, conf) per image, in the image's pixels. Each image is letterboxed
+        rectangularly and images are bucketed by letterbox shape, one forward pass per
+        shape, as the crop stage batches them (``tasks.crop.stream_batches``): a photo's
+        box never depends on what it was batched with."""
         if not len(images):
             return []
-        rect = len({a.shape for a in images}) == 1
-        lbs = [self.net.letterbox(a, self.cfg.imgsz, rect=rect) for a in images]
-        return self.net.detect(lbs, [a.shape[:2] for a in images], self.cfg.conf, list(self.cfg.keep_classes))
+        lbs = [self.net.letterbox(a, self.cfg.imgsz, rect=True) for a in images]
+        buckets: dict[tuple[int, ...], list[int]] = {}
+        for i, lb in enumerate(lbs):
+            buckets.setdefault(tuple(lb.shape), []).append(i)
+        out: list[Any] = [None] * len(images)
+        for idx in buckets.values():
+            found = self.net.detect([lbs[i] for i in idx], [images[i].shape[:2] for i in idx], self.cfg.conf,
+                                    list(self.cfg.keep_classes))
+            for i, det in zip(idx, found, strict=True):
+                out[i] = det
+        return out
 
     def decide(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
         """One :func:`crop_decision` per image (``status``, ``reason``, padded ``bbox``...)."""

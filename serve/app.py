@@ -11,9 +11,10 @@
 | ``GET /metrics`` | Prometheus counters and latency histograms |
 | ``POST /reload`` | resolve the specs again, warm the new versions, swap them in |
 
-A photo goes through the fixer's checks in the request (limits first: bytes → 413 before
-anything is read past the cap, declared pixels → 422 and an unsupported type → 415 from
-the header, before any decode), then joins the dynamic batch (:mod:`serve.batching`) for the
+A photo goes through the fixer in the request (:func:`serve.chain.check_photo`: the clean
+stage's own :func:`carflow.fixer.fix_image`; limits first: bytes → 413 before anything is
+read past the cap, declared pixels → 422 and an unsupported type → 415 from the header,
+before any decode; every other drop reason of the fixer → its 4xx), then joins the dynamic batch (:mod:`serve.batching`) for the
 car filter → YOLO crop → classifier (:mod:`serve.chain`). A refused photo gets a 4xx body
 ``{"status": "rejected", "reason", "message", "detail"}``; "no car" carries ``p_car``.
 """
@@ -36,11 +37,21 @@ from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, Upload
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from carflow.imageio import ImageRejected, decode_checked
+from carflow.fixer import DecodeBudget
 from carflow.registry import Registry
 from carflow.settings import ServeSettings, Settings, get_settings
 from serve.batching import Batcher, QueueFull
-from serve.chain import KINDS, MESSAGES, STATUS, Engine, Loader, rejection
+from serve.chain import (
+    KINDS,
+    MESSAGES,
+    STATUS,
+    Engine,
+    Loader,
+    Photo,
+    check_photo,
+    fix_settings,
+    rejection,
+)
 
 log = logging.getLogger("carflow.serve")
 STATIC = Path(__file__).with_name("static")
@@ -157,17 +168,18 @@ def create_app(settings: Settings | None = None, loaders: Mapping[str, Loader] |
     kind's predictor is built from its registry version (tests, benches)."""
     settings = settings or get_settings()
     cfg: ServeSettings = settings.serve
-    fix = settings.fix
-    allowed = [f.lower() for f in (cfg.allowed_formats or fix.allowed_formats)]
+    fix = fix_settings(settings)
+    #: the fixer's bound on decoded pixels held at once, shared by the request threads
+    budget = DecodeBudget(fix.decode_memory_mb << 20)
     engine = Engine(settings, registry=registry, loaders=loaders)
     metrics = Metrics()
     state: dict[str, Any] = {"ready": False, "error": None, "tasks": []}
 
-    def infer(images: list[Any]) -> list[dict[str, Any]]:
+    def infer(photos: list[Photo]) -> list[dict[str, Any]]:
         chain = engine.chain  # read once: a swap during this batch affects the next one
         if chain is None:
             raise RuntimeError("no models loaded")
-        results = chain.run(images)
+        results = chain.run(photos)
         if results:
             for step, ms in results[0]["model_ms"].items():
                 metrics.step.labels(step).observe(ms / 1000)
@@ -246,16 +258,15 @@ def create_app(settings: Settings | None = None, loaders: Mapping[str, Loader] |
             return rejection("upload_too_large", f"{len(data):,} bytes > serve.max_upload_bytes {cfg.max_upload_bytes:,}")
         if not state["ready"]:
             return rejection("not_ready", state["error"] or "loading")
-        try:
-            image = await run_in_threadpool(decode_checked, data, allowed, cfg.max_pixels, fix.min_side, 1,
-                                            fix.min_decoded_fraction)
-        except ImageRejected as exc:
-            return rejection(exc.reason, exc.detail)
+        chain = engine.chain
+        photo = await run_in_threadpool(check_photo, data, fix, budget, chain.car_filter if chain else None)
+        if not isinstance(photo, Photo):
+            return photo
         checked = time.perf_counter()
         metrics.step.labels("check").observe(checked - started)
         metrics.queue_depth.set(batcher.depth)
         try:
-            result, wait_s = await asyncio.wait_for(batcher.submit(image), cfg.request_timeout_s)
+            result, wait_s = await asyncio.wait_for(batcher.submit(photo), cfg.request_timeout_s)
         except QueueFull as exc:
             return rejection("overloaded", str(exc))
         except (asyncio.TimeoutError, TimeoutError):
@@ -263,7 +274,7 @@ def create_app(settings: Settings | None = None, loaders: Mapping[str, Loader] |
         metrics.queue_wait.observe(wait_s)
         out = dict(result)
         model_ms = out.pop("model_ms")
-        out["image"] = {"width": int(image.shape[1]), "height": int(image.shape[0])}
+        out["image"] = {"width": int(photo.image.shape[1]), "height": int(photo.image.shape[0])}
         out["timings_ms"] = {"check": round((checked - started) * 1000, 2), "queue": round(wait_s * 1000, 2),
                              **model_ms, "total": round((time.perf_counter() - started) * 1000, 2)}
         return out

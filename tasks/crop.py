@@ -40,6 +40,7 @@ import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from carflow import imageio
 from carflow.keys import manifest_key
 from carflow.manifest import (
     CLEAN_SCHEMA,
@@ -67,7 +68,7 @@ STAGE = "crop"
 #: bump when the crop logic changes results
 VERSION = "1"
 #: decompression-bomb guard for the full decode
-MAX_PIXELS = 40_000_000
+MAX_PIXELS = imageio.DECODE_MAX_PIXELS
 
 CROP_SCHEMA = pa.schema(
     [
@@ -90,15 +91,9 @@ CROP_COLUMNS = ["bbox", "det_class", "det_conf", "crop_id"]
 
 # -- pure functions (one home: models/crop.py, shared with serving) ----------------------
 def decode_rgb(data: bytes) -> np.ndarray:
-    """Bytes → upright RGB ``uint8`` array (EXIF orientation applied; bombs refused)."""
-    from PIL import ImageOps
-
-    from carflow.imageio import open_checked
-
-    with open_checked(data, MAX_PIXELS) as im:
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        return np.asarray(im.convert("RGB"))
+    """Bytes → upright RGB ``uint8`` array: :func:`carflow.imageio.decode_rgb` (bombs
+    refused above :data:`MAX_PIXELS`), the decode serving runs on the same stored bytes."""
+    return imageio.decode_rgb(data, MAX_PIXELS)
 
 
 def encode_jpeg(arr: np.ndarray, quality: int) -> bytes:
@@ -285,10 +280,15 @@ def crop_images(
 
 # -- shard task -------------------------------------------------------------------------
 def crop_config(cfg: CropSettings) -> dict[str, Any]:
-    """The config a shard is keyed on: crop settings + what identifies the weights
-    (decode_workers and gpu_limit do not change results and are left out)."""
+    """The config a shard is keyed on and run with: crop settings + what identifies the
+    weights (decode_workers and gpu_limit do not change results and are left out).
+    ``imgsz`` / ``conf`` / ``keep_classes`` are the ones stored with a registered detector
+    version (:func:`models.crop.detector_settings`) unless ``cfg`` sets them explicitly:
+    serving reads the same ones from the version it loads."""
+    from models.crop import detector_settings, weights_meta
     from models.detector import resolve_device, resolve_precision, weights_version
 
+    cfg = detector_settings(cfg, weights_meta(cfg.weights))
     data = cfg.model_dump(mode="json")
     data.pop("decode_workers", None)
     data.pop("gpu_limit", None)

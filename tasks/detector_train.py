@@ -5,9 +5,14 @@ init, so nothing is downloaded) on a YOLO ``data.yaml`` dataset and registers th
 (:class:`carflow.registry.Registry`, kind ``detector``) as
 ``models/detector/<version>/weights.pt`` + ``meta.json``, then moves the ``latest``
 pointer to it (``crop.weights=latest`` uses it). The version is a hash of the dataset's content
-(:func:`dataset_fingerprint`: images, labels, class names) and the
-training parameters, so training the same data with the same parameters again finds the
+(:func:`dataset_fingerprint`: images, labels, class names), the
+training parameters and the crop settings, so training the same data with the same parameters again finds the
 stored weights and trains nothing (``force=True`` retrains).
+
+The crop settings the boxes depend on (:func:`crop_meta`: ``imgsz``, by default the
+training size, ``conf`` and ``keep_classes``) are stored in the version's ``meta.json``
+under ``crop``; the crop stage and serving both read them from the version they use
+(:func:`models.crop.detector_settings`), so they cannot disagree.
 
 :func:`models.detector.version_weights` turns a stored version into what ``crop.weights``
 accepts: a local path for local storage, the ``s3://`` URI otherwise.
@@ -64,10 +69,24 @@ def train_params(**overrides: Any) -> dict[str, Any]:
     return {**TRAIN_DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
 
 
-def detector_version(fingerprint: str, params: dict[str, Any]) -> str:
-    """Content version of a fine-tune: dataset fingerprint + parameters + recipe version."""
+def crop_meta(params: dict[str, Any], crop: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The crop settings stored with a fine-tune (``meta.json`` → ``crop``): ``imgsz``
+    (default: the training ``imgsz``), ``conf`` and ``keep_classes`` (default: ``crop.*``'s
+    defaults), each overridden by ``crop``."""
+    from carflow.settings import CropSettings
+    from models.crop import DETECTOR_FIELDS
+
+    defaults = CropSettings(imgsz=int(params.get("imgsz") or CropSettings().imgsz))
+    return CropSettings(**{**defaults.model_dump(include=set(DETECTOR_FIELDS)), **(crop or {})}).model_dump(
+        include=set(DETECTOR_FIELDS))
+
+
+def detector_version(fingerprint: str, params: dict[str, Any], crop: dict[str, Any] | None = None) -> str:
+    """Content version of a fine-tune: dataset fingerprint + parameters + crop settings
+    (:func:`crop_meta`) + recipe version."""
     relevant = {k: v for k, v in sorted(params.items()) if k not in _RUN_ONLY}
-    doc = json.dumps({"data": fingerprint, "params": relevant, "code": CODE_VERSION}, sort_keys=True, default=str)
+    doc = json.dumps({"data": fingerprint, "params": relevant, "crop": crop_meta(params, crop), "code": CODE_VERSION},
+                     sort_keys=True, default=str)
     return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
 
@@ -106,14 +125,16 @@ def finetune_detector(
     force: bool = False,
     command: str | None = None,
     extra: dict[str, Any] | None = None,
+    crop: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune on ``data_yaml`` (or reuse the stored version) → ``{"version", "weights"
-    (for ``crop.weights``), "uri", "cached", "train_seconds", "params", …}``. ``extra`` is
-    recorded in ``meta.json`` (e.g. where the data came from). The ``latest`` pointer
+    (for ``crop.weights``), "uri", "cached", "train_seconds", "params", "crop", …}``.
+    ``extra`` is recorded in ``meta.json`` (e.g. where the data came from), ``crop``
+    overrides the stored crop settings (:func:`crop_meta`). The ``latest`` pointer
     moves to the version (a stored one too: the last fine-tune asked for is latest)."""
     params = train_params(**(params or {}))
     fingerprint = dataset_fingerprint(data_yaml)
-    version = detector_version(fingerprint, params)
+    version = detector_version(fingerprint, params, crop)
     registry = Registry(store)
     if not force:
         found = stored_detector(store, version)
@@ -152,6 +173,7 @@ def finetune_detector(
         "ultralytics": ultralytics.__version__,
         "command": command or shlex.join(sys.argv),
         "code_version": CODE_VERSION,
+        "crop": crop_meta(params, crop),
         **(extra or {}),
     }
     stored = registry.put_version(KIND, {"weights.pt": weights}, meta, version=version)
@@ -163,7 +185,7 @@ def finetune_detector(
 def finetune_task(
     storage_uri: str | None, data_yaml: str, params: dict[str, Any] | None = None,
     force: bool = False, command: str | None = None,
-    extra: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None, crop: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Training holds a slot of the ``gpu`` global concurrency limit (a missing limit, or
     no Prefect API, only warns)."""
@@ -172,13 +194,13 @@ def finetune_task(
 
     store = open_storage(storage_uri)
     if not force:  # a cache hit needs no slot
-        version = detector_version(dataset_fingerprint(data_yaml), train_params(**(params or {})))
+        version = detector_version(dataset_fingerprint(data_yaml), train_params(**(params or {})), crop)
         found = stored_detector(store, version)
         if found is not None:
             Registry(store).promote(KIND, version)
             return {**found, "cached": True}
     with gpu_slot("gpu"):
-        return finetune_detector(store, data_yaml, params, force, command, extra)
+        return finetune_detector(store, data_yaml, params, force, command, extra, crop)
 
 
 def _count_images(data_yaml: str | Path) -> int | None:

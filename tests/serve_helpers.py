@@ -86,21 +86,48 @@ def jpeg(arr: np.ndarray, quality: int = 92) -> bytes:
     return buf.getvalue()
 
 
+def bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:
+    """A valid small PNG whose header declares ``width`` × ``height`` (CRC fixed)."""
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4: ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr: ihdr + 17])) & 0xFFFFFFFF
+    data[ihdr + 17: ihdr + 21] = struct.pack(">I", crc)
+    return bytes(data)
+
+
 def _saturated(arr: np.ndarray) -> np.ndarray:
     a = arr.astype(np.int16)
     return (a.max(axis=2) - a.min(axis=2)) > 100
 
 
 class StandInCarFilter:
-    """``predict(images) → p_car``: the share of saturated pixels, scaled (≥ 2% → ~1)."""
+    """:class:`models.car_filter.CarFilterPredictor`'s serving interface:
+    ``preprocess(bytes)`` → a 64×64 decode (nearest), ``predict_inputs(batch) → p_car``:
+    the share of saturated pixels, scaled (≥ 2% → ~1)."""
+
+    image_size = 64
 
     def __init__(self, version: str, delay_s: float = 0.0):
         self.version, self.delay_s, self.calls = version, delay_s, []
 
-    def predict(self, images):
-        self.calls.append(len(images))
+    def preprocess(self, data: bytes):
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                small = im.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.NEAREST)
+        except Exception:  # noqa: BLE001 - undecodable: not scored, as the real one
+            return None
+        return np.asarray(small, np.float32)
+
+    def predict_inputs(self, x):
+        self.calls.append(len(x))
         time.sleep(self.delay_s)
-        return np.array([min(1.0, _saturated(np.asarray(im)).mean() * 50) for im in images], np.float32)
+        return np.array([min(1.0, _saturated(np.asarray(im)).mean() * 50) for im in x], np.float32)
 
 
 class StandInNet:

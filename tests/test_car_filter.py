@@ -161,25 +161,30 @@ def test_openvino_runtime_matches_keras(tmp_path):
     np.testing.assert_allclose(np.delete(ov_p, 3), np.delete(keras_p, 3), atol=2e-3)
 
 
-def test_predictor_takes_decoded_images_of_any_size():
-    """``CarFilterPredictor.predict``: uint8 (H, W, 3) images → ``p_car``, resized to the
-    model's input as training resizes (bilinear)."""
+def test_serving_and_scoring_share_one_decode_and_resize():
+    """``CarFilterPredictor.preprocess`` (serving, per upload) is ``decode_resize``, the
+    function ``predict_encoded`` (scoring) and training map over tf.data: the same input
+    pixels, so the same ``p_car``, for JPEGs at every DCT scale and for other formats."""
     import tensorflow as tf
+    from PIL import Image
 
-    from models.car_filter import CarFilterPredictor, spread_random_init
+    from models.car_filter import CarFilterPredictor, decode_resize, spread_random_init
 
     model = spread_random_init(build_car_filter("none", 32, alpha=0.35))
+    predictor = CarFilterPredictor(model, batch_size=3)
     rng = np.random.default_rng(2)
-    small = rng.integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
-    big = rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)
-    predictor = CarFilterPredictor(model, batch_size=2)
-    assert predictor.image_size == 32
-    got = predictor.predict([*small, big])
-    want_small = model.predict(small.astype("float32"), verbose=0).reshape(-1)
-    want_big = model.predict(tf.image.resize(big, (32, 32))[None], verbose=0).reshape(-1)
-    assert got.shape == (6,) and got.dtype == np.float32
-    np.testing.assert_allclose(got, np.concatenate([want_small, want_big]), atol=1e-3)  # batch-order float noise
-    assert predictor.predict(np.zeros((0, 32, 32, 3), np.uint8)).shape == (0,)
+    blobs = []
+    for w, h, fmt in ((32, 32, "JPEG"), (80, 48, "JPEG"), (160, 120, "JPEG"), (640, 480, "JPEG"), (90, 70, "PNG")):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (h // 4, w // 4, 3), dtype=np.uint8)).resize((w, h)).save(buf, fmt)
+        blobs.append(buf.getvalue())
+    x = np.stack([predictor.preprocess(b) for b in blobs])
+    assert x.shape == (5, 32, 32, 3) and x.dtype == np.float32
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(blobs)).map(lambda b: decode_resize(b, 32))
+    np.testing.assert_array_equal(x, np.stack([a.numpy() for a in ds]))  # the very same pixels
+    np.testing.assert_allclose(predictor.predict_inputs(x), predictor.predict_encoded(blobs), atol=1e-6)
+    assert predictor.preprocess(b"") is None and predictor.preprocess(b"\xff\xd8\xff not a jpeg") is None
+    assert predictor.predict_inputs(np.zeros((0, 32, 32, 3), np.float32)).shape == (0,)
 
 
 def test_runtime_resolution_and_cache_key():

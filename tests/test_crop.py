@@ -300,10 +300,18 @@ def test_a_batch_of_arrays_is_one_forward_pass(random_yolo):
     mixed = [np.zeros((100 + 10 * i, 160, 3), np.uint8) for i in range(5)]
     same = [np.zeros((120, 160, 3), np.uint8) for _ in range(4)]
     before = len(net.calls)
-    out = predict_batch(random_yolo, mixed, cfg)
-    assert len(out) == 5 and net.calls[before:] == [(5, 3, 160, 160)]  # mixed sizes: square canvas, one pass
     out = predict_batch(random_yolo, same, cfg)
-    assert len(out) == 4 and net.calls[before + 1:] == [(4, 3, 128, 160)]  # one size: rectangular, one pass
+    assert len(out) == 4 and net.calls[before:] == [(4, 3, 128, 160)]  # one size: rectangular, one pass
+    # mixed sizes: one rectangular pass per letterbox shape (as the crop stage buckets
+    # them), so each image's boxes equal its boxes alone, whatever it was batched with
+    before = len(net.calls)
+    out = predict_batch(random_yolo, mixed + mixed[:2], cfg)
+    assert len(out) == 7 and sorted(c[0] for c in net.calls[before:]) == [2, 5]  # 128 and 160 px tall
+    assert {c[2:] for c in net.calls[before:]} == {(128, 160), (160, 160)}
+    for arr, got in zip(mixed, out, strict=False):
+        alone = predict_batch(random_yolo, [arr], cfg)[0]
+        for a, b in zip(got, alone, strict=True):  # boxes, classes, confidences
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-3)
 
 
 def test_stream_batches_buckets_by_letterbox_shape_and_bounds_memory():

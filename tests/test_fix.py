@@ -757,7 +757,7 @@ def test_16_bit_grey_conversion_makes_no_float_copies():
     arr = rng.integers(0, 65535, (1000, 2000), dtype=np.uint16)
     im = Image.open(io.BytesIO(encode(Image.fromarray(arr), "PNG")))
     im.load()
-    from tasks.fix import _to_rgb
+    from carflow.fixer import _to_rgb
 
     tracemalloc.start()
     try:

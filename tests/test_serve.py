@@ -6,10 +6,8 @@ trained by the pipeline's own code is in tests/test_serve_e2e.py (slow tier)."""
 from __future__ import annotations
 
 import io
-import struct
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -17,7 +15,15 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from serve_helpers import CLASS_COLOURS, jpeg, register_stand_ins, running, scene, stand_in_loaders
+from serve_helpers import (
+    CLASS_COLOURS,
+    bomb_png,
+    jpeg,
+    register_stand_ins,
+    running,
+    scene,
+    stand_in_loaders,
+)
 
 from carflow.registry import Registry
 from carflow.settings import load_settings
@@ -37,18 +43,6 @@ def make_app(tmp_path, record=None, **serve):
 
 def post(base, data: bytes, name="photo.jpg", **kw):
     return httpx.post(f"{base}/predict", files={"file": (name, data, "application/octet-stream")}, timeout=30, **kw)
-
-
-def bomb_png(width=30_000, height=30_000) -> bytes:
-    """A valid small PNG whose header declares ``width`` × ``height`` (CRC fixed)."""
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 64), (10, 20, 30)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    ihdr = data.index(b"IHDR")
-    data[ihdr + 4: ihdr + 12] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[ihdr: ihdr + 17])) & 0xFFFFFFFF
-    data[ihdr + 17: ihdr + 21] = struct.pack(">I", crc)
-    return bytes(data)
 
 
 def test_predict_returns_top5_box_versions_and_timings(tmp_path):
