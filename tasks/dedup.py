@@ -253,25 +253,37 @@ def near_duplicate_edges(
     return (same_u[keep], same_v[keep]), (rep[i], rep[j])
 
 
+#: hash pairs compared per step in :func:`confirm_by_thumb` (its float32 work arrays take
+#: about 4 KB per pair: a step of 4,096 pairs stays near 16 MB, whatever the corpus size)
+THUMB_PAIRS_PER_STEP = 4096
+
+
 def confirm_by_thumb(
-    thumbs: np.ndarray, u: np.ndarray, v: np.ndarray, radius: float
+    thumbs: np.ndarray, u: np.ndarray, v: np.ndarray, radius: float, step: int = THUMB_PAIRS_PER_STEP
 ) -> tuple[np.ndarray, np.ndarray]:
     """Keep the hash pairs ``(u, v)`` whose colour thumbnails (192-byte ``thumb`` values
     per node, :func:`carflow.imagehash.colour_thumb`) are within ``radius``
     (:func:`carflow.imagehash.thumb_distance`). pHash and dHash see grey silhouettes
     only: two different cars in the same pose on a white background pass both. A pair
-    where either node has no thumbnail (a manifest from before the column) is kept."""
+    where either node has no thumbnail (a manifest from before the column) is kept.
+
+    Only the thumbnails of nodes in a pair are unpacked, and the distances are computed
+    ``step`` pairs at a time: a corpus of re-posted photos has about one pair per image,
+    and all pairs at once took ~4 KB of RSS each (``bench/memory.py``)."""
     if u.size == 0:
         return u, v
-    has = np.array([isinstance(t, (bytes, bytearray)) and len(t) == 3 * THUMB_SIDE**2 for t in thumbs])
-    check = has[u] & has[v]
+    need = np.unique(np.concatenate([u, v]))
+    has = np.array([isinstance(t, (bytes, bytearray)) and len(t) == 3 * THUMB_SIDE**2 for t in thumbs[need]],
+                   dtype=bool)
+    pu, pv = np.searchsorted(need, u), np.searchsorted(need, v)
+    check = np.flatnonzero(has[pu] & has[pv])
     keep = np.ones(u.size, dtype=bool)
-    if check.any():
-        flat = np.zeros((thumbs.size, 3 * THUMB_SIDE**2), np.uint8)
-        idx = np.flatnonzero(has)
-        flat[idx] = np.frombuffer(b"".join(thumbs[idx]), np.uint8).reshape(idx.size, -1)
-        cu, cv = u[check], v[check]
-        keep[check] = thumb_distance(flat[cu], flat[cv]) <= radius
+    if check.size:
+        row = np.cumsum(has) - 1  # need position → row of `flat`
+        flat = np.frombuffer(b"".join(thumbs[need[has]]), np.uint8).reshape(-1, 3 * THUMB_SIDE**2)
+        for start in range(0, check.size, step):
+            part = check[start : start + step]
+            keep[part] = thumb_distance(flat[row[pu[part]]], flat[row[pv[part]]]) <= radius
     dropped = int((~keep).sum())
     if dropped:
         log.info("dedup: %d hash pair(s) not confirmed by the colour thumbnail (radius %.1f)", dropped, radius)

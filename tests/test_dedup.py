@@ -573,3 +573,25 @@ def test_hash_pairs_are_confirmed_by_the_colour_thumbnail():
     assert dedup_manifest(frame(rows), {"confirm_thumb": False})["dup_cluster"].nunique() == 1
     no_thumbs = frame([{**r, "thumb": None} for r in rows])
     assert dedup_manifest(no_thumbs)["dup_cluster"].nunique() == 1
+
+
+def test_confirm_by_thumb_in_steps_keeps_the_same_pairs():
+    """The thumbnail check runs a few thousand pairs at a time (memory stays flat); the
+    pairs it keeps do not depend on the step, and a node without a thumbnail keeps its pairs."""
+    from tasks.dedup import confirm_by_thumb
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (20, 192), dtype=np.uint8)
+    thumbs = np.empty(40, dtype=object)
+    for i in range(40):  # node i and i+20 share a picture, up to a little noise on half of them
+        img = base[i % 20].astype(int) + (rng.integers(-3, 4, 192) if i % 2 else 0)
+        thumbs[i] = np.clip(img, 0, 255).astype(np.uint8).tobytes()
+    thumbs[7] = None
+    u = rng.integers(0, 40, 300)
+    v = np.where(rng.random(300) < 0.5, (u + 20) % 40, rng.integers(0, 40, 300))
+    whole = confirm_by_thumb(thumbs, u, v, 13.0, step=10**6)
+    for step in (1, 7, 64):
+        got = confirm_by_thumb(thumbs, u, v, 13.0, step=step)
+        assert np.array_equal(got[0], whole[0]) and np.array_equal(got[1], whole[1])
+    assert 0 < whole[0].size < u.size  # some pairs confirmed, some not
+    assert set(np.flatnonzero((u == 7) | (v == 7))) <= {i for i in range(300) if (u[i], v[i]) in set(zip(*whole))}
