@@ -208,7 +208,7 @@ def to_parquet_bytes(table: pa.Table) -> bytes:
 #: rows per Parquet row group of a written manifest: :func:`write_manifest` conforms (and
 #: puts in order) one group at a time, so writing holds one group beside the table, never
 #: a second copy of it (``bench/memory.py``)
-ROW_GROUP_ROWS = 64 * 1024
+ROW_GROUP_ROWS = 16 * 1024
 
 
 def write_manifest(storage: Storage, key: str, table: pa.Table, schema: pa.Schema | None = None,
