@@ -4,10 +4,11 @@ Images are generated cheaply (``demo.bulk``: a few small JPEG bodies, each image
 its own comment segment, so every sha256 differs; every 10th image a planted problem)
 into a temporary local storage, with their manifest v0. Then, in one run:
 
-(a) overhead: the clean stage on ``--n`` images as plain function calls (the shard
-    function called directly in a loop, then merge, odd-size, dedup, manifest, contact
-    sheets) and through the Prefect flow with its shard tasks (thread runner, a warm
-    ephemeral API). Prints both times and the ratio. Target ≤ 1.05.
+(a) overhead: the clean stage on ``--n`` images as plain function calls (the same plan,
+    shard function and reduce, the same shard size and shards in flight, in a plain
+    thread pool) and through the Prefect flow with its shard tasks (thread runner, a
+    warm API). Each side runs twice, in A B B A order, after a small warm-up run of each;
+    prints the best time of each side and the ratio. Target ≤ 1.05.
 (b) memory: the flow on ``--mem-small`` and on ``--mem-large`` images, each in a fresh
     child process; peak RSS (the child's ru_maxrss) of each and the ratio.
     Target ≤ 1.2×: a manifest-and-hash workload never holds the images.
@@ -57,37 +58,32 @@ def generate(root: Path, n: int) -> str:
 
 
 def plain_clean(uri: str, shard_size: int) -> dict:
-    """The clean stage as plain function calls: the flow's work, without Prefect."""
-    import os as _os
+    """The clean stage as plain function calls: the flow's work without Prefect. The same
+    plan, the same shard function (``inspect_shard_task.fn``: shard contract, storage
+    writes) on the same number of shards in flight (``runtime.max_workers``, a plain
+    thread pool), then the same reduce (``clean_reduce_task.fn``)."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    from carflow.manifest import (
-        CLEAN_SCHEMA,
-        INGEST_SCHEMA,
-        from_pandas,
-        manifest_key,
-        read_manifest,
-        to_pandas,
-        write_manifest,
-    )
+    from carflow.keys import manifest_key
+    from carflow.manifest import INGEST_SCHEMA, read_input
     from carflow.settings import get_settings
     from carflow.storage import open_storage
-    from flows.clean import apply_odd_size, publish_report
-    from tasks.clean import inspect_shard_to_storage, merge_inspection
-    from tasks.dedup import dedup_manifest
-    from tasks.shards import load_shard_results, plan_shards
+    from tasks.clean import clean_reduce_task, inspect_shard_task, shard_config
+    from tasks.shards import PLAN_COLUMNS, plan_shards
 
     cfg = get_settings()
-    store = open_storage(uri)
-    df = to_pandas(read_manifest(store, manifest_key("ingest"), INGEST_SCHEMA))
-    workers = min(4, _os.cpu_count() or 1)  # what the shard task uses
-    keys = [inspect_shard_to_storage(store, ids, cfg.fix, cfg.quality, workers=workers)["key"]
-            for ids in plan_shards(df, shard_size)]
-    df = merge_inspection(df, load_shard_results(store, keys))
-    df = apply_odd_size(df, cfg.quality)
-    df = dedup_manifest(df, cfg.dedup)
-    write_manifest(store, manifest_key("clean"), from_pandas(df), CLEAN_SCHEMA)
-    publish_report(store, df, cfg.runtime.manifests_prefix)
-    return {"rows": len(df), "kept": int((df["status"] == "kept").sum())}
+    prefix = cfg.runtime.manifests_prefix
+    source = read_input(open_storage(uri), manifest_key("ingest", prefix=prefix), INGEST_SCHEMA,
+                        columns=PLAN_COLUMNS)
+    config = shard_config(cfg.fix, cfg.quality)
+    with ThreadPoolExecutor(cfg.runtime.max_workers) as pool:
+        results = list(pool.map(lambda ids: inspect_shard_task.fn(uri, ids, config),
+                                plan_shards(source.table, shard_size)))
+    reduced = clean_reduce_task.fn(
+        uri, source.key, source.hash, [r["key"] for r in results],
+        {"quality": cfg.quality.model_dump(mode="json"), "dedup": cfg.dedup.model_dump(mode="json")}, prefix,
+    )
+    return {"rows": reduced["rows"], "kept": reduced["kept"]}
 
 
 def flow_clean(uri: str, shard_size: int, runtime=None) -> dict:
@@ -115,14 +111,27 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
     return time.perf_counter() - t, out
 
 
-def overhead(tmp: Path, n: int, shard_size: int) -> dict:
-    a, b = generate(tmp / "plain", n), generate(tmp / "flow", n)
+def overhead(tmp: Path, n: int, shard_size: int, rounds: int = 2) -> dict:
+    """Plain calls and the flow, each ``rounds`` times in A B B A order (a busy machine's
+    drift hits both sides alike), after one small run of each (imports, the API, the
+    page cache warm for both); the best time of each side is compared."""
     warm_prefect()
-    t_plain, plain = timed(plain_clean, a, shard_size)
-    t_flow, summary = timed(flow_clean, b, shard_size)
+    for side in ("plain", "flow"):
+        (plain_clean if side == "plain" else flow_clean)(generate(tmp / f"warm-{side}", 200), shard_size)
+    times: dict[str, list[float]] = {"plain": [], "flow": []}
+    order = [s for r in range(rounds) for s in (("plain", "flow") if r % 2 == 0 else ("flow", "plain"))]
+    outs = {}
+    for i, side in enumerate(order):
+        uri = generate(tmp / f"{side}-{i}", n)
+        t, outs[side] = timed(plain_clean if side == "plain" else flow_clean, uri, shard_size)
+        times[side].append(t)
+        shutil.rmtree(uri, ignore_errors=True)
+    plain, summary = outs["plain"], outs["flow"]
     assert plain["rows"] == summary["rows"] and plain["kept"] == summary["kept"], (plain, summary)
+    t_plain, t_flow = min(times["plain"]), min(times["flow"])
     return {"n": n, "shards": summary["shards"], "plain_s": round(t_plain, 2), "flow_s": round(t_flow, 2),
-            "ratio": round(t_flow / t_plain, 3)}
+            "ratio": round(t_flow / t_plain, 3), "plain_runs_s": [round(t, 2) for t in times["plain"]],
+            "flow_runs_s": [round(t, 2) for t in times["flow"]]}
 
 
 def child_peak_rss(uri: str, shard_size: int) -> dict:
@@ -200,7 +209,8 @@ def run_parts(a: argparse.Namespace) -> int:
         if "overhead" in parts:
             r = results["overhead"] = overhead(tmp, a.n, a.shard_size)
             print(f"(a) overhead, {r['n']} images in {r['shards']} shards: plain calls {r['plain_s']} s, "
-                  f"Prefect flow {r['flow_s']} s, ratio {r['ratio']} (target <= 1.05)", flush=True)
+                  f"Prefect flow {r['flow_s']} s, ratio {r['ratio']} (target <= 1.05; runs: plain "
+                  f"{r['plain_runs_s']}, flow {r['flow_runs_s']})", flush=True)
         if "memory" in parts:
             r = results["memory"] = memory(tmp, a.mem_small, a.mem_large, a.shard_size)
             print(f"(b) memory: peak RSS {r['small']['peak_rss_mb']} MB at {r['small']['n']} images, "

@@ -136,6 +136,18 @@ def labelling_prefix(name: str) -> str:
     return f"labelling/{name}"
 
 
+def labelling_thumb(image_id: str) -> str:
+    """``thumbs/<image_id>.jpg``: a labelling kit's thumbnail, relative to the kit (as
+    its ``labels.csv`` names it; the key is :func:`labelling_kit_key` of it)."""
+    return f"thumbs/{image_id}.jpg"
+
+
+def labelling_kit_key(kit: str, name: str) -> str:
+    """``<kit>/<name>``: a file of the labelling kit under the prefix ``kit``
+    (``labels.csv``, ``contact_sheet-NNN.png``, :func:`labelling_thumb`)."""
+    return f"{kit.rstrip('/')}/{name}"
+
+
 EXPORTS_DIR = "exports"
 
 

@@ -205,18 +205,36 @@ def to_parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
+#: rows per Parquet row group of a written manifest: :func:`write_manifest` conforms (and
+#: puts in order) one group at a time, so writing holds one group beside the table, never
+#: a second copy of it (``bench/memory.py``)
+ROW_GROUP_ROWS = 16 * 1024
+
+
 def write_manifest(storage: Storage, key: str, table: pa.Table, schema: pa.Schema | None = None,
-                   lineage: Mapping[str, Any] | None = None) -> str:
+                   lineage: Mapping[str, Any] | None = None, *, order: Any = None) -> str:
     """Validate and write ``table`` as Parquet under ``key``; returns the storage URI.
     ``lineage`` (:meth:`StageInput.lineage`: the input manifest's key and content hash)
-    goes into the Parquet metadata under ``carflow.lineage``."""
+    goes into the Parquet metadata under ``carflow.lineage``. ``order`` (row indices, e.g.
+    ``pc.sort_indices``) writes the rows in that order without a sorted copy of the
+    table. Written in row groups of :data:`ROW_GROUP_ROWS`, each conformed on its own."""
     if schema is not None:
-        table = conform(table, schema, key)
+        validate(table, schema, key)
+    out = conform(table.slice(0, 0), schema, key) if schema is not None else table.slice(0, 0)
+    meta = dict(out.schema.metadata or {})
     if lineage is not None:
-        meta = dict(table.schema.metadata or {})
         meta[LINEAGE_META] = json.dumps({"stage": stage_of(key), **lineage}, sort_keys=True).encode()
-        table = table.replace_schema_metadata(meta)
-    storage.put(key, to_parquet_bytes(table), content_type="application/vnd.apache.parquet")
+    out_schema = out.schema.with_metadata(meta)
+    sink = io.BytesIO()
+    with pq.ParquetWriter(sink, out_schema, compression="zstd") as writer:
+        for start in range(0, max(table.num_rows, 1), ROW_GROUP_ROWS):
+            group = (table.slice(start, ROW_GROUP_ROWS) if order is None
+                     else table.take(order[start : start + ROW_GROUP_ROWS]))
+            if schema is not None:
+                group = conform(group, schema, key)
+            writer.write_table(group.replace_schema_metadata(meta))
+            del group
+    storage.put(key, sink.getvalue(), content_type="application/vnd.apache.parquet")
     return storage.uri(key)
 
 

@@ -37,14 +37,12 @@ from carflow.manifest import (
     KEPT,
     InputError,
     read_input,
-    to_pandas,
     write_manifest,
 )
 from carflow.settings import DedupSettings, FixSettings, QualitySettings
 from carflow.storage import Storage, open_storage
 from tasks import fix
-from tasks.dedup import COLUMNS as DEDUP_COLUMNS
-from tasks.dedup import dedup_manifest
+from tasks.dedup import dedup_table
 from tasks.fix import MISSING, inspect_schema, inspect_shard
 from tasks.quality import SCORE_SETTINGS, apply_odd_size, quality_decisions, scoring_settings
 from tasks.report import contact_sheet
@@ -71,8 +69,6 @@ RESULT_COLUMNS = SHARD_SCHEMA.names
 MANIFEST_COLUMNS = [
     *(n for n in RESULT_COLUMNS if n not in ("image_id", "status", "reason", "out_image_id")), "quality_flags"
 ]
-DEDUP_INPUT = ["image_id", "listing_id", "label", "width", "height", "status", "reason",
-               "pixel_hash", "phash", "dhash", "thumb", "first_seen"]
 
 
 def shard_config(fix_cfg: FixSettings, quality_cfg: QualitySettings) -> dict[str, Any]:
@@ -150,13 +146,9 @@ def decide_quality(results: pa.Table, cfg: QualitySettings) -> pa.Table:
 
 
 def apply_dedup(table: pa.Table, cfg: DedupSettings) -> pa.Table:
-    """:func:`tasks.dedup.dedup_manifest` over a narrow frame of the columns it reads;
-    its status, reason and cluster columns go back onto the Arrow table."""
-    df = dedup_manifest(to_pandas(table.select(DEDUP_INPUT)), cfg)
-    types = {"is_representative": pa.bool_(), "label_conflict": pa.bool_(), "cluster_listings": pa.int64()}
-    for name in ("status", "reason", *DEDUP_COLUMNS):
-        table = put_column(table, name, pa.array(df[name], types.get(name, pa.string()), from_pandas=True))
-    return table
+    """:func:`tasks.dedup.dedup_table` over the Arrow table (no pandas copy: strings stay
+    in Arrow); its status, reason and cluster columns are set on the table."""
+    return dedup_table(table, cfg)
 
 
 def reduce_clean(manifest: pa.Table, results: pa.Table, quality_cfg: QualitySettings,
@@ -166,10 +158,13 @@ def reduce_clean(manifest: pa.Table, results: pa.Table, quality_cfg: QualitySett
     ``source_id`` keeps the original bytes' id; ``image_id`` (and ``raw_key``) become the
     re-encoded image's where the fixer re-encoded a kept image. A kept row whose image
     has no result is dropped as ``not_inspected``; rows dropped before keep their status
-    and reason."""
+    and reason. ``results`` is let go once merged: a caller that passes it without
+    keeping a reference (:func:`clean_reduce_task`) frees it before the dedup."""
     results = decide_quality(results, quality_cfg)
     table = put_column(manifest, "source_id", manifest["image_id"])
+    del manifest
     table = merge_results(table, results, [*MANIFEST_COLUMNS, "out_image_id"], "not_inspected", on="source_id")
+    del results
     renamed = pc.and_(pc.equal(table["status"], KEPT), pc.is_valid(table["out_image_id"]))
     renamed = pc.fill_null(renamed, False)
     new_id = pc.if_else(renamed, table["out_image_id"], table["image_id"])
@@ -216,10 +211,10 @@ def clean_reduce_task(storage_uri: str | None, source_key: str, source_hash: str
     source = read_input(store, source_key, INGEST_SCHEMA, check=False)
     if source.hash != source_hash:
         raise InputError(f"{store.uri(source_key)} changed while the clean stage ran: run `carflow clean` again")
-    results = load_shard_results(store, shard_keys, RESULT_COLUMNS, SHARD_SCHEMA)
-    table = reduce_clean(source.table, results, QualitySettings(**config["quality"]),
-                         DedupSettings(**config["dedup"]))
-    lineage = source.lineage()
-    del source, results
+    lineage, manifest = source.lineage(), source.table
+    del source
+    # the inputs are handed over, not kept here: reduce_clean frees them once merged
+    table = reduce_clean(manifest, load_shard_results(store, shard_keys, RESULT_COLUMNS, SHARD_SCHEMA),
+                         QualitySettings(**config["quality"]), DedupSettings(**config["dedup"]))
     uri = write_manifest(store, manifest_key("clean", prefix=prefix), table, CLEAN_SCHEMA, lineage=lineage)
     return {"manifest": uri, **counts(table), "contact_sheets": publish_report(store, table, prefix)}

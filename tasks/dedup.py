@@ -92,10 +92,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from carflow.graph import connected_components
 from carflow.imagehash import THUMB_SIDE, hamming_pairs, popcount64, thumb_distance
@@ -253,25 +256,40 @@ def near_duplicate_edges(
     return (same_u[keep], same_v[keep]), (rep[i], rep[j])
 
 
+#: hash pairs compared per step in :func:`confirm_by_thumb` (its float32 work arrays take
+#: about 4 KB per pair: a step of 4,096 pairs stays near 16 MB, whatever the corpus size)
+THUMB_PAIRS_PER_STEP = 4096
+
+
 def confirm_by_thumb(
-    thumbs: np.ndarray, u: np.ndarray, v: np.ndarray, radius: float
+    thumbs: np.ndarray, u: np.ndarray, v: np.ndarray, radius: float, step: int = THUMB_PAIRS_PER_STEP
 ) -> tuple[np.ndarray, np.ndarray]:
     """Keep the hash pairs ``(u, v)`` whose colour thumbnails (192-byte ``thumb`` values
-    per node, :func:`carflow.imagehash.colour_thumb`) are within ``radius``
+    per node, :func:`carflow.imagehash.colour_thumb`; ``thumbs[nodes]`` gives an object
+    array of them) are within ``radius``
     (:func:`carflow.imagehash.thumb_distance`). pHash and dHash see grey silhouettes
     only: two different cars in the same pose on a white background pass both. A pair
-    where either node has no thumbnail (a manifest from before the column) is kept."""
+    where either node has no thumbnail (a manifest from before the column) is kept.
+
+    Only the thumbnails of nodes in a pair are unpacked, and the distances are computed
+    ``step`` pairs at a time: a corpus of re-posted photos has about one pair per image,
+    and all pairs at once took ~4 KB of RSS each (``bench/memory.py``)."""
     if u.size == 0:
         return u, v
-    has = np.array([isinstance(t, (bytes, bytearray)) and len(t) == 3 * THUMB_SIDE**2 for t in thumbs])
-    check = has[u] & has[v]
+    need = np.unique(np.concatenate([u, v]))
+    values = thumbs[need]
+    has = np.array([isinstance(t, (bytes, bytearray)) and len(t) == 3 * THUMB_SIDE**2 for t in values],
+                   dtype=bool)
+    pu, pv = np.searchsorted(need, u), np.searchsorted(need, v)
+    check = np.flatnonzero(has[pu] & has[pv])
     keep = np.ones(u.size, dtype=bool)
-    if check.any():
-        flat = np.zeros((thumbs.size, 3 * THUMB_SIDE**2), np.uint8)
-        idx = np.flatnonzero(has)
-        flat[idx] = np.frombuffer(b"".join(thumbs[idx]), np.uint8).reshape(idx.size, -1)
-        cu, cv = u[check], v[check]
-        keep[check] = thumb_distance(flat[cu], flat[cv]) <= radius
+    if check.size:
+        row = np.cumsum(has) - 1  # need position → row of `flat`
+        flat = np.frombuffer(b"".join(values[has]), np.uint8).reshape(-1, 3 * THUMB_SIDE**2)
+        del values
+        for start in range(0, check.size, step):
+            part = check[start : start + step]
+            keep[part] = thumb_distance(flat[row[pu[part]]], flat[row[pv[part]]]) <= radius
     dropped = int((~keep).sum())
     if dropped:
         log.info("dedup: %d hash pair(s) not confirmed by the colour thumbnail (radius %.1f)", dropped, radius)
@@ -281,17 +299,99 @@ def confirm_by_thumb(
 # ---------------------------------------------------------------------------------------
 # the stage
 # ---------------------------------------------------------------------------------------
-def _object_column(values: np.ndarray, present: np.ndarray, n: int, index: pd.Index) -> pd.Series:
-    out = np.full(n, None, dtype=object)
-    out[present] = values
-    return pd.Series(out, index=index)
+@dataclass
+class _Clusters:
+    """The clustering of the kept rows (arrays over the kept rows, node = distinct image)."""
+
+    row_comp: np.ndarray  # each row's cluster label: the cluster's smallest node
+    row_rep_node: np.ndarray  # the node of each row's cluster representative
+    rep_row: np.ndarray  # the row stays kept as its cluster's representative
+    placeholder: np.ndarray
+    dropped_dup: np.ndarray
+    conflict: np.ndarray
+    n_listings: np.ndarray
+    n_clusters: int
+
+
+def _cluster_rows(node_of_row: np.ndarray, k: int, first_seen: np.ndarray, area: np.ndarray,
+                  listing_rank: np.ndarray, label_code: np.ndarray, pixel_code: np.ndarray | None,
+                  hashes: tuple[np.ndarray, np.ndarray | None, np.ndarray] | None, thumbs: Any,
+                  cfg: DedupSettings) -> _Clusters:
+    """Steps 2-7 of the module docstring over plain arrays, the same for a DataFrame
+    (:func:`dedup_manifest`) and an Arrow table (:func:`dedup_table`). Per kept row:
+    ``node_of_row`` (nodes numbered in ``image_id`` order), ``first_seen``, ``area``,
+    ``listing_rank`` (listing ids numbered in their sort order), ``label_code`` (-1:
+    none). Per node: ``pixel_code`` (-1: none), ``hashes`` = ``(phash, dhash, valid)``
+    as uint64, ``thumbs`` (``thumbs[nodes]`` → object array of bytes or None)."""
+    node_area = np.full(k, -np.inf)
+    np.maximum.at(node_area, node_of_row, area)
+    node_first = np.full(k, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(node_first, node_of_row, first_seen)
+
+    us, vs = [], []
+    if pixel_code is not None:
+        ok = pixel_code >= 0
+        if ok.any():
+            nodes = np.flatnonzero(ok)
+            us.append(nodes)
+            vs.append(nodes[_first_of_group(pixel_code[ok])])
+    if hashes is not None:
+        ph, dh, ph_ok = hashes
+        (su, sv), (nu, nv) = near_duplicate_edges(ph, dh, ph_ok, cfg)
+        if cfg.confirm_thumb and thumbs is not None:
+            su, sv = confirm_by_thumb(thumbs, su, sv, cfg.thumb_radius)
+            nu, nv = confirm_by_thumb(thumbs, nu, nv, cfg.thumb_radius)
+        us.append(su)
+        vs.append(sv)
+    else:
+        nu = nv = np.empty(0, np.int64)
+    u = np.concatenate(us) if us else np.empty(0, np.int64)
+    v = np.concatenate(vs) if vs else np.empty(0, np.int64)
+    if cfg.linkage == "single":
+        comp = connected_components(k, np.concatenate([u, nu]), np.concatenate([v, nv]))
+    else:
+        rank = np.empty(k, dtype=np.int64)
+        rank[np.lexsort((np.arange(k), node_first, -node_area))] = np.arange(k)
+        comp = leader_clusters(connected_components(k, u, v), nu, nv, rank)
+    # comp: label = smallest node = smallest image_id of the cluster
+
+    # representative image per cluster: largest area, earliest, smallest image_id
+    order = np.lexsort((np.arange(k), node_first, -node_area, comp))
+    first_in_comp = np.ones(k, dtype=bool)
+    first_in_comp[1:] = comp[order][1:] != comp[order][:-1]
+    rep_node_of_comp = np.full(k, -1, dtype=np.int64)
+    rep_node_of_comp[comp[order][first_in_comp]] = order[first_in_comp]
+
+    row_comp = comp[node_of_row]
+    row_rep_node = rep_node_of_comp[row_comp]
+    # representative row: the representative image's earliest occurrence
+    cand = np.flatnonzero(node_of_row == row_rep_node)
+    cand = cand[np.lexsort((cand, listing_rank[cand], first_seen[cand], row_comp[cand]))]
+    lead = np.ones(cand.size, dtype=bool)
+    lead[1:] = row_comp[cand][1:] != row_comp[cand][:-1]
+    rep_row = np.zeros(node_of_row.size, dtype=bool)
+    rep_row[cand[lead]] = True
+
+    n_listings = _distinct_per_group(row_comp, k, listing_rank)[row_comp]
+    n_labels = _distinct_per_group(row_comp, k, label_code)[row_comp]
+
+    placeholder = n_listings >= cfg.placeholder_min_listings
+    rep_row &= ~placeholder
+    return _Clusters(row_comp, row_rep_node, rep_row, placeholder, ~placeholder & ~rep_row,
+                     (n_labels >= 2) & ~placeholder, n_listings, int(np.unique(comp).size))
+
+
+def _log_done(c: _Clusters, rows: int, k: int, t0: float) -> None:
+    log.info("dedup: %d kept rows, %d images, %d clusters; dropped %d duplicate, %d placeholder rows (%.2fs)",
+             rows, k, c.n_clusters, int(c.dropped_dup.sum()), int(c.placeholder.sum()), time.perf_counter() - t0)
 
 
 def dedup_manifest(df: pd.DataFrame, cfg: Any = None) -> pd.DataFrame:
     """Cluster exact and near duplicates over the kept rows of ``df``, drop all but one
     row per cluster (reason ``duplicate``) and whole placeholder clusters (reason
     ``placeholder``), flag label conflicts. Returns a new DataFrame (same index and row
-    order) with the columns listed in the module docstring."""
+    order) with the columns listed in the module docstring. :func:`dedup_table` does the
+    same over an Arrow table (the clean stage's reduce)."""
     cfg = as_dedup_settings(cfg)
     t0 = time.perf_counter()
     out = df.copy()
@@ -323,96 +423,43 @@ def dedup_manifest(df: pd.DataFrame, cfg: Any = None) -> pd.DataFrame:
         h = pd.to_numeric(sub["height"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
         area = np.nan_to_num(w * h, nan=-1.0)
 
-        node_area = np.full(k, -np.inf)
-        np.maximum.at(node_area, node_of_row, area)
-        node_first = np.full(k, np.iinfo(np.int64).max, dtype=np.int64)
-        np.minimum.at(node_first, node_of_row, first_seen)
-
-        us, vs = [], []
+        pixel_code = None
         if "pixel_hash" in sub.columns:
             pix = sub["pixel_hash"].iloc[first_row]
+            pixel_code = np.full(k, -1, dtype=np.int64)
             ok = pix.notna().to_numpy()
-            if ok.any():
-                codes = pd.factorize(pix[ok].astype(str))[0]
-                nodes = np.flatnonzero(ok)
-                us.append(nodes)
-                vs.append(nodes[_first_of_group(codes)])
+            pixel_code[ok] = pd.factorize(pix[ok].astype(str))[0]
+        hashes = thumbs = None
         if "phash" in sub.columns:
             ph, ph_ok = hash_column(sub["phash"].iloc[first_row], "phash")
             dh = None
             if cfg.use_dhash:
                 dh, dh_ok = hash_column(sub["dhash"].iloc[first_row], "dhash")
                 ph_ok = ph_ok & dh_ok
-            (su, sv), (nu, nv) = near_duplicate_edges(ph, dh, ph_ok, cfg)
-            if cfg.confirm_thumb and "thumb" in sub.columns:
+            hashes = (ph, dh, ph_ok)
+            if "thumb" in sub.columns:
                 thumbs = sub["thumb"].iloc[first_row].to_numpy(dtype=object)
-                su, sv = confirm_by_thumb(thumbs, su, sv, cfg.thumb_radius)
-                nu, nv = confirm_by_thumb(thumbs, nu, nv, cfg.thumb_radius)
-            us.append(su)
-            vs.append(sv)
-        else:
-            nu = nv = np.empty(0, np.int64)
-        u = np.concatenate(us) if us else np.empty(0, np.int64)
-        v = np.concatenate(vs) if vs else np.empty(0, np.int64)
-        if cfg.linkage == "single":
-            comp = connected_components(k, np.concatenate([u, nu]), np.concatenate([v, nv]))
-        else:
-            rank = np.empty(k, dtype=np.int64)
-            rank[np.lexsort((np.arange(k), node_first, -node_area))] = np.arange(k)
-            comp = leader_clusters(connected_components(k, u, v), nu, nv, rank)
-        # comp: label = smallest node = smallest image_id of the cluster
-
-        # representative image per cluster: largest area, earliest, smallest image_id
-        order = np.lexsort((np.arange(k), node_first, -node_area, comp))
-        first_in_comp = np.ones(k, dtype=bool)
-        first_in_comp[1:] = comp[order][1:] != comp[order][:-1]
-        rep_node_of_comp = np.full(k, -1, dtype=np.int64)
-        rep_node_of_comp[comp[order][first_in_comp]] = order[first_in_comp]
-
-        row_comp = comp[node_of_row]
-        row_rep_node = rep_node_of_comp[row_comp]
-        # representative row: the representative image's earliest occurrence
-        listing = sub["listing_id"].astype(str).to_numpy(dtype=object)
-        cand = np.flatnonzero(node_of_row == row_rep_node)
-        cand = cand[np.lexsort((cand, listing[cand], first_seen[cand], row_comp[cand]))]
-        lead = np.ones(cand.size, dtype=bool)
-        lead[1:] = row_comp[cand][1:] != row_comp[cand][:-1]
-        rep_row = np.zeros(rows.size, dtype=bool)
-        rep_row[cand[lead]] = True
-
-        n_listings = _distinct_per_group(row_comp, k, pd.factorize(listing)[0])[row_comp]
+        listing_rank = np.unique(sub["listing_id"].astype(str).to_numpy(dtype=object), return_inverse=True)[1].ravel()
         labels = sub["label"] if "label" in sub.columns else pd.Series([None] * rows.size)
-        n_labels = _distinct_per_group(row_comp, k, pd.factorize(labels)[0])[row_comp]  # NaN → -1
+        label_code = pd.factorize(labels)[0]  # NaN → -1
 
-        placeholder = n_listings >= cfg.placeholder_min_listings
-        conflict_rows = (n_labels >= 2) & ~placeholder
-        rep_row &= ~placeholder
-        dropped_dup = ~placeholder & ~rep_row
-
-        dup_cluster[rows] = uniq[row_comp]
-        dup_of_vals = np.where(dropped_dup, uniq[row_rep_node], None)
-        dup_of[rows] = dup_of_vals
-        is_rep[rows] = rep_row
-        conflict[rows] = conflict_rows
-        listings[rows] = n_listings
+        c = _cluster_rows(node_of_row, k, first_seen, area, listing_rank, label_code, pixel_code, hashes, thumbs,
+                          cfg)
+        dup_cluster[rows] = uniq[c.row_comp]
+        dup_of[rows] = np.where(c.dropped_dup, uniq[c.row_rep_node], None)
+        is_rep[rows] = c.rep_row
+        conflict[rows] = c.conflict
+        listings[rows] = c.n_listings
 
         status = out["status"].to_numpy(dtype=object).copy()
         reason = out["reason"].to_numpy(dtype=object).copy()
-        status[rows[placeholder]] = DROPPED
-        reason[rows[placeholder]] = PLACEHOLDER
-        status[rows[dropped_dup]] = DROPPED
-        reason[rows[dropped_dup]] = DUPLICATE
+        status[rows[c.placeholder]] = DROPPED
+        reason[rows[c.placeholder]] = PLACEHOLDER
+        status[rows[c.dropped_dup]] = DROPPED
+        reason[rows[c.dropped_dup]] = DUPLICATE
         out["status"] = pd.Series(status, index=out.index)
         out["reason"] = pd.Series(reason, index=out.index)
-        log.info(
-            "dedup: %d kept rows, %d images, %d clusters; dropped %d duplicate, %d placeholder rows (%.2fs)",
-            rows.size,
-            k,
-            np.unique(comp).size,
-            int(dropped_dup.sum()),
-            int(placeholder.sum()),
-            time.perf_counter() - t0,
-        )
+        _log_done(c, rows.size, k, t0)
 
     out["dup_cluster"] = pd.Series(dup_cluster, index=out.index)
     out["dup_of"] = pd.Series(dup_of, index=out.index)
@@ -420,6 +467,136 @@ def dedup_manifest(df: pd.DataFrame, cfg: Any = None) -> pd.DataFrame:
     out["label_conflict"] = pd.Series(conflict, index=out.index)
     out["cluster_listings"] = pd.Series(listings, index=out.index)
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# the same over an Arrow table: no pandas frame, no Python object per row
+# ---------------------------------------------------------------------------------------
+#: the types of the columns dedup adds
+COLUMN_TYPES = {"dup_cluster": pa.string(), "dup_of": pa.string(), "is_representative": pa.bool_(),
+                "label_conflict": pa.bool_(), "cluster_listings": pa.int64()}
+
+
+def _take(table: pa.Table, name: str, idx: pa.Array) -> pa.Array:
+    col = table[name].take(idx)
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def _as_str(arr: pa.Array) -> pa.Array:
+    """Strings as :func:`dedup_manifest` sees them (``astype(str)``: a null is ``"None"``)."""
+    if not pa.types.is_string(arr.type):
+        arr = arr.cast(pa.string())
+    return pc.fill_null(arr, "None") if arr.null_count else arr
+
+
+def _sorted_codes(arr: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """The distinct values of ``arr`` in sort order, and each element's position among them."""
+    uniq = pc.unique(arr)
+    uniq = uniq.take(pc.array_sort_indices(uniq))
+    return uniq, pc.index_in(arr, value_set=uniq).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _codes(arr: pa.Array) -> np.ndarray:
+    """Equal values → equal codes ≥ 0, nulls → -1."""
+    return pc.fill_null(pc.dictionary_encode(arr).indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _hash_values(arr: pa.Array, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """An Arrow 64-bit hash column → ``(uint64 values, valid mask)`` (as :func:`hash_column`)."""
+    valid = pc.is_valid(arr).to_numpy(zero_copy_only=False)
+    if pa.types.is_null(arr.type) or not valid.any():
+        return np.zeros(len(arr), np.uint64), valid
+    if not pa.types.is_integer(arr.type):
+        raise TypeError(f"dedup: column {name!r} is {arr.type}: 64-bit hashes must be integers")
+    signed = pa.types.is_signed_integer(arr.type)
+    values = pc.fill_null(arr.cast(pa.int64() if signed else pa.uint64()), 0).to_numpy(zero_copy_only=False)
+    return (values.view(np.uint64) if signed else values), valid
+
+
+class _ArrowThumbs:
+    """``thumbs[nodes]`` over an Arrow binary column, read only for the nodes asked for."""
+
+    def __init__(self, column: pa.ChunkedArray, node_rows: np.ndarray):
+        self.column, self.node_rows = column, node_rows
+
+    def __getitem__(self, nodes: np.ndarray) -> np.ndarray:
+        return np.array(self.column.take(pa.array(self.node_rows[nodes])).to_pylist() + [None], dtype=object)[:-1]
+
+
+def _scatter(n: int, rows: np.ndarray, values: np.ndarray, type_: pa.DataType) -> pa.Array:
+    """An array of ``n`` nulls with ``values`` at ``rows``."""
+    out = np.zeros(n, dtype=values.dtype)
+    out[rows] = values
+    mask = np.ones(n, dtype=bool)
+    mask[rows] = False
+    return pa.array(out, type_, mask=mask)
+
+
+def dedup_table(table: pa.Table, cfg: Any = None) -> pa.Table:
+    """:func:`dedup_manifest` over an Arrow table (the clean stage's reduce): the same
+    rules, the same ``status``, ``reason`` and added columns (:data:`COLUMN_TYPES`), row
+    order unchanged. Strings stay in Arrow: no pandas frame and no Python object per row
+    (the pandas path held about 1 KB per row of object columns: ``bench/memory.py``)."""
+    from tasks.shards import put_column
+
+    cfg = as_dedup_settings(cfg)
+    t0 = time.perf_counter()
+    n = table.num_rows
+    names = set(table.column_names)
+    status = table["status"]
+    reason = table["reason"].cast(pa.string()) if "reason" in names else pa.nulls(n, pa.string())
+    active = pc.fill_null(pc.equal(status, KEPT), False).to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(active)
+    added = {name: pa.nulls(n, t) for name, t in COLUMN_TYPES.items()}
+    if rows.size:
+        kept = pa.array(rows)
+        uniq, node_of_row = _sorted_codes(_as_str(_take(table, "image_id", kept)))
+        k = len(uniq)
+        first_row = np.full(k, rows.size, dtype=np.int64)
+        np.minimum.at(first_row, node_of_row, np.arange(rows.size))
+        node_rows = rows[first_row]
+        first_seen = _take(table, "first_seen", kept) if "first_seen" in names else None
+        if first_seen is not None and first_seen.null_count == 0:
+            first_seen = first_seen.to_numpy(zero_copy_only=False).astype(np.int64)
+        else:
+            first_seen = rows.astype(np.int64)
+        w, h = (_take(table, c, kept).cast(pa.float64()).to_numpy(zero_copy_only=False) for c in ("width", "height"))
+        area = np.nan_to_num(w * h, nan=-1.0)
+        at_nodes = pa.array(node_rows)
+        pixel_code = _codes(_take(table, "pixel_hash", at_nodes)) if "pixel_hash" in names else None
+        hashes = thumbs = None
+        if "phash" in names:
+            ph, ph_ok = _hash_values(_take(table, "phash", at_nodes), "phash")
+            dh = None
+            if cfg.use_dhash:
+                dh, dh_ok = _hash_values(_take(table, "dhash", at_nodes), "dhash")
+                ph_ok = ph_ok & dh_ok
+            hashes = (ph, dh, ph_ok)
+            if "thumb" in names:
+                thumbs = _ArrowThumbs(table["thumb"], node_rows)
+        listing_rank = _sorted_codes(_as_str(_take(table, "listing_id", kept)))[1]
+        label_code = _codes(_take(table, "label", kept)) if "label" in names else np.full(rows.size, -1)
+
+        c = _cluster_rows(node_of_row, k, first_seen, area, listing_rank, label_code, pixel_code, hashes, thumbs,
+                          cfg)
+        dup = np.zeros(n, dtype=bool)
+        dup[rows[c.dropped_dup]] = True
+        held = np.zeros(n, dtype=bool)
+        held[rows[c.placeholder]] = True
+        status = pc.if_else(pa.array(dup | held), DROPPED, status)
+        reason = pc.if_else(pa.array(held), PLACEHOLDER, pc.if_else(pa.array(dup), DUPLICATE, reason))
+        added = {
+            "dup_cluster": uniq.take(_scatter(n, rows, c.row_comp, pa.int64())),
+            "dup_of": uniq.take(_scatter(n, rows[c.dropped_dup], c.row_rep_node[c.dropped_dup], pa.int64())),
+            "is_representative": _scatter(n, rows, c.rep_row, pa.bool_()),
+            "label_conflict": _scatter(n, rows, c.conflict, pa.bool_()),
+            "cluster_listings": _scatter(n, rows, c.n_listings.astype(np.int64), pa.int64()),
+        }
+        _log_done(c, rows.size, k, t0)
+    table = put_column(put_column(table, "status", status), "reason", reason)
+    for name, values in added.items():
+        table = put_column(table, name, values)
+    return table
 
 
 def dedup_stats(df: pd.DataFrame) -> dict[str, Any]:

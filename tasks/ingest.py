@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -64,15 +64,24 @@ def feed_keys(storage: Storage, sites: list[str] | None = None) -> list[str]:
     return sorted(keys)
 
 
-def _feed_lines(storage: Storage, keys: list[str], batch: int = 16) -> Iterator[tuple[int, int, str]]:
+def _feed_lines(storage: Storage, keys: list[str], window: int = 4) -> Iterator[tuple[int, int, str]]:
     """``(part number, line number, line)`` of every non-empty line of the parts ``keys``,
-    a batch of parts fetched at a time, concurrently (S3: one GET per part)."""
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        for i in range(0, len(keys), batch):
-            for j, text in enumerate(pool.map(storage.get_text, keys[i : i + batch])):
-                for lineno, line in enumerate(text.splitlines(), 1):
-                    if line.strip():
-                        yield i + j, lineno, line
+    in order, fetched concurrently (S3: one GET per part) with at most ``window`` parts
+    held at a time: memory follows the window, not the number of parts."""
+    with ThreadPoolExecutor(max_workers=window) as pool:
+        pending: deque = deque()
+        for part, key in enumerate(keys):
+            pending.append(pool.submit(storage.get_text, key))
+            if len(pending) >= window:
+                yield from _lines(part - len(pending) + 1, pending.popleft().result())
+        while pending:
+            yield from _lines(len(keys) - len(pending), pending.popleft().result())
+
+
+def _lines(part: int, text: str) -> Iterator[tuple[int, int, str]]:
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            yield part, lineno, line
 
 
 def _parse(line: str) -> dict | None:
@@ -135,12 +144,18 @@ def read_listing_records(storage: Storage, sites: list[str] | None = None) -> tu
     return records, stats
 
 
+#: the row order of manifest v0
+MANIFEST_ORDER = [("listing_id", "ascending"), ("photo_index", "ascending")]
+
+
 def build_manifest_from_feeds(
-    storage: Storage, sites: list[str] | None = None, batch: int = 2000
+    storage: Storage, sites: list[str] | None = None, batch: int = 2000, *, sort: bool = True
 ) -> tuple[pa.Table, pa.Table, Counter]:
     """:func:`read_listing_records` + :func:`build_manifest` without holding the records:
     the winning records are turned into Arrow rows ``batch`` at a time, so memory follows
-    the manifest's Arrow size, not Python objects per photo. Same rows, same order."""
+    the manifest's Arrow size, not Python objects per photo. Same rows, same order
+    (:data:`MANIFEST_ORDER`); with ``sort=False`` the rows stay in feed order, for a
+    writer that sorts as it writes (``write_manifest(order=...)``: no sorted copy)."""
     keys = feed_keys(storage, sites)
     winners, stats = scan_listing_feeds(storage, keys)
     manifests, rejects = [], []
@@ -159,10 +174,13 @@ def build_manifest_from_feeds(
             flush()
     if pending or not manifests:
         flush()
-    manifest = pa.concat_tables(manifests).sort_by([("listing_id", "ascending"), ("photo_index", "ascending")])
-    rejected = pa.concat_tables(rejects).sort_by([("listing_id", "ascending"), ("photo_index", "ascending")])
+    manifest = pa.concat_tables(manifests)
+    rejected = pa.concat_tables(rejects).sort_by(MANIFEST_ORDER)
+    del manifests, rejects
+    if sort:
+        manifest = manifest.sort_by(MANIFEST_ORDER)
     stats["rows"] = manifest.num_rows
-    stats["images"] = len(pc.unique(manifest["image_id"]))
+    stats["images"] = pc.count_distinct(manifest["image_id"]).as_py()
     stats["listings"] = len(winners)
     stats["rejected_refs"] = rejected.num_rows
     return manifest, rejected, stats
@@ -466,13 +484,15 @@ def build_ingest_manifest_task(
     """Every listing feed → ``manifests/ingest/manifest.parquet`` + ``rejects.parquet``,
     written here; returns counts (no rows pass through Prefect)."""
     store = open_storage(storage_uri)
-    manifest, rejects, stats = build_manifest_from_feeds(store, sites)
+    manifest, rejects, stats = build_manifest_from_feeds(store, sites, sort=False)
     reasons = pc.value_counts(rejects["reason"]).to_pylist() if rejects.num_rows else []
+    order = pc.sort_indices(manifest, sort_keys=MANIFEST_ORDER)  # written in order, never sorted in memory
     return {
-        "manifest": write_manifest(store, manifest_key("ingest", prefix=prefix), manifest, INGEST_SCHEMA),
+        "manifest": write_manifest(store, manifest_key("ingest", prefix=prefix), manifest, INGEST_SCHEMA,
+                                   order=order),
         "rejects": write_manifest(store, manifest_key("ingest", "rejects", prefix=prefix), rejects, REJECTS_SCHEMA),
         "rows": manifest.num_rows,
-        "labels": len(pc.unique(manifest["label"].drop_null())),
+        "labels": pc.count_distinct(manifest["label"]).as_py(),
         "rejected_by_reason": dict(sorted((r["values"], r["counts"]) for r in reasons)),
         "stats": dict(stats),
     }

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from carflow.keys import labelling_kit_key, labelling_thumb
 from carflow.manifest import KEPT
 from carflow.storage import Storage, open_storage
 from tasks.report import contact_sheet
@@ -77,7 +78,6 @@ def write_labelling_kit(
     """Write a labelling kit under ``out_prefix``: ``labels.csv`` (``image_id,label`` with
     the label empty, plus ``site,listing_id,thumb`` for context), ``thumbs/<image_id>.jpg``
     and ``contact_sheet-NNN.png`` pages (thumbnails captioned with the id prefix)."""
-    out_prefix = out_prefix.rstrip("/")
     ids = df_sample["image_id"].tolist()
 
     def fetch(image_id: str) -> bytes | None:
@@ -92,16 +92,16 @@ def write_labelling_kit(
             thumb = _thumbnail(data) if data else None
             thumbs[image_id] = thumb
             if thumb is not None:
-                store.put(f"{out_prefix}/thumbs/{image_id}.jpg", thumb, content_type="image/jpeg")
+                store.put(labelling_kit_key(out_prefix, labelling_thumb(image_id)), thumb, content_type="image/jpeg")
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["image_id", "label", "site", "listing_id", "thumb"])
     for row in df_sample.itertuples():
         writer.writerow(
             [row.image_id, "", getattr(row, "site", ""), getattr(row, "listing_id", ""),
-             f"thumbs/{row.image_id}.jpg"]
+             labelling_thumb(row.image_id)]
         )
-    store.put(f"{out_prefix}/labels.csv", buf.getvalue().encode(), content_type="text/csv")
+    store.put(labelling_kit_key(out_prefix, "labels.csv"), buf.getvalue().encode(), content_type="text/csv")
     sheets = []
     for page, start in enumerate(range(0, max(len(ids), 1), per_sheet), 1):
         chunk = ids[start : start + per_sheet]
@@ -109,11 +109,11 @@ def write_labelling_kit(
             [(thumbs.get(i), i[:12]) for i in chunk],
             title=f"label car / no_car — page {page} ({len(ids)} images)",
         )
-        key = f"{out_prefix}/contact_sheet-{page:03d}.png"
+        key = labelling_kit_key(out_prefix, f"contact_sheet-{page:03d}.png")
         store.put(key, png, content_type="image/png")
         sheets.append(store.uri(key))
     return {
-        "labels_csv": store.uri(f"{out_prefix}/labels.csv"),
+        "labels_csv": store.uri(labelling_kit_key(out_prefix, "labels.csv")),
         "images": len(ids),
         "thumbs": sum(t is not None for t in thumbs.values()),
         "contact_sheets": sheets,

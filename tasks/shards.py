@@ -157,27 +157,33 @@ def run_shard(storage: Storage, spec: ShardSpec, image_ids: list[str],
 def submit_bounded(task: Any, calls: Iterable[dict[str, Any]], limit: int, *,
                    sizes: Sequence[int] | None = None) -> list[Any]:
     """``task.submit(**kw)`` for every ``kw`` of ``calls`` with at most ``limit`` runs in
-    flight (results in order). Prefect's thread runner starts every submitted task at
-    once, so without a bound a stage would run all its shards together and its memory
-    would grow with the corpus (``bench/memory.py``). With ``sizes`` (images per call),
-    one log line per finished call gives images/s and the time left."""
+    flight (results in the order of ``calls``). Prefect's thread runner starts every
+    submitted task at once, so without a bound a stage would run all its shards together
+    and its memory would grow with the corpus (``bench/memory.py``). A slot is refilled
+    as soon as any run finishes (:func:`prefect.futures.as_completed`), not in submission
+    order: one slow shard does not hold the others' slots idle. With ``sizes`` (images per
+    call), one log line per finished call gives images/s and the time left."""
+    from prefect.futures import as_completed
+
     limit = max(1, int(limit))
-    futures: deque = deque()
-    results: list[Any] = []
+    in_flight: dict[Any, int] = {}
+    results: dict[int, Any] = {}
     progress = _Progress(sizes, getattr(task, "name", "shards")) if sizes and len(sizes) > 1 else None
 
     def take() -> None:
-        results.append(futures.popleft().result())
+        future = next(as_completed(list(in_flight)))
+        i = in_flight.pop(future)
+        results[i] = future.result()
         if progress:
-            progress.done(len(results))
+            progress.done(i)
 
-    for kw in calls:
-        if len(futures) >= limit:
+    for i, kw in enumerate(calls):
+        if len(in_flight) >= limit:
             take()
-        futures.append(task.submit(**kw))
-    while futures:
+        in_flight[task.submit(**kw)] = i
+    while in_flight:
         take()
-    return results
+    return [results[i] for i in range(len(results))]
 
 
 class _Progress:
@@ -185,14 +191,16 @@ class _Progress:
 
     def __init__(self, sizes: Sequence[int], what: str):
         self.sizes, self.what, self.start = list(sizes), what, time.monotonic()
-        self.total = sum(self.sizes)
+        self.total, self.finished, self.images = sum(self.sizes), 0, 0
 
-    def done(self, n: int) -> None:
-        images = sum(self.sizes[:n])
-        rate = images / max(time.monotonic() - self.start, 1e-6)
-        eta = (self.total - images) / rate if rate > 0 else 0.0
-        _logger().info("%s: shard %d/%d done, %d/%d images, %.1f img/s, %s left", self.what, n,
-                       len(self.sizes), images, self.total, rate, _duration(eta))
+    def done(self, i: int) -> None:
+        """Call ``i`` (its index in ``sizes``) has finished."""
+        self.finished += 1
+        self.images += self.sizes[i]
+        rate = self.images / max(time.monotonic() - self.start, 1e-6)
+        eta = (self.total - self.images) / rate if rate > 0 else 0.0
+        _logger().info("%s: shard %d/%d done, %d/%d images, %.1f img/s, %s left", self.what, self.finished,
+                       len(self.sizes), self.images, self.total, rate, _duration(eta))
 
 
 def _duration(seconds: float) -> str:

@@ -573,3 +573,62 @@ def test_hash_pairs_are_confirmed_by_the_colour_thumbnail():
     assert dedup_manifest(frame(rows), {"confirm_thumb": False})["dup_cluster"].nunique() == 1
     no_thumbs = frame([{**r, "thumb": None} for r in rows])
     assert dedup_manifest(no_thumbs)["dup_cluster"].nunique() == 1
+
+
+def test_confirm_by_thumb_in_steps_keeps_the_same_pairs():
+    """The thumbnail check runs a few thousand pairs at a time (memory stays flat); the
+    pairs it keeps do not depend on the step, and a node without a thumbnail keeps its pairs."""
+    from tasks.dedup import confirm_by_thumb
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (20, 192), dtype=np.uint8)
+    thumbs = np.empty(40, dtype=object)
+    for i in range(40):  # node i and i+20 share a picture, up to a little noise on half of them
+        img = base[i % 20].astype(int) + (rng.integers(-3, 4, 192) if i % 2 else 0)
+        thumbs[i] = np.clip(img, 0, 255).astype(np.uint8).tobytes()
+    thumbs[7] = None
+    u = rng.integers(0, 40, 300)
+    v = np.where(rng.random(300) < 0.5, (u + 20) % 40, rng.integers(0, 40, 300))
+    whole = confirm_by_thumb(thumbs, u, v, 13.0, step=10**6)
+    for step in (1, 7, 64):
+        got = confirm_by_thumb(thumbs, u, v, 13.0, step=step)
+        assert np.array_equal(got[0], whole[0]) and np.array_equal(got[1], whole[1])
+    assert 0 < whole[0].size < u.size  # some pairs confirmed, some not
+    assert set(np.flatnonzero((u == 7) | (v == 7))) <= {i for i in range(300) if (u[i], v[i]) in set(zip(*whole))}
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["single", "leader"]), st.booleans())
+def test_dedup_table_is_dedup_manifest_over_arrow(seed, linkage, use_dhash):
+    """The clean reduce's Arrow path (no pandas, no Python object per row) decides exactly
+    what the DataFrame path decides: same status, reason and added columns, row by row;
+    with rows dropped earlier, shared pixel hashes, thumbnails and placeholders."""
+    from carflow.imagehash import THUMB_SIDE
+    from tasks.dedup import COLUMNS, dedup_table
+
+    rng = np.random.default_rng(seed)
+    pictures = [rng.integers(0, 256, 3 * THUMB_SIDE**2, dtype=np.uint8).tobytes() for _ in range(3)]
+    rows, first = [], {}
+    for i in range(40):
+        centre = int(rng.integers(0, 3))
+        h = flip([BASE, FAR, BASE ^ 0xFFFF][centre], *rng.choice(64, rng.integers(0, 4), replace=False))
+        image_id = f"i{int(rng.integers(0, 25)):02d}"
+        r = row(image_id, f"L{int(rng.integers(0, 12))}", phash=h, first_seen=int(rng.integers(0, 5)),
+                width=int(rng.choice([320, 640])), height=480, label=rng.choice(["a", "b", None]),
+                pixel_hash=rng.choice([f"px-{image_id}", "px-shared", None]),
+                thumb=rng.choice([pictures[centre], pictures[(centre + 1) % 3], None]),
+                status=rng.choice(["kept", "kept", "kept", "dropped"]))
+        r["reason"] = "blurry" if r["status"] == "dropped" else None
+        first.setdefault(image_id, {k: r[k] for k in ("phash", "width", "pixel_hash", "thumb")})
+        r.update(first[image_id])  # one image: one set of hashes
+        r["dhash"] = r["phash"]
+        rows.append(r)
+    rows = list({(r["image_id"], r["listing_id"]): r for r in rows}.values())  # (listing, image) unique
+    df = frame(rows)
+    cfg = DedupSettings(placeholder_min_listings=5, linkage=linkage, use_dhash=use_dhash)
+    want = dedup_manifest(df, cfg)
+    got = dedup_table(pa.Table.from_pandas(df, preserve_index=False), cfg).to_pandas()
+    for col in ("status", "reason", *COLUMNS):
+        a = want[col].astype(object).where(want[col].notna(), None).tolist()
+        b = got[col].astype(object).where(got[col].notna(), None).tolist()
+        assert a == b, col

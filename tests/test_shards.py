@@ -167,3 +167,34 @@ def test_shard_tasks_in_flight_are_bounded(prefect_server):
     _ACTIVE["peak"] = 0
     stage(8)
     assert _ACTIVE["peak"] > 2  # unbounded, they do overlap: the bound above is real
+
+
+_RELEASE = threading.Event()
+
+
+@task
+def _waits_for_last(i: int, last: int) -> str:
+    """Call 0 blocks until the last call has run: only possible when the other slot is
+    refilled while call 0 is still running."""
+    if i == last:
+        _RELEASE.set()
+        return "last"
+    if i == 0:
+        return "released" if _RELEASE.wait(timeout=30) else "starved"
+    return "fast"
+
+
+@pytest.mark.integration
+def test_a_slow_shard_does_not_hold_the_other_slots(prefect_server):
+    """submit_bounded refills a slot when any run finishes, not in submission order: with
+    2 slots, calls 1..5 all run while call 0 is still running (it waits for call 5)."""
+    from prefect import flow
+
+    from tasks.shards import submit_bounded
+
+    @flow
+    def stage() -> list[str]:
+        return submit_bounded(_waits_for_last, ({"i": i, "last": 5} for i in range(6)), 2)
+
+    _RELEASE.clear()
+    assert stage() == ["released", "fast", "fast", "fast", "fast", "last"]
