@@ -176,7 +176,8 @@ def build_manifest_from_feeds(
         flush()
     manifest = pa.concat_tables(manifests)
     rejected = pa.concat_tables(rejects).sort_by(MANIFEST_ORDER)
-    del manifests, rejects
+    manifests.clear()  # the parts are in the concatenated tables now
+    rejects.clear()
     if sort:
         manifest = manifest.sort_by(MANIFEST_ORDER)
     stats["rows"] = manifest.num_rows

@@ -609,7 +609,7 @@ def test_dedup_table_is_dedup_manifest_over_arrow(seed, linkage, use_dhash):
     rng = np.random.default_rng(seed)
     pictures = [rng.integers(0, 256, 3 * THUMB_SIDE**2, dtype=np.uint8).tobytes() for _ in range(3)]
     rows, first = [], {}
-    for i in range(40):
+    for _ in range(40):
         centre = int(rng.integers(0, 3))
         h = flip([BASE, FAR, BASE ^ 0xFFFF][centre], *rng.choice(64, rng.integers(0, 4), replace=False))
         image_id = f"i{int(rng.integers(0, 25)):02d}"
