@@ -5,13 +5,14 @@ applies carflow's Prefect defaults, :data:`flows.entry.PREFECT_DEFAULTS`, so the
 every temporary Prefect server a flow starts, also when a flow is imported without going
 through an entry point (a worker, a test): the telemetry heartbeat is off (with it on,
 each fresh ``PREFECT_HOME`` printed an ERROR traceback, "database is locked") and the
-startup timeout is generous. A value you set yourself wins; a server you run
+startup timeout is generous; Arrow uses the system allocator
+(:data:`flows.entry.MEMORY_DEFAULTS`, before pyarrow is imported). A value you set yourself wins; a server you run
 (docker-compose) is not affected.
 """
 
 import os
 
-from flows.entry import PREFECT_DEFAULTS
+from flows.entry import MEMORY_DEFAULTS, PREFECT_DEFAULTS
 
-for _name, _value in PREFECT_DEFAULTS.items():
+for _name, _value in {**PREFECT_DEFAULTS, **MEMORY_DEFAULTS}.items():
     os.environ.setdefault(_name, _value)
