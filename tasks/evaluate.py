@@ -319,7 +319,10 @@ def rank_label_issues(labels: np.ndarray | Sequence[Sequence[int]], pred_probs: 
                       multi_label: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """cleanlab's ``find_label_issues`` on out-of-sample probabilities: indices of the likely
     label errors, most likely first (ranked by self-confidence), and every example's
-    label-quality score (lower = more suspect)."""
+    label-quality score (lower = more suspect). ``n_jobs=1``: cleanlab's default forks a
+    ``multiprocessing`` pool, and a fork of a process holding TensorFlow/OpenVINO threads
+    can deadlock (it hung ``python -m flows.train`` after training); the results do not
+    depend on it and the work is milliseconds."""
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
@@ -329,7 +332,8 @@ def rank_label_issues(labels: np.ndarray | Sequence[Sequence[int]], pred_probs: 
         lab = [list(map(int, x)) for x in labels]  # type: ignore[union-attr]
         if not lab:
             return np.zeros(0, dtype=np.int64), np.zeros(0)
-        idx = find_label_issues(lab, pred_probs, multi_label=True, return_indices_ranked_by="self_confidence")
+        idx = find_label_issues(lab, pred_probs, multi_label=True, return_indices_ranked_by="self_confidence",
+                                n_jobs=1)
         return np.asarray(idx, dtype=np.int64), np.asarray(ml_scores(lab, pred_probs))
     y = np.asarray(labels, dtype=np.int64)
     if len(y) == 0:
@@ -337,7 +341,7 @@ def rank_label_issues(labels: np.ndarray | Sequence[Sequence[int]], pred_probs: 
     y2, p2, present = _present(y, pred_probs)
     if len(present) < 2:
         return np.zeros(0, dtype=np.int64), np.ones(len(y))
-    idx = find_label_issues(y2, p2, return_indices_ranked_by="self_confidence")
+    idx = find_label_issues(y2, p2, return_indices_ranked_by="self_confidence", n_jobs=1)
     return np.asarray(idx, dtype=np.int64), np.asarray(get_label_quality_scores(y2, p2))
 
 
