@@ -402,6 +402,11 @@ class TrainSettings(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     #: XLA (``jit_compile``) for the train step
     xla: bool = False
+    #: on a machine without a GPU with ``weights=none`` (nothing to transfer: the offline
+    #: demo), train ``backbone``/``alpha``/``image_size`` left at their defaults as
+    #: MobileNetV2 α 0.35 at 96 px (``tasks.train.CPU_RECIPE``): minutes on 2 cores, where
+    #: EfficientNetB1 at 240 px from scratch takes hours; ``false``: the settings as given
+    cpu_recipe: bool = True
     #: ``auto``: every GPU of this machine when there are several (MirroredStrategy on
     #: TensorFlow, keras.distribution.DataParallel on JAX), else none
     distribution: Literal["auto", "none", "mirrored", "data_parallel"] = "auto"

@@ -55,6 +55,9 @@ LOGITS_NAME = "logits"
 TASKS = ("multiclass", "multilabel")
 #: files of a registered classifier version
 MODEL_FILE, LABELS_FILE, CONFIG_FILE = "model.keras", "labels.json", "config.json"
+#: out-of-fold logits of every train (and val) row of a ``--cv`` run: ``image_ids``, ``splits``,
+#: ``folds``, ``logits`` (``np.savez``; written by ``tasks.train``, read by ``tasks.evaluate``)
+OOF_FILE = "oof_logits.npz"
 
 
 

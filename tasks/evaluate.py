@@ -22,7 +22,9 @@ steps, then thin Prefect tasks:
   ranked by self-confidence, with a thumbnail gallery.
 
 Out-of-sample probabilities are the model's on the validation and test splits (it never
-trained on them). :func:`evaluate_version` runs a registered version (through
+trained on them), or, for a model trained with ``--cv K``, the out-of-fold predictions of
+every train and val row stored with the version (:func:`load_out_of_fold`) plus test:
+the finders then see the whole dataset, and the report says which. :func:`evaluate_version` runs a registered version (through
 :class:`models.classifier.ClassifierPredictor`) on a dataset export (``tasks.export.open_export``)
 and :func:`write_evaluation` stores everything under
 ``models/classifier/<version>/eval/<dataset version>/`` (:func:`carflow.keys.eval_name`),
@@ -317,7 +319,10 @@ def rank_label_issues(labels: np.ndarray | Sequence[Sequence[int]], pred_probs: 
                       multi_label: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """cleanlab's ``find_label_issues`` on out-of-sample probabilities: indices of the likely
     label errors, most likely first (ranked by self-confidence), and every example's
-    label-quality score (lower = more suspect)."""
+    label-quality score (lower = more suspect). ``n_jobs=1``: cleanlab's default forks a
+    ``multiprocessing`` pool, and a fork of a process holding TensorFlow/OpenVINO threads
+    can deadlock (it hung ``python -m flows.train`` after training); the results do not
+    depend on it and the work is milliseconds."""
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
@@ -327,7 +332,8 @@ def rank_label_issues(labels: np.ndarray | Sequence[Sequence[int]], pred_probs: 
         lab = [list(map(int, x)) for x in labels]  # type: ignore[union-attr]
         if not lab:
             return np.zeros(0, dtype=np.int64), np.zeros(0)
-        idx = find_label_issues(lab, pred_probs, multi_label=True, return_indices_ranked_by="self_confidence")
+        idx = find_label_issues(lab, pred_probs, multi_label=True, return_indices_ranked_by="self_confidence",
+                                n_jobs=1)
         return np.asarray(idx, dtype=np.int64), np.asarray(ml_scores(lab, pred_probs))
     y = np.asarray(labels, dtype=np.int64)
     if len(y) == 0:
@@ -335,7 +341,7 @@ def rank_label_issues(labels: np.ndarray | Sequence[Sequence[int]], pred_probs: 
     y2, p2, present = _present(y, pred_probs)
     if len(present) < 2:
         return np.zeros(0, dtype=np.int64), np.ones(len(y))
-    idx = find_label_issues(y2, p2, return_indices_ranked_by="self_confidence")
+    idx = find_label_issues(y2, p2, return_indices_ranked_by="self_confidence", n_jobs=1)
     return np.asarray(idx, dtype=np.int64), np.asarray(get_label_quality_scores(y2, p2))
 
 
@@ -514,32 +520,14 @@ def _decode(jpeg: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def predict_split(predictor: Predictor, index: Any, split: str, batch_size: int = 64,
-                  iter_examples: Callable[[str], Iterable[Mapping[str, Any]]] | None = None) -> tuple[Predictions, dict[str, int]]:
-    """Run ``predictor`` over one split of a dataset export (``index``: ``tasks.export.ExportIndex``).
-    Examples excluded by the dataset version, or whose class the model does not know, are
-    counted (returned), never fed to the metrics."""
-    if iter_examples is None:
-        from tasks.export import iter_examples
-    labels = list(predictor.labels)
+def _split_examples(index: Any, split: str, labels: Sequence[str], multilabel: bool, skipped: dict[str, int],
+                    iter_examples: Callable[[str], Iterable[Mapping[str, Any]]]
+                    ) -> Iterable[tuple[Mapping[str, Any], Any, str, tuple[str, int]]]:
+    """(example, target, class text, (shard path, position)) of every example of ``split``
+    the metrics may see: examples excluded by the dataset version, or whose class the
+    model does not know, are counted in ``skipped``."""
     where = {c: i for i, c in enumerate(labels)}
-    multilabel = getattr(predictor, "task", MULTICLASS) == MULTILABEL
     excluded = set(getattr(index, "excluded", ()) or ())
-    skipped = {"excluded": 0, "unknown_class": 0, "undecodable": 0}
-    out_logits: list[np.ndarray] = []
-    ys: list[Any] = []
-    ids: list[str] = []
-    listings: list[str] = []
-    texts: list[str] = []
-    sources: list[tuple[str, int]] = []
-    batch: list[np.ndarray] = []
-
-    def flush() -> None:
-        if batch:
-            # export JPEGs are never upscaled: sizes differ, the predictor resizes
-            out_logits.append(np.asarray(predictor.logits(list(batch)), dtype=np.float32))
-            batch.clear()
-
     classes = list(getattr(index, "classes", []) or [])
     for path in index.files(split):
         for pos, ex in enumerate(iter_examples(path)):
@@ -564,26 +552,90 @@ def predict_split(predictor: Predictor, index: Any, split: str, batch_size: int 
                     skipped["unknown_class"] += 1
                     continue
                 y = where[text]
-            try:
-                img = _decode(ex["image"])
-            except Exception:  # noqa: BLE001 - a broken example is counted, not fatal
-                skipped["undecodable"] += 1
-                continue
-            batch.append(img)
-            ys.append(y)
-            ids.append(str(ex.get("image_id") or ""))
-            listings.append(str(ex.get("listing_id") or ""))
-            texts.append(text)
-            sources.append((str(path), pos))
-            if len(batch) >= batch_size:
-                flush()
+            yield ex, y, text, (str(path), pos)
+
+
+def _predictions(split: str, outs: list[np.ndarray], ys: list[Any], meta: list[tuple], n_out: int,
+                 multilabel: bool) -> Predictions:
+    logits = np.concatenate(outs) if outs else np.zeros((0, n_out), dtype=np.float32)
+    if multilabel:
+        y_arr = np.stack(ys) if ys else np.zeros((0, n_out), dtype=np.int64)
+    else:
+        y_arr = np.asarray(ys, dtype=np.int64)
+    ids, listings, texts, sources = (list(c) for c in zip(*meta)) if meta else ([], [], [], [])
+    return Predictions(split, logits, y_arr, ids, listings, texts, sources)
+
+
+def predict_split(predictor: Predictor, index: Any, split: str, batch_size: int = 64,
+                  iter_examples: Callable[[str], Iterable[Mapping[str, Any]]] | None = None) -> tuple[Predictions, dict[str, int]]:
+    """Run ``predictor`` over one split of a dataset export (``index``: ``tasks.export.ExportIndex``).
+    Examples excluded by the dataset version, or whose class the model does not know, are
+    counted (returned), never fed to the metrics."""
+    if iter_examples is None:
+        from tasks.export import iter_examples
+    labels = list(predictor.labels)
+    multilabel = getattr(predictor, "task", MULTICLASS) == MULTILABEL
+    skipped = {"excluded": 0, "unknown_class": 0, "undecodable": 0}
+    out_logits: list[np.ndarray] = []
+    ys: list[Any] = []
+    meta: list[tuple] = []
+    batch: list[np.ndarray] = []
+
+    def flush() -> None:
+        if batch:
+            # export JPEGs are never upscaled: sizes differ, the predictor resizes
+            out_logits.append(np.asarray(predictor.logits(list(batch)), dtype=np.float32))
+            batch.clear()
+
+    for ex, y, text, source in _split_examples(index, split, labels, multilabel, skipped, iter_examples):
+        try:
+            img = _decode(ex["image"])
+        except Exception:  # noqa: BLE001 - a broken example is counted, not fatal
+            skipped["undecodable"] += 1
+            continue
+        batch.append(img)
+        ys.append(y)
+        meta.append((str(ex.get("image_id") or ""), str(ex.get("listing_id") or ""), text, source))
+        if len(batch) >= batch_size:
+            flush()
     flush()
-    n_out = len(labels)
-    logits = np.concatenate(out_logits) if out_logits else np.zeros((0, n_out), dtype=np.float32)
-    y_arr = np.stack(ys) if (multilabel and ys) else np.asarray(ys, dtype=np.int64)
-    if multilabel and not ys:
-        y_arr = np.zeros((0, n_out), dtype=np.int64)
-    return Predictions(split, logits, y_arr, ids, listings, texts, sources), skipped
+    return _predictions(split, out_logits, ys, meta, len(labels), multilabel), skipped
+
+
+def load_out_of_fold(version: Version) -> dict[str, Any] | None:
+    """A CV run's out-of-fold logits (``models.classifier.OOF_FILE``, written by
+    ``tasks.train.cross_validate``): ``image_ids``, ``splits``, ``folds``, ``logits``;
+    None when the version has none."""
+    from models.classifier import OOF_FILE
+
+    if not version.exists(OOF_FILE):
+        return None
+    with np.load(io.BytesIO(version.get(OOF_FILE)), allow_pickle=False) as z:
+        return {"image_ids": [str(i) for i in z["image_ids"]], "splits": [str(s) for s in z["splits"]],
+                "folds": z["folds"], "logits": z["logits"]}
+
+
+def out_of_fold_split(oof: Mapping[str, Any], index: Any, split: str, labels: Sequence[str], task: str = MULTICLASS,
+                      iter_examples: Callable[[str], Iterable[Mapping[str, Any]]] | None = None) -> Predictions:
+    """The out-of-fold logits of ``split``'s examples, aligned with the export like
+    :func:`predict_split` (labels, ids, sources for galleries), without decoding an image.
+    Examples without an out-of-fold row are left out."""
+    if iter_examples is None:
+        from tasks.export import iter_examples
+    row = {i: k for k, (i, s) in enumerate(zip(oof["image_ids"], oof["splits"])) if s == split}
+    multilabel = task == MULTILABEL
+    outs: list[np.ndarray] = []
+    ys: list[Any] = []
+    meta: list[tuple] = []
+    skipped = {"excluded": 0, "unknown_class": 0}
+    for ex, y, text, source in _split_examples(index, split, labels, multilabel, skipped, iter_examples):
+        k = row.get(str(ex.get("image_id") or ""))
+        if k is None:
+            continue
+        outs.append(np.asarray(oof["logits"][k : k + 1], np.float32))
+        ys.append(y)
+        meta.append((str(ex.get("image_id") or ""), str(ex.get("listing_id") or ""), text, source))
+    return _predictions(split, outs, ys, meta, len(labels), multilabel)
 
 
 def fetch_images(preds: Sequence[Predictions], wanted: Iterable[tuple[int, int]],
@@ -636,6 +688,7 @@ def write_evaluation(
     full: bool = True,
     images: Callable[[Sequence[Predictions], Iterable[tuple[int, int]]], Mapping[tuple[int, int], bytes]] | None = None,
     skipped: Mapping[str, Any] | None = None,
+    out_of_fold: Sequence[Predictions] | None = None,
 ) -> dict[str, Any]:
     """Everything about ``version`` on one dataset's val/test predictions, written under
     ``<version>/eval/<dataset_version>/``; returns the summary (also ``metrics.json``).
@@ -643,7 +696,11 @@ def write_evaluation(
     ``calibrate``: fit the temperature on ``val`` and store it in the version (``config.json``
     and ``meta.json``); otherwise ``temperature`` (the version's own) is used. ``full=False``
     computes the headline numbers only (a champion re-evaluated for a comparison).
-    ``images(preds, [(which, row)])`` gives the JPEG bytes for galleries (none without it)."""
+    ``images(preds, [(which, row)])`` gives the JPEG bytes for galleries (none without it).
+
+    cleanlab's finders need out-of-sample probabilities: ``out_of_fold`` (a CV run's
+    out-of-fold predictions of the train and val rows, :func:`out_of_fold_split`) + test
+    when given, else val + test; ``summary["out_of_sample"]`` says which."""
     cfg = as_settings(EvaluateSettings, cfg)
     labels = list(labels)
     store = version.storage
@@ -681,6 +738,10 @@ def write_evaluation(
         "nll_before": nll(test.logits, test.y, 1.0, task) if len(test) else None,
         "nll_after": nll(test.logits, test.y, t, task) if len(test) else None,
     }
+    oos = [p for p in (list(out_of_fold) if out_of_fold else [val]) if len(p)] + ([test] if len(test) else [])
+    summary["out_of_sample"] = {
+        "source": ("out-of-fold (cross-validation) " if out_of_fold else "") + " + ".join(p.split for p in oos),
+        "n": {p.split: len(p) for p in oos}}
     summary["per_class"] = [
         {"class": c, **{k: (round(float(v), 4) if k != "support" else int(v)) for k, v in r.items()}}
         for c, r in head["report"].items() if isinstance(r, Mapping) and c in labels]
@@ -692,11 +753,9 @@ def write_evaluation(
         summary["reliability"] = {"before": rb, "after": ra}
         files["reliability.png"] = put("reliability.png", reliability_png(rb, ra, ece_before, ece_after, t), "image/png")
     if full and task == MULTICLASS and len(test):
-        summary.update(_multiclass_analysis(put, files, labels, val, test, pt, probabilities(val.logits, t, task),
-                                            cfg, images))
+        summary.update(_multiclass_analysis(put, files, labels, test, pt, oos, t, cfg, images))
     elif full and task == MULTILABEL and len(test):
-        summary.update(_multilabel_analysis(put, files, labels, val, test, pt, probabilities(val.logits, t, task), cfg,
-                                            images))
+        summary.update(_multilabel_analysis(put, files, labels, oos, t, cfg, images))
     summary["files"] = files
     files["metrics.json"] = put("metrics.json", json.dumps(summary, indent=1, default=float), "application/json")
     files["report.md"] = put("report.md", report_markdown(summary, head.get("report_text", "")), "text/markdown")
@@ -710,18 +769,19 @@ def _gallery_items(preds: Sequence[Predictions], rows: Sequence[tuple[int, int]]
     return [(got.get(r), c) for r, c in zip(rows, captions)]
 
 
-def _out_of_sample(val: Predictions, test: Predictions, pv: np.ndarray, pt: np.ndarray
-                   ) -> tuple[list[Predictions], np.ndarray, np.ndarray, list[tuple[int, int]]]:
-    """val + test: the model never trained on either, so these are out-of-sample
-    probabilities for cleanlab; ``which[i]`` = (index in the list, row) of example ``i``."""
-    both = [p for p in (val, test) if len(p)]
-    which = [(w, i) for w, p in enumerate(both) for i in range(len(p))]
-    y = np.concatenate([p.y for p in both]) if both else test.y
-    probs = np.concatenate([pr for p, pr in ((val, pv), (test, pt)) if len(p)]) if both else pt
-    return both, y, probs, which
+def _out_of_sample(parts: Sequence[Predictions], temperature: float, task: str
+                   ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """The out-of-sample predictions cleanlab sees, stacked (val + test, which the model
+    never trained on, or a CV run's out-of-fold train + val rows + test): labels,
+    probabilities at ``temperature``, and ``which[i]`` = (index in ``parts``, row) of
+    example ``i``."""
+    which = [(w, i) for w, p in enumerate(parts) for i in range(len(p))]
+    y = np.concatenate([p.y for p in parts])
+    probs = np.concatenate([probabilities(p.logits, temperature, task) for p in parts])
+    return y, probs, which
 
 
-def _multiclass_analysis(put, files, labels, val, test, pt, pv, cfg: EvaluateSettings, images) -> dict[str, Any]:
+def _multiclass_analysis(put, files, labels, test, pt, oos, t, cfg: EvaluateSettings, images) -> dict[str, Any]:
     out: dict[str, Any] = {}
     n = len(labels)
     pred = pt.argmax(axis=1)
@@ -744,8 +804,9 @@ def _multiclass_analysis(put, files, labels, val, test, pt, pv, cfg: EvaluateSet
                               "image/png")
         pair["image_ids"] = [test.image_ids[int(r)] for r in rows]
     out["confused_pairs"] = pairs
-    # cleanlab on out-of-sample probabilities: val + test
-    both, y_oos, p_oos, which = _out_of_sample(val, test, pv, pt)
+    # cleanlab on out-of-sample probabilities: val + test, or out-of-fold train + val + test
+    both = oos
+    y_oos, p_oos, which = _out_of_sample(both, t, MULTICLASS)
     y_oos = y_oos.astype(np.int64)
     merges = suggest_merges(y_oos, p_oos, labels, cfg.merge_min_examples, cfg.merge_min_rate)
     out["suggested_merges"] = merges
@@ -772,13 +833,15 @@ def _multiclass_analysis(put, files, labels, val, test, pt, pv, cfg: EvaluateSet
     items = _gallery_items(both, show, [f"{x['given'][:9]}>{x['suggested'][:9]}" for x in rows[: cfg.gallery_issues]],
                            images)
     files["label_issues.png"] = put("label_issues.png", contact_sheet(
-        items, f"likely label errors ({len(rows)} of {len(y_oos)} val+test images; given>suggested)",
+        items, f"likely label errors ({len(rows)} of {len(y_oos)} {'+'.join(p.split for p in both)} images; "
+               "given>suggested)",
         thumb=cfg.thumb), "image/png")
     return out
 
 
-def _multilabel_analysis(put, files, labels, val, test, pt, pv, cfg: EvaluateSettings, images) -> dict[str, Any]:
-    both, y_oos, p_oos, which = _out_of_sample(val, test, pv, pt)
+def _multilabel_analysis(put, files, labels, oos, t, cfg: EvaluateSettings, images) -> dict[str, Any]:
+    both = oos
+    y_oos, p_oos, which = _out_of_sample(both, t, MULTILABEL)
     lists = [list(np.where(row > 0)[0]) for row in y_oos]
     issues, quality = rank_label_issues(lists, p_oos, multi_label=True)
     rows = []
@@ -842,7 +905,8 @@ def report_markdown(summary: Mapping[str, Any], report_text: str = "") -> str:
         lines.append("")
     if s.get("label_issues"):
         li = s["label_issues"]
-        lines += [f"### Likely label errors: {li['count']} of {li['examined']} val+test images", "",
+        source = (s.get("out_of_sample") or {}).get("source", "val + test")
+        lines += [f"### Likely label errors: {li['count']} of {li['examined']} images ({source})", "",
                   "| rank | image | listing | given | suggested | quality |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['rank']} | {r['image_id'][:12]} | {r.get('listing_id', '')} | {r['given']} | {r['suggested']} "
                   f"| {r['label_quality']:.3f} |" for r in li["top"][:20]]
@@ -909,7 +973,10 @@ def evaluate_version(
     ``calibrate``, the temperature fitted on val is stored in the version (``config.json``,
     ``meta.json``). The version's ``meta.json`` gets ``evaluations[<dataset version>]``
     (headline numbers + test-split fingerprint) and, with ``calibrate``, ``metrics``
-    (:func:`record_evaluation`). Returns the summary."""
+    (:func:`record_evaluation`). The label-issue finders see a CV run's out-of-fold train
+    and val rows + test when the version has them for this dataset, else val + test (a
+    CV model trained on part of val: its own val probabilities are not out-of-sample).
+    Returns the summary."""
     cfg = as_settings(EvaluateSettings, cfg)
     store = open_storage(store)
     reg = Registry(store)
@@ -932,11 +999,16 @@ def evaluate_version(
     if len(test) == 0:
         raise EvaluationError(f"none of dataset {ds}'s test images is in a class of classifier {version.version} "
                               f"(skipped: {skipped_t}): train on this dataset with `carflow train`")
+    out_of_fold = None
+    oof = load_out_of_fold(version) if full else None
+    if oof is not None and (version.meta or {}).get("dataset_version") == ds:  # CV of this very dataset
+        out_of_fold = [out_of_fold_split(oof, index, sp, predictor.labels, task_, iter_examples)
+                       for sp in ("train", "val") if sp in splits]
     summary = write_evaluation(
         version, predictor.labels, val, test, ds, cfg, task_, calibrate=calibrate,
         temperature=float(getattr(predictor, "temperature", 1.0) or 1.0), full=full,
         images=lambda preds, wanted: fetch_images(preds, wanted, iter_examples),
-        skipped={"test": skipped_t, "val": skipped_v},
+        skipped={"test": skipped_t, "val": skipped_v}, out_of_fold=out_of_fold,
     )
     record_evaluation(version, summary, calibrate)
     return summary

@@ -502,6 +502,25 @@ def _gpus(backend: str) -> tuple[list[Any], str, bool]:
     return gpus, str(details.get("device_name", "gpu")), tuple(cc) >= (8, 0)
 
 
+#: what ``train.cpu_recipe`` trains on a machine without a GPU with ``weights=none``
+CPU_RECIPE = {"backbone": "mobilenetv2", "alpha": 0.35, "image_size": 96}
+
+
+def apply_cpu_recipe(cfg: TrainSettings, has_gpu: bool) -> tuple[TrainSettings, str]:
+    """``cfg`` with :data:`CPU_RECIPE` laid over it when ``train.cpu_recipe`` is on, there is
+    no GPU, nothing is transferred (``weights=none``) and the backbone, width and image
+    size are the defaults (a user who set one gets it); with the line that says so."""
+    from models.classifier import is_pretrained
+
+    defaults = {k: TrainSettings.model_fields[k].default for k in CPU_RECIPE}
+    if not cfg.cpu_recipe or has_gpu or is_pretrained(cfg) or any(getattr(cfg, k) != v for k, v in defaults.items()):
+        return cfg, ""
+    return cfg.model_copy(update=CPU_RECIPE), (
+        f"no GPU and weights=none: training the CPU recipe, {CPU_RECIPE['backbone']} alpha {CPU_RECIPE['alpha']} at "
+        f"{CPU_RECIPE['image_size']}px, in place of {defaults['backbone']} at {defaults['image_size']}px from scratch "
+        "(--no-cpu-recipe: the settings as given)")
+
+
 def setup_runtime(cfg: TrainSettings) -> Runtime:
     """Precision and distribution for this process (sets Keras' global dtype policy and,
     on JAX, its distribution). ``precision=auto``: bf16 on a GPU that supports it, fp16
@@ -552,7 +571,7 @@ def epoch_line(epoch: int, total: int, phase: str, logs: Mapping[str, float], se
     shown = " ".join(f"{k} {float(v):.4f}" for k, v in logs.items()
                      if k in ("loss", "acc", "val_loss", "val_acc") and v is not None)
     rate = images / seconds if seconds > 0 else 0.0
-    return (f"{fold}epoch {epoch}/{total} [{phase}] {shown} | {_duration(seconds)} {rate:.0f} img/s"
+    return (f"{fold}epoch {epoch}/{total} [{phase}] {shown} | {_duration(seconds)} {rate:.{0 if rate >= 10 else 1}f} img/s"
             f" | ETA {_duration(eta)}")
 
 
@@ -875,9 +894,11 @@ def register_classifier(
     argv: list[str] | None = None,
     extra_metrics: Mapping[str, Any] | None = None,
     log: Log = print,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> Version:
     """Store a classifier version: the float32 inference model, labels, config, metrics
-    (test split, export agreement), history, the command line and the OpenVINO export."""
+    (test split, export agreement), history, the command line, the OpenVINO export and
+    ``extra_files`` (a CV run's out-of-fold logits, :func:`oof_bytes`)."""
     from models.classifier import (
         CONFIG_FILE,
         LABELS_FILE,
@@ -934,6 +955,7 @@ def register_classifier(
         files["metrics.json"] = json.dumps(metrics, indent=2, default=str)
         files["history.json"] = json.dumps(history, indent=1, default=str)
         files["command.txt"] = command + "\n"
+        files.update(extra_files or {})
         meta = {"task": task, "dataset_version": index.version, "classes_version": index.doc.get("classes_version"),
                 "command": command, "backbone": cfg.backbone, "image_size": cfg.image_size, "temperature": 1.0,
                 "training": {"test": {k: v for k, v in test.items() if k != "per_label"},
@@ -959,13 +981,19 @@ def train_classifier(
     from tasks.export import open_export
 
     cfg = as_settings(TrainSettings, cfg)
-    import_keras().utils.set_random_seed(cfg.seed)  # the same weights init and shuffles for the same seed
+    keras = import_keras()
+    cfg, note = apply_cpu_recipe(cfg, bool(_gpus(keras.backend.backend())[0]))
+    if note:
+        log(note)
+    keras.utils.set_random_seed(cfg.seed)  # the same weights init and shuffles for the same seed
     store = open_storage(storage)
     index = open_export(store, cfg.dataset)
     task = resolve_task(cfg, index)
     names = output_names(index, task)
     if not names:
-        raise TrainError(f"dataset {index.version} has no {'label names' if task == 'multilabel' else 'classes'}")
+        raise TrainError(f"dataset {index.version} has no {'label names' if task == 'multilabel' else 'classes'}: "
+                         "rebuild it with `carflow dataset --tfrecord` and a lower --min-images (classes.min_images) "
+                         "if every class was too rare")
     t0 = time.monotonic()
     train_rows = scan_split(index, "train")
     log(f"dataset {index.version}: {task}, {len(names)} outputs, {len(train_rows)} train / "
@@ -973,13 +1001,16 @@ def train_classifier(
         f"{index.count('test') if 'test' in index.splits else 0} test images at {index.size}px; "
         f"{cfg.backbone} {cfg.image_size}px weights={cfg.weights}")
     extra: dict[str, Any] = {}
+    files: dict[str, bytes] = {}
     if cfg.cv >= 2:
-        results, extra["cv"] = cross_validate(store, index, cfg, task, train_rows, log, progress)
+        from models.classifier import OOF_FILE
+
+        results, extra["cv"], files[OOF_FILE] = cross_validate(store, index, cfg, task, train_rows, log, progress)
         result = results[extra["cv"]["best_fold"] - 1]
     else:
         result = train_one(store, index, cfg, task, train_rows, log=log, progress=progress)
     extra["training_seconds"] = round(time.monotonic() - t0, 1)
-    version = register_classifier(store, index, cfg, task, result, argv, extra, log)
+    version = register_classifier(store, index, cfg, task, result, argv, extra, log, files)
     for r in results if cfg.cv >= 2 else [result]:
         r.extra["checkpointer"].clear()
     metrics = json.loads(version.get("metrics.json"))
@@ -1002,17 +1033,33 @@ def train_classifier(
     }
 
 
+def oof_bytes(image_ids: list[str], splits: list[str], folds: list[int], logits: np.ndarray) -> bytes:
+    """The out-of-fold logits of a CV run as one ``.npz`` (``models.classifier.OOF_FILE``):
+    every train and val row once, with its split and the fold that held it out."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, image_ids=np.asarray(image_ids, dtype=str), splits=np.asarray(splits, dtype=str),
+                        folds=np.asarray(folds, np.int32), logits=np.asarray(logits, np.float32))
+    return buf.getvalue()
+
+
 def cross_validate(store: Storage, index: Any, cfg: TrainSettings, task: str, train_rows: pd.DataFrame, log: Log,
-                   progress: Callable[[float, str], None] | None = None) -> tuple[list[TrainResult], dict[str, Any]]:
+                   progress: Callable[[float, str], None] | None = None
+                   ) -> tuple[list[TrainResult], dict[str, Any], bytes]:
     """K-fold cross-validation over the export's train + val records, grouped by listing
     (:func:`cv_folds`); each fold trains (resumably) on K-1 folds and is scored on the
-    held-out one. Returns the folds' results and the report: each fold, mean ± std and
-    the best fold."""
+    held-out one. Returns the folds' results, the report (each fold, mean ± std, the best
+    fold) and the out-of-fold logits of every train + val row (:func:`oof_bytes`):
+    out-of-sample probabilities for the evaluation's label-issue finders."""
     names = output_names(index, task)
-    rows = pd.concat([train_rows, scan_split(index, "val")], ignore_index=True)
+    val_rows = scan_split(index, "val")
+    rows = pd.concat([train_rows, val_rows], ignore_index=True)
+    split_of = dict(zip(rows["image_id"], ["train"] * len(train_rows) + ["val"] * len(val_rows)))
     folds = cv_folds(rows, cfg.cv, cfg.seed)
     splits = ("train", "val")
     results, per_fold = [], []
+    oof_ids: list[str] = []
+    oof_folds: list[int] = []
+    oof_logits: list[np.ndarray] = []
     for k, val_idx in enumerate(folds):
         held = set(rows["image_id"].iloc[val_idx])
         fold_rows = rows[~rows["image_id"].isin(held)]
@@ -1021,7 +1068,10 @@ def cross_validate(store: Storage, index: Any, cfg: TrainSettings, task: str, tr
                         keep_val=held, n_val=len(held), fold=tag, log=log, progress=progress)
         from models.classifier import inference_model
 
-        logits, y, _ = predict_logits(inference_model(res.model), index, splits, cfg.image_size, keep_ids=held)
+        logits, y, ids = predict_logits(inference_model(res.model), index, splits, cfg.image_size, keep_ids=held)
+        oof_ids += ids
+        oof_folds += [k + 1] * len(ids)
+        oof_logits.append(logits)
         m = quick_metrics(logits, y, task, names)
         per_fold.append({"fold": k + 1, "n_train": len(fold_rows), "n_val": len(held),
                          **{k2: v for k2, v in m.items() if k2 != "per_label"}})
@@ -1033,9 +1083,15 @@ def cross_validate(store: Storage, index: Any, cfg: TrainSettings, task: str, tr
     report = {"k": cfg.cv, "grouped_by": "listing_id", "metric": score, "folds": per_fold,
               "mean": float(values.mean()), "std": float(values.std()), "best_fold": best + 1,
               "best": float(values[best])}
+    from models.classifier import OOF_FILE
+
+    report["out_of_fold"] = {"file": OOF_FILE, "n": len(oof_ids),
+                             "splits": {sp: sum(split_of[i] == sp for i in oof_ids) for sp in splits}}
     log(f"cross-validation ({cfg.cv} folds grouped by listing): {score} mean {values.mean():.4f} ± "
-        f"{values.std():.4f}, best fold {best + 1} ({values[best]:.4f})")
-    return results, report
+        f"{values.std():.4f}, best fold {best + 1} ({values[best]:.4f}); out-of-fold logits of "
+        f"{len(oof_ids)} train+val images kept for the label-issue finders")
+    logits_all = np.concatenate(oof_logits) if oof_logits else np.zeros((0, len(names)), np.float32)
+    return results, report, oof_bytes(oof_ids, [split_of[i] for i in oof_ids], oof_folds, logits_all)
 
 
 # ---------------------------------------------------------------------------------------

@@ -392,9 +392,11 @@ def test_evaluate_without_a_classifier_is_one_line(local_uri, capsys):
 SIZE = 32
 
 
-def _export_df(store, demo_crops, max_listing: int):
-    """Dataset rows of the demo crops (listing n's split: n % 5 → val 3, test 4, else train;
-    stable, as the split stage keeps it) for listings numbered below ``max_listing``."""
+def _export_df(store, demo_crops, max_listing: int, splits: dict[int, str] | None = None):
+    """Dataset rows of the demo crops (listing n's split: n % 5 → ``splits``, default val 3,
+    test 4, else train; stable, as the split stage keeps it) for listings numbered below
+    ``max_listing``."""
+    splits = splits or {3: "val", 4: "test"}
     import pandas as pd
 
     rows = []
@@ -406,7 +408,7 @@ def _export_df(store, demo_crops, max_listing: int):
         make, model = cls.split("_", 1)
         rows.append({"image_id": store.put_image(jpeg), "listing_id": lid, "make": make, "model": model, "year": 2020,
                      "label": f"{cls}_2020", "class_label": cls, "status": "kept", "reason": None,
-                     "first_seen": n * 100 + i, "split": {3: "val", 4: "test"}.get(n % 5, "train")})
+                     "first_seen": n * 100 + i, "split": splits.get(n % 5, "train")})
     return pd.DataFrame(rows)
 
 
@@ -523,3 +525,93 @@ def test_evaluate_flow_publishes_artifacts_and_forces(registered, prefect_server
     by_key = {a.key: a for a in found}
     assert set(by_key) == {"classifier-evaluation", "classifier-per-class", "classifier-confusion"}
     assert "chal" in by_key["classifier-evaluation"].data and "forced" in by_key["classifier-evaluation"].data
+
+
+# -- a CV-trained version: the finders see the out-of-fold train rows too -------------------------
+class _FeaturePredictor:
+    """A registered version's predictor stand-in: the colour-histogram logistic regression
+    on the decoded export images (log-probabilities as logits)."""
+
+    task, temperature = "multiclass", 1.0
+
+    def __init__(self, version: str, labels: list[str], model):
+        self.version, self.labels, self.model = version, labels, model
+
+    def logits(self, images) -> np.ndarray:
+        x = np.stack([_feature(Image.fromarray(np.asarray(im))) for im in images])
+        return np.log(np.clip(self.model.predict_proba(x), 1e-6, 1.0))
+
+
+def test_cv_version_finders_use_out_of_fold_train_rows(demo_crops, local_uri):
+    """A version trained with ``--cv``: its out-of-fold logits (``tasks.train.oof_bytes``,
+    folds from ``tasks.train.cv_folds`` grouped by listing) stored beside it; the
+    evaluation's cleanlab finders then see every train + val row out-of-fold plus test,
+    and still find the planted mislabels and the look-alike pair. Without the file they
+    see val + test only."""
+    import pandas as pd
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import average_precision_score
+
+    from carflow.storage import open_storage
+    from models.classifier import OOF_FILE
+    from tasks.export import export_tfrecords, open_export
+    from tasks.train import cv_folds, oof_bytes
+
+    store = open_storage(local_uri)
+    classes = demo_crops["classes"]
+    # the planted mislabelled listings (demo-0008, demo-0043) in train: only out-of-fold
+    # probabilities can show them
+    export_tfrecords(_export_df(store, demo_crops, 1000, {1: "val", 2: "test"}), store,
+                     {"version": "dscv", "classes": classes}, size=128, shard_images=64)
+    index = open_export(store, "dscv")
+    rows = pd.DataFrame([{"image_id": ex["image_id"], "listing_id": ex["listing_id"], "label": int(ex["label"]),
+                          "targets": (), "split": sp,
+                          "x": _feature(Image.open(io.BytesIO(ex["image"])))}
+                         for sp in ("train", "val") for ex in index.examples(sp)])
+    x, y = np.stack(rows["x"]), rows["label"].to_numpy()
+    oof = np.zeros((len(rows), len(classes)), np.float32)
+    folds = np.zeros(len(rows), int)
+    for k, held in enumerate(cv_folds(rows, 5)):
+        fit = np.setdiff1d(np.arange(len(rows)), held)
+        model = LogisticRegression(max_iter=1000, C=10).fit(x[fit], y[fit])
+        oof[held] = np.log(np.clip(model.predict_proba(x[held]), 1e-6, 1.0))
+        folds[held] = k + 1
+    final = LogisticRegression(max_iter=1000, C=10).fit(x, y)  # the registered model saw val too
+    reg = Registry(store)
+    for name, files in (("cv", {OOF_FILE: oof_bytes(list(rows["image_id"]), list(rows["split"]), list(folds), oof)}),
+                        ("plain", {})):
+        reg.put_version("classifier", {"labels.json": json.dumps(classes), "config.json": "{}", **files},
+                        meta={"dataset_version": "dscv"}, version=name)
+    n = {sp: index.count(sp) for sp in ("train", "val", "test")}
+
+    s = ev.evaluate_version(store, "cv", "dscv", EvaluateSettings(gallery_issues=8),
+                            predictor=_FeaturePredictor("cv", classes, final))
+    assert s["out_of_sample"]["n"] == n and s["out_of_sample"]["source"].startswith("out-of-fold")
+    assert s["label_issues"]["examined"] == sum(n.values())
+    base = reg.get("classifier", "cv").key(keys.eval_name("dscv"))
+    assert f"images ({s['out_of_sample']['source']})" in store.get(f"{base}/report.md").decode()
+    issues = pd.read_csv(io.BytesIO(store.get(f"{base}/label_issues.csv")))
+    planted_ids = {store.put_image(j) for j, p in zip(demo_crops["jpegs"], demo_crops["planted"]) if p}
+    examined_ids = [*rows["image_id"], *(ex["image_id"] for ex in index.examples("test"))]
+    planted = np.array([i in planted_ids for i in examined_ids])
+    found = issues["image_id"].isin(planted_ids).to_numpy()
+    rank = dict(zip(issues["image_id"], issues["rank"]))
+    score = np.array([len(examined_ids) - rank[i] if i in rank else 0 for i in examined_ids])
+    ap, base = average_precision_score(planted, score), planted.mean()
+    print(f"out-of-fold: {s['out_of_sample']}; planted {planted.sum()}/{len(planted)} "
+          f"({planted[:n['train']].sum()} in train), {found.sum()} in the list of {len(issues)}; AP >= {ap:.3f} vs "
+          f"random {base:.3f}; merges {[m['classes'] for m in s['suggested_merges']]}")
+    assert planted[: n["train"]].sum() == planted.sum() >= 6
+    assert set(issues.loc[issues["image_id"].isin(planted_ids), "split"]) == {"train"}
+    assert ap >= max(10 * base, 0.5) and found.sum() / planted.sum() >= 0.6
+    assert found[: int(planted.sum())].mean() >= 0.5
+    look = demo_crops["gt"]["label_problems"]["look_alike"]["classes"]
+    assert s["suggested_merges"] and sorted(s["suggested_merges"][0]["classes"]) == sorted(look)
+
+    plain = ev.evaluate_version(store, "plain", "dscv", EvaluateSettings(gallery_issues=8),
+                                predictor=_FeaturePredictor("plain", classes, final))
+    assert plain["out_of_sample"] == {"source": "val + test", "n": {"val": n["val"], "test": n["test"]}}
+    assert plain["label_issues"]["examined"] == n["val"] + n["test"]
+    plain_issues = pd.read_csv(io.BytesIO(store.get(reg.get("classifier", "plain").key(
+        keys.eval_name("dscv") + "/label_issues.csv"))))
+    assert not plain_issues["image_id"].isin(planted_ids).any()  # val + test alone cannot see them

@@ -104,6 +104,19 @@ def test_recipe_pieces():
     assert [p.name for p in plan_phases(TrainSettings(weights="none", epochs=3))] == ["full"]
     assert [p.name for p in plan_phases(TrainSettings(weights="imagenet", epochs=2, head_epochs=3))] == ["head"]
 
+    # no GPU, nothing to transfer: the CPU recipe replaces the defaults, never what was set
+    from tasks.train import CPU_RECIPE, apply_cpu_recipe
+
+    cpu, note = apply_cpu_recipe(TrainSettings(weights="none"), has_gpu=False)
+    assert {k: getattr(cpu, k) for k in CPU_RECIPE} == CPU_RECIPE and "--no-cpu-recipe" in note
+    assert cpu.epochs == TrainSettings().epochs
+    for kept in (TrainSettings(weights="none"), TrainSettings(weights="imagenet"),
+                 TrainSettings(weights="none", image_size=128), TrainSettings(weights="none", cpu_recipe=False)):
+        for gpu in (True, False):
+            if kept.weights == "none" and kept.image_size == 240 and kept.cpu_recipe and not gpu:
+                continue
+            assert apply_cpu_recipe(kept, has_gpu=gpu) == (kept, "")
+
     rows = pd.DataFrame({"listing_id": np.repeat([f"l{i}" for i in range(12)], 3),
                          "label": np.repeat(np.arange(12) % 3, 3), "targets": [()] * 36})
     folds = cv_folds(rows, 3)
@@ -339,6 +352,21 @@ def test_three_fold_cross_validation_grouped_by_listing(demo_export):
     assert cv["best_fold"] == 1 + int(np.argmax(values))
     assert sum(ln.startswith("fold 1/3 epoch") for ln in lines) == 2
     assert any(ln.startswith("cross-validation (3 folds") for ln in lines)
+    # every train and val row's out-of-fold logits, stored with the version for the finders
+    from carflow.registry import Registry
+    from carflow.storage import open_storage
+    from models.classifier import OOF_FILE
+    from tasks.evaluate import load_out_of_fold
+
+    oof = load_out_of_fold(Registry(open_storage(demo_export["uri"])).get("classifier", out["version"]))
+    expected = df[df["split"].isin(["train", "val"])]
+    assert sorted(oof["image_ids"]) == sorted(expected["image_id"])
+    assert dict(zip(oof["image_ids"], oof["splits"])) == dict(zip(expected["image_id"], expected["split"]))
+    assert oof["logits"].shape == (len(expected), len(demo_export["classes"])) and np.isfinite(oof["logits"]).all()
+    held = {f["fold"]: f["n_val"] for f in cv["folds"]}
+    assert {k: int((oof["folds"] == k).sum()) for k in held} == held
+    assert cv["out_of_fold"] == {"file": OOF_FILE, "n": len(expected),
+                                 "splits": expected["split"].value_counts().to_dict()}
 
 
 def test_train_without_an_export_is_one_line(tmp_path, capsys):
