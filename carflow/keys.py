@@ -23,6 +23,8 @@ Keys are POSIX-style paths relative to a storage root (a folder or an ``s3://buc
 
 from __future__ import annotations
 
+import re
+
 IMAGE_PREFIX = "raw"
 LISTINGS_PREFIX = "listings"
 CRAWLS_PREFIX = "crawls"
@@ -124,6 +126,20 @@ def eval_name(dataset_version: str, name: str = "") -> str:
     one evaluation's files (metrics.json, report.md, PNGs, merge_map.yaml, label_issues.csv)."""
     base = f"{EVAL_DIR}/{dataset_version}"
     return f"{base}/{name}" if name else base
+
+
+def confused_gallery_name(rank: int, true: str, predicted: str) -> str:
+    """``confused/<rank>-<true>--as--<predicted>.png``, relative to one evaluation's folder
+    (:func:`eval_name`): the gallery of a most-confused pair (labels made path-safe)."""
+    def safe(label: str) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "x"
+
+    return f"confused/{rank:02d}-{safe(true)}--as--{safe(predicted)}.png"
+
+
+def contact_sheet_key(stage: str, reason: str, prefix: str = MANIFESTS_PREFIX) -> str:
+    """``manifests/<stage>/contact_sheets/<reason>.png``: a stage's dropped photos for one reason."""
+    return manifest_side_key(stage, f"contact_sheets/{reason}.png", prefix=prefix)
 
 
 def assignments_key() -> str:

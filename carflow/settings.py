@@ -41,6 +41,7 @@ from pydantic_settings import (
 )
 
 from carflow.errors import UserError
+from carflow.keys import TRAIN_PREFIX
 
 ENV_PREFIX = "CARFLOW_"
 SECRET_FIELDS = {("storage", "access_key_id"), ("storage", "secret_access_key")}
@@ -420,7 +421,7 @@ class TrainSettings(_Section):
     #: the inference export registered beside model.keras (``none`` to skip)
     export: Literal["openvino", "none"] = "openvino"
     #: checkpoints every epoch (resume) and TensorBoard logs go under this storage prefix
-    work_prefix: str = "work/train"
+    work_prefix: str = TRAIN_PREFIX
 
     @model_validator(mode="after")
     def _phases(self) -> TrainSettings:

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
+from carflow.keys import image_key
 from carflow.manifest import INGEST_SCHEMA, from_records, manifest_key, write_manifest
 from carflow.storage import Storage
 
@@ -70,7 +71,7 @@ def write_bulk_ingest(
         {"image_id": image_id, "listing_id": f"bulk:{i // 4}", "site": "bulk", "url": None,
          "photo_index": i % 4, "make": "volkswagen", "model": "golf", "year": 2017,
          "label": "volkswagen_golf_2017", "make_raw": "VW", "model_raw": "Golf",
-         "raw_key": f"raw/{image_id[:2]}/{image_id}", "bytes": size, "content_type": "image/jpeg",
+         "raw_key": image_key(image_id), "bytes": size, "content_type": "image/jpeg",
          "source": "folders", "crawl_id": None, "first_seen": i, "status": "kept", "reason": None}
         for i, (image_id, size) in enumerate(stored)
     ]

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from carflow.keys import image_keys, manifest_key, manifest_side_key
+from carflow.keys import contact_sheet_key, image_keys, manifest_key
 from carflow.manifest import (
     CLEAN_SCHEMA,
     DROPPED,
@@ -195,7 +195,7 @@ def publish_report(store: Storage, table: pa.Table, prefix: str, per_reason: int
             except KeyError:
                 data = None
             items.append((data, source_id[:10]))
-        key = manifest_side_key("clean", f"contact_sheets/{reason}.png", prefix=prefix)
+        key = contact_sheet_key("clean", reason, prefix=prefix)
         store.put(key, contact_sheet(items, title=f"dropped: {reason} ({rows} rows)"), content_type="image/png")
         sheets[reason] = store.uri(key)
     return sheets

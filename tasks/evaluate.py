@@ -39,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -662,10 +661,6 @@ def fetch_images(preds: Sequence[Predictions], wanted: Iterable[tuple[int, int]]
 # ---------------------------------------------------------------------------------------
 # The evaluation of one version, written to storage
 # ---------------------------------------------------------------------------------------
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "x"
-
-
 def _class_counts(preds: Sequence[Predictions], labels: Sequence[str]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for p in preds:
@@ -798,7 +793,7 @@ def _multiclass_analysis(put, files, labels, test, pt, oos, t, cfg: EvaluateSett
         rows = rows[np.argsort(-pt[rows, b], kind="stable")][: cfg.gallery_images]
         items = _gallery_items([test], [(0, int(r)) for r in rows],
                                [f"p={pt[r, b]:.2f} {test.image_ids[r][:8]}" for r in rows], images)
-        name = f"confused/{rank:02d}-{_safe(pair['true'])}--as--{_safe(pair['predicted'])}.png"
+        name = keys.confused_gallery_name(rank, pair["true"], pair["predicted"])
         pair["gallery"] = put(name, contact_sheet(items, f"true {pair['true']} predicted as {pair['predicted']} "
                                                          f"({pair['count']}, {pair['rate']:.0%})", thumb=cfg.thumb),
                               "image/png")
