@@ -18,6 +18,7 @@ Keys are POSIX-style paths relative to a storage root (a folder or an ``s3://buc
 | ``datasets/<version>/export.json`` | a dataset version's export index: shards per split, label map, excluded rows |
 | ``labelling/<name>/`` | labelling kits |
 | ``demo/bootstrap/<name>`` | the demo's pointers from a training recipe to its model version |
+| ``runs/<run>/summary.md`` (+ ``summary.json``) | a nightly or demo run's summary: the funnel, per-stage drops, links |
 """
 
 from __future__ import annotations
@@ -179,3 +180,16 @@ def train_run_key(run_key: str, name: str = "", prefix: str = TRAIN_PREFIX) -> s
     finds its checkpoint."""
     base = f"{prefix.rstrip('/')}/{run_key}"
     return f"{base}/{name}" if name else base
+
+
+RUNS_PREFIX = "runs"
+
+
+def run_summary_key(run: str, name: str = "summary.md") -> str:
+    """``runs/<run>/<name>``: a nightly (or demo) run's summary (``summary.md``, ``summary.json``)."""
+    return f"{RUNS_PREFIX}/{run}/{name}"
+
+
+def work_prefix(stage: str) -> str:
+    """``work/<stage>/``: every shard output and stats file of a stage (a refresh clears its stats)."""
+    return f"{WORK_PREFIX}/{stage}/"
