@@ -386,12 +386,14 @@ def _dataset_from_crops(result: dict) -> None:
 def test_demo_bootstraps_tiny_models_and_reuses_them(tmp_path, prefect_server, monkeypatch, settings_reset):
     """The demo's bootstrap path end to end with tiny recipes (1 epoch each): kit →
     ground-truth labels → car filter → score; YOLO dataset → fine-tune → crop → dataset
-    from crops; a rerun trains nothing and infers nothing."""
+    from crops → export → classifier → evaluation → promotion → the API answers a photo;
+    a rerun trains nothing, infers nothing and encodes nothing, and still serves."""
     # a 1-epoch filter and detector are not accurate: keep every photo and every box
     _env(monkeypatch, car_filter__threshold="0", crop__min_side="4", crop__device="cpu", **FAST_CRAWL_ENV)
     tiny = {"listings": 24, "classes": 4, "min_images": 5,
             "car_filter_recipe": {"epochs": 1, "image_size": 32, "batch_size": 16, "patience": 1},
-            "detector_recipe": {"epochs": 1, "imgsz": 64, "batch": 16, "crop_conf": 0.0}}
+            "detector_recipe": {"epochs": 1, "imgsz": 64, "batch": 16, "crop_conf": 0.0},
+            "train_recipe": {"epochs": 1, "image_size": 32, "workers": 1}}
     first = _demo(tmp_path, **tiny)
     assert first["matches_ground_truth"]
     cf, det = first["trained"]["car_filter"], first["trained"]["detector"]
@@ -405,6 +407,17 @@ def test_demo_bootstraps_tiny_models_and_reuses_them(tmp_path, prefect_server, m
     check = first["ground_truth_check"]
     assert check["car_filter"]["car_images"] > 0 and check["car_filter"]["non_car_images"] > 0
     assert check["crop"]["kept_cars"] > 0
+    clf = first["train"]
+    assert clf["trained"] and clf["dataset_version"] == first["dataset_version"]
+    assert clf["evaluation"]["n_test"] > 0 and clf["promotion"]["promoted"]
+    assert {"report.md", "metrics.json", "confusion.png"} <= set(clf["files"])
+    assert first["export"]["encoded"] == sum(first["per_split"].values())
+    served = first["served"]
+    assert served["status"] == 200 and served["answer"]["status"] == "ok"
+    assert len(served["answer"]["top"]) == min(5, len(first["classes"]))
+    assert {t["label"] for t in served["answer"]["top"]} <= set(first["classes"])
+    assert set(first["finders"]) == {"label_issues", "merge"}
+    assert first["summary"]["funnel"].startswith("ingest ") and first["summary"]["uri"].endswith("summary.md")
 
     again = _demo(tmp_path, **tiny)
     assert again["trained"]["car_filter"]["cached"] and again["trained"]["car_filter"]["version"] == cf["version"]
@@ -412,14 +425,20 @@ def test_demo_bootstraps_tiny_models_and_reuses_them(tmp_path, prefect_server, m
     assert again["car_filter"]["cached_shards"] == again["car_filter"]["shards"]
     assert again["crop"]["cached_shards"] == again["crop"]["shards"]
     assert again["per_split"] == first["per_split"]
+    assert again["dataset_version"] == first["dataset_version"]
+    assert again["export"]["encoded"] == 0 and again["export"]["skipped"]
+    assert again["train"]["trained"] is False and again["train"]["version"] == clf["version"]
+    assert again["served"]["status"] == 200
+    assert again["summary"]["funnel"] == first["summary"]["funnel"]
     _dataset_from_crops(again)
 
 
 def test_demo_with_models_off_passes_through(tmp_path, prefect_server, settings_reset):
     from tasks.stages import passthrough_of
 
-    result = _demo(tmp_path, listings=24, classes=4, min_images=5, models="off")
+    result = _demo(tmp_path, listings=24, classes=4, min_images=5, models="off", train="off")
     assert result["matches_ground_truth"] and result["trained"] == {}
+    assert result["train"]["trained"] is False and "skipped" in result["served"]
     assert result["car_filter"]["enabled"] is False and result["crop"]["enabled"] is False
     store = open_storage(result["storage"])
     assert passthrough_of(store, "crop")["input"] == "manifests/car_filter/manifest.parquet"
@@ -460,5 +479,13 @@ def test_full_bootstrapped_demo_builds_the_dataset_from_crops(tmp_path, prefect_
     assert cars.get("no_vehicle", 0) <= 0.05 * sum(cars.values()) and cars["kept"] > 0
     assert again["trained"]["car_filter"]["cached"] and again["trained"]["detector"]["cached"]
     assert again["crop"]["cached_shards"] == again["crop"]["shards"]
+    # the classifier: trained once, better than chance, served; the rerun trains nothing
+    ev = first["train"]["evaluation"]
+    print(f"classifier {first['train']['version']}: {ev}; finders {first['finders']}; "
+          f"served {first['served']['answer'].get('top')}")
+    assert first["train"]["trained"] and ev["top1"] >= 2 / len(first["classes"])
+    assert first["served"]["status"] == 200 and first["served"]["answer"]["status"] == "ok"
+    assert again["train"]["trained"] is False and again["export"]["encoded"] == 0
+    assert again["served"]["status"] == 200
     assert t_again < t_first / 2
     _dataset_from_crops(again)
