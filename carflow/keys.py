@@ -19,6 +19,7 @@ Keys are POSIX-style paths relative to a storage root (a folder or an ``s3://buc
 | ``labelling/<name>/`` | labelling kits |
 | ``demo/bootstrap/<name>`` | the demo's pointers from a training recipe to its model version |
 | ``locks/<name>.json`` | a storage lock: who holds it, since when, lease expiry (:mod:`carflow.lock`) |
+| ``runs/<run>/summary.md`` (+ ``summary.json``) | a nightly or demo run's summary: the funnel, per-stage drops, links |
 """
 
 from __future__ import annotations
@@ -219,3 +220,16 @@ def lock_key(name: str = "pipeline") -> str:
     if not name or "/" in name:
         raise ValueError(f"invalid lock name: {name!r}")
     return f"{LOCKS_PREFIX}/{name}.json"
+
+
+RUNS_PREFIX = "runs"
+
+
+def run_summary_key(run: str, name: str = "summary.md") -> str:
+    """``runs/<run>/<name>``: a nightly (or demo) run's summary (``summary.md``, ``summary.json``)."""
+    return f"{RUNS_PREFIX}/{run}/{name}"
+
+
+def work_prefix(stage: str) -> str:
+    """``work/<stage>/``: every shard output and stats file of a stage (a refresh clears its stats)."""
+    return f"{WORK_PREFIX}/{stage}/"

@@ -345,6 +345,36 @@ class _Planner:
                 lst.photos.append(self.photo("car", None, class_key=lst.spec.key))
         return out
 
+    def more_listings(self, k: int, seed: int, start: int) -> list[Listing]:
+        """``k`` listings that appear later (a night with more listings): indexes after
+        ``start``, clean labelled listings of 3-6 car photos, from their own
+        ``random.Random``, so every earlier listing, photo and byte stays the same."""
+        rnd = random.Random(f"new-listings-{seed}")
+        make_i: Counter[str] = Counter()
+        out = []
+        for i in range(k):
+            spec = self.classes[rnd.randrange(len(self.classes))]
+            year = rnd.choice(self.years[spec.key])
+            lst = Listing(index=start + i + 1, spec=spec, year=year, price=rnd.randrange(40, 480) * 100,
+                          trim=rnd.choice(spec.trims), make_raw=spec.make_raws[make_i[spec.key] % len(spec.make_raws)],
+                          model_raw=spec.model_raws[make_i[spec.key] % len(spec.model_raws)],
+                          has_jsonld=rnd.random() < 0.75)
+            make_i[spec.key] += 1
+            for _ in range(rnd.randint(3, 6)):
+                lst.photos.append(self._new_photo(rnd, "car", class_key=spec.key))
+            out.append(lst)
+        return out
+
+    def _new_photo(self, rnd: random.Random, kind: str, **kw: Any) -> Photo:
+        while True:
+            name = f"{rnd.getrandbits(48):012x}"
+            if name not in self.names:
+                self.names.add(name)
+                break
+        p = Photo(uid=len(self.photos), kind=kind, problem=None, name=name, ext="jpg", **kw)
+        self.photos.append(p)
+        return p
+
     def insert(self, lst: Listing, photo: Photo) -> None:
         """Insert at a random position after the first photo (which stays a clean car)."""
         lst.photos.insert(self.rnd.randint(1, len(lst.photos)), photo)
@@ -684,9 +714,14 @@ def _search_html(page: int, n_pages: int, items: list[Listing], extra: str) -> s
 # ---------------------------------------------------------------------------------------
 def generate_site(out_dir: str | Path, *, seed: int = 0, n_listings: int = 60, n_classes: int = 6,
                   image_size: tuple[int, int] = (320, 240), listings_per_page: int = 10,
-                  label_problems: bool = True) -> dict[str, Any]:
+                  label_problems: bool = True, new_listings: int = 0) -> dict[str, Any]:
     """Write the demo marketplace into ``out_dir`` and return its ground truth (also written
     to ``out_dir/ground_truth.json``). Deterministic: same arguments, same bytes.
+
+    ``new_listings``: that many more clean listings (3-6 car photos each) that "appeared
+    since", appended after the ``n_listings`` (on the last search pages); every earlier
+    listing and photo keeps its bytes, so a crawl of the extended site finds only the new
+    ones new (the nightly's "10% more listings").
 
     ``label_problems`` plants mislabelled listings and a look-alike pair of classes (see the
     module docstring); off, the site is the same but for those photos.
@@ -712,6 +747,8 @@ def generate_site(out_dir: str | Path, *, seed: int = 0, n_listings: int = 60, n
     planner.plant(listings)
     # the robots-disallowed listing: a page and one photo, never to be requested
     private_photo = planner.photo("car", None, class_key=planner.classes[0].key)
+    if new_listings:
+        listings += planner.more_listings(new_listings, seed, len(listings))
 
     originals = [p for p in planner.photos if p.source is None]
     for p in originals + [p for p in planner.photos if p.source is not None]:
@@ -756,6 +793,7 @@ def generate_site(out_dir: str | Path, *, seed: int = 0, n_listings: int = 60, n
 
     truth = _ground_truth(seed, n_listings, n_classes, size, listings_per_page, planner, listings,
                           [private_page, private_img], search_pages)
+    truth["params"]["new_listings"] = new_listings
     if looks is not None:
         truth["label_problems"] = _label_problem_truth(listings, looks)
     put("ground_truth.json", json.dumps(truth, indent=1, ensure_ascii=False) + "\n")

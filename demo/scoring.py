@@ -58,3 +58,38 @@ def score_model_stages(car_filter: pd.DataFrame, crop: pd.DataFrame, truth: Mapp
             "mean_iou": round(sum(ious) / len(ious), 4) if ious else None,
         }
     return out
+
+
+def score_finders(evaluation: Mapping[str, Any], dataset: pd.DataFrame, gt: Mapping[str, Any]) -> dict[str, Any]:
+    """The evaluation's label-problem finders against the planted problems of the ground
+    truth (``gt["label_problems"]``):
+
+    - ``label_issues``: of the val+test images whose photo is a planted mislabelled one
+      (``planted``), how many are among the first ``planted`` ranked issues (``hits``),
+      against ``random`` = the hits a random ranking would expect;
+    - ``merge``: the top suggested merge and whether it is the planted look-alike pair.
+
+    ``evaluation``: the evaluation's ``metrics.json``; ``dataset``: the dataset manifest
+    (to map each train image, a crop, to its photo's ``source_id``)."""
+    problems = gt.get("label_problems") or {}
+    planted_photos = set((problems.get("mislabelled") or {}).get("images", []))
+    train_col = "train_image_id" if "train_image_id" in dataset.columns else "image_id"
+    rows = dataset[dataset["split"].isin(["val", "test"])]
+    source = dict(zip(rows[train_col].astype(str), rows["source_id"].astype(str), strict=True))
+    planted = {i for i, s in source.items() if s in planted_photos}
+    everywhere = dataset[dataset["split"].notna() & dataset["source_id"].astype(str).isin(planted_photos)]
+    issues = (evaluation.get("label_issues") or {})
+    ranked = [str(r["image_id"]) for r in issues.get("top", [])]
+    k = len(planted)
+    hits = sum(1 for i in ranked[:k] if i in planted)
+    examined = int(issues.get("examined") or len(source) or 1)
+    merges = evaluation.get("suggested_merges") or []
+    look = sorted((problems.get("look_alike") or {}).get("classes", []))
+    top = sorted(merges[0]["classes"]) if merges else []
+    return {
+        "label_issues": {"planted": k, "hits": hits, "found": int(issues.get("count", 0)), "examined": examined,
+                         "random": round(k * k / examined, 2),
+                         "planted_per_split": {str(a): int(b) for a, b in everywhere["split"].value_counts().items()}},
+        "merge": {"top": top, "look_alike": look, "is_look_alike": bool(look) and top == look,
+                  "suggested": len(merges)},
+    }

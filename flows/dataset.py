@@ -69,7 +69,7 @@ from flows.params import (
     refresh_field,
     storage_field,
 )
-from tasks.classes import assign_classes_task, classes_document, write_classes
+from tasks.classes import assign_classes_task, classes_document, with_dataset_version, write_classes
 from tasks.export import (
     export_folders_task,
     export_tfrecords_task,
@@ -154,6 +154,7 @@ def dataset(params: DatasetParams = DatasetParams()) -> dict[str, Any]:
 
     assignments_uri = write_assignments(store, keys.assignments_key(), assignments)
     df["classes_version"] = doc["version"]
+    doc = with_dataset_version(doc, df)  # the version covers the rows: same data, same version
     out_key = manifest_key("dataset", prefix=prefix)
     manifest_uri = write_manifest(store, out_key, from_pandas(df), DATASET_SCHEMA, lineage=inp.lineage())
     chart_uri = publish_split_chart(storage, report, keys.manifest_side_key("dataset", "split_counts.png", prefix),

@@ -2,11 +2,20 @@
 
 Generate the demo marketplace, serve it on loopback, crawl it into storage, build
 manifest v0 (checked against the ground truth), clean it (fix → quality → dedup), drop
-non-car photos (car filter), crop the largest vehicle (YOLO), then build the dataset
-(classes → grouped split) from the crops.
+non-car photos (car filter), crop the largest vehicle (YOLO), build the dataset
+(classes → grouped split → TFRecord export) from the crops, train the classifier on it
+(:data:`TRAIN_RECIPE`: small, from scratch), evaluate it and promote it
+(champion/challenger), then start the prediction API on a loopback port (real uvicorn),
+send it one test photo and print the answer. It ends with the run summary (the funnel of
+images per stage, drops per stage and reason, where every artifact is), what the
+evaluation's finders found of the planted label problems, and the timings.
 
     python -m flows.demo [--listings 60] [--classes 6] [--seed 0] [--storage PATH|s3://…]
-                         [--models bootstrap|configured|off]
+                         [--models bootstrap|configured|off] [--train auto|on|off] [--no-serve]
+
+Training follows the nightly's rule (:func:`flows.pipeline.train_if_new`): a dataset
+version that already has a trained classifier trains nothing, so a rerun on the same
+storage reuses every shard, the export and the model.
 
 ``--models`` says where the car filter and the detector come from:
 
@@ -38,6 +47,7 @@ import socket
 import sys
 import time
 from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,7 +65,7 @@ from flows.crop import train_detector
 from flows.dataset import dataset
 from flows.entry import entry_point
 from flows.ingest import ingest
-from flows.pipeline import run_car_filter, run_crop
+from flows.pipeline import publish_summary, run_car_filter, run_crop, train_if_new
 from tasks.stages import check_car_filter_model, check_crop_weights, passthrough
 
 #: the bootstrap car filter: MobileNetV2 α 0.35 from scratch at 80 px, 12 epochs with
@@ -80,16 +90,25 @@ DETECTOR_RECIPE: dict[str, Any] = {
     "model": "yolov5nu.yaml", "epochs": 8, "imgsz": 256, "batch": 8, "warmup_epochs": 0, "lr0": 0.002,
     "crop_conf": 0.1,
 }
+#: the demo classifier: MobileNetV2 α 0.35 from scratch (``weights=none``) at 64 px, 20
+#: epochs, no augmentation but flips (tests/test_serve_e2e.py's recipe, which measured a
+#: test top-1 of ~0.8 on 10 demo classes; 10 epochs gave 0.39-0.47). The export is at the
+#: same size (``split.tfrecord_size``)
+TRAIN_RECIPE: dict[str, Any] = {
+    "backbone": "mobilenetv2", "alpha": 0.35, "weights": "none", "image_size": 64, "batch_size": 16,
+    "learning_rate": 3e-3, "warmup_epochs": 0.5, "early_stopping": 0, "label_smoothing": 0.0,
+    "rotation": 0.0, "zoom": 0.0, "translation": 0.0, "contrast": 0.0, "workers": 2, "epochs": 20,
+}
 #: where the demo keeps its labelling kit and the bootstrap bookkeeping in storage
 KIT_PREFIX = keys.labelling_prefix("demo-car_filter")
 ModelsMode = Literal["bootstrap", "configured", "off"]
 
 
 @task(name="generate-demo-site")
-def generate_demo_site(out_dir: str, seed: int, listings: int, classes: int) -> str:
+def generate_demo_site(out_dir: str, seed: int, listings: int, classes: int, new_listings: int = 0) -> str:
     from demo.generate import generate_site
 
-    generate_site(out_dir, seed=seed, n_listings=listings, n_classes=classes)
+    generate_site(out_dir, seed=seed, n_listings=listings, n_classes=classes, new_listings=new_listings)
     return out_dir
 
 
@@ -244,9 +263,16 @@ def demo(
     models: ModelsMode = "bootstrap",
     car_filter_recipe: dict[str, Any] | None = None,
     detector_recipe: dict[str, Any] | None = None,
+    train_recipe: dict[str, Any] | None = None,
+    train: Literal["auto", "on", "off"] = "auto",
+    serve: bool = True,
+    new_listings: int = 0,
 ) -> dict[str, Any]:
-    """Demo marketplace → crawl → ingest → clean → car filter → crop → dataset.
-    ``car_filter_recipe`` / ``detector_recipe`` override keys of the bootstrap recipes."""
+    """Demo marketplace → crawl → ingest → clean → car filter → crop → dataset → train →
+    evaluate → promote → serve one photo. ``car_filter_recipe`` / ``detector_recipe`` /
+    ``train_recipe`` override keys of the recipes; ``train`` as the nightly's
+    (auto: only a new dataset version trains); ``new_listings`` extends the site with that
+    many more listings (every earlier photo unchanged: the nightly's "more listings")."""
     from demo.server import DemoSite
 
     logger = get_run_logger()
@@ -268,8 +294,9 @@ def demo(
         if crop_on:
             check_crop_weights(storage=storage)
 
-    site_dir = str(Path(workdir) / f"site-seed{seed}-{listings}x{classes}")
-    generate_demo_site(site_dir, seed, listings, classes)
+    site_dir = str(Path(workdir) / (f"site-seed{seed}-{listings}x{classes}" + (f"+{new_listings}" if new_listings
+                                                                                 else "")))
+    generate_demo_site(site_dir, seed, listings, classes, new_listings)
     # a fixed port keeps photo URLs stable between demo runs, so a re-run downloads nothing
     with DemoSite(site_dir, port=port if _port_free(port) else 0) as site:
         logger.info("demo marketplace at %s", site.url)
@@ -304,8 +331,23 @@ def demo(
     lap("crop")
 
     # the demo site is small: a class needs min_images kept photos (the seeds used 150)
-    data = dataset(storage=storage, min_images=min_images, source="crop")
+    recipe = {**TRAIN_RECIPE, **(train_recipe or {})}
+    data = dataset(storage=storage, min_images=min_images, source="crop", tfrecord=train != "off",
+                   tfrecord_size=recipe["image_size"])
     lap("dataset")
+    trained_clf = train_if_new(storage, data["version"], train, recipe) if train != "off" else \
+        {"trained": False, "reason": "train=off"}
+    lap("train+evaluate")
+    finders = score_demo_finders(storage, site_dir, trained_clf) if trained_clf.get("version") else {}
+    served: dict[str, Any] = {}
+    if serve and trained_clf.get("version") and cf_on and crop_on:
+        served = serve_one_photo(storage, site_dir, trained.get("car_filter", {}).get("version", "latest"),
+                                 trained.get("detector", {}).get("version", "latest"),
+                                 {**DETECTOR_RECIPE, **(detector_recipe or {})} if models == "bootstrap" else None)
+        lap("serve")
+    elif serve:
+        served = {"skipped": "serving needs the car filter, the detector and a classifier (--models off or "
+                             "--train off leave one out)"}
     checked = check_model_stages(storage, site_dir) if (cf_on or crop_on) else {}
     expected = expected_ingest(load_ground_truth(site_dir))
     mismatches = compare(expected, summary)
@@ -335,13 +377,73 @@ def demo(
         "per_split": data["per_split"],
         "dataset_dropped_by_reason": data["dropped_by_reason"],
         "split_chart": data["chart"],
+        "dataset_version": data["version"],
+        "export": data["exports"].get("tfrecord", {}),
+        "train": trained_clf,
+        "finders": finders,
+        "served": served,
         "seconds": seconds,
         "matches_ground_truth": not mismatches,
         "mismatches": {k: {"expected": e, "observed": o} for k, (e, o) in mismatches.items()},
     }
     if mismatches:
         logger.warning("manifest counts differ from the ground truth: %s", result["mismatches"])
+    run = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    result["summary"] = publish_summary(storage, run, {"dataset": data, "train": trained_clf}, title="Demo run",
+                                        artifact_key="demo-summary")
     return result
+
+
+# ---------------------------------------------------------------- after training
+
+
+@task(name="score-finders")
+def score_demo_finders(storage: str | None, site_dir: str, clf: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation's label-issue and merge finders against the planted problems
+    (:func:`demo.scoring.score_finders`)."""
+    from demo.scoring import score_finders
+    from tasks.nightly import classifier_summary
+
+    metrics = classifier_summary(storage, clf["version"], clf["dataset_version"])["metrics"]
+    if not metrics:
+        return {}
+    store = open_storage(storage)
+    df = to_pandas(read_manifest(store, manifest_key("dataset", prefix=get_settings().runtime.manifests_prefix)))
+    return score_finders(metrics, df, load_ground_truth(site_dir))
+
+
+@task(name="serve-one-photo")
+def serve_one_photo(storage: str | None, site_dir: str, car_filter: str, detector: str,
+                    detector_recipe: dict[str, Any] | None) -> dict[str, Any]:
+    """Start the prediction API (the real app, the registry's models: the demo's car
+    filter and detector versions, the ``latest`` classifier) on a loopback port under
+    uvicorn, POST one test-split photo of the site to ``/predict`` and return the answer."""
+    import httpx
+
+    from carflow.registry import Registry
+    from demo.labeller import photos_by_sha256
+    from demo.serving import running
+    from serve.app import create_app, serve_settings
+
+    store = open_storage(storage)
+    df = to_pandas(read_manifest(store, manifest_key("dataset", prefix=get_settings().runtime.manifests_prefix)))
+    truth = photos_by_sha256(load_ground_truth(site_dir))
+    test = df[df["split"].eq("test")].sort_values("image_id")
+    photo = next(truth[s] for s in test["source_id"] if truth.get(s, {}).get("problem") is None
+                 and truth.get(s, {}).get("is_car"))
+    data = (Path(site_dir) / photo["url"].lstrip("/")).read_bytes()
+    base = get_settings()
+    if detector_recipe:  # serve crops as the demo's crop stage did
+        base = base.model_copy(update={"crop": base.crop.model_copy(update={
+            "imgsz": detector_recipe["imgsz"], "conf": detector_recipe["crop_conf"]})})
+    settings = serve_settings(base, car_filter=car_filter, detector=detector, classifier="latest")
+    t0 = time.monotonic()
+    with running(create_app(settings, registry=Registry(store)), reap_forks=True) as url:
+        started = time.monotonic() - t0
+        reply = httpx.post(f"{url}/predict", files={"file": (Path(photo["url"]).name, data, "image/jpeg")},
+                           timeout=60)
+    return {"url": url, "photo": str(Path(site_dir) / photo["url"].lstrip("/")), "true_class": photo["class_key"],
+            "status": reply.status_code, "answer": reply.json(), "startup_seconds": round(started, 1)}
 
 
 def _stage(s: dict[str, Any]) -> dict[str, Any]:
@@ -405,12 +507,21 @@ def main(argv: list[str] | None = None) -> int:
                              "configured: car_filter.model / crop.weights as set; off: skip both stages")
     parser.add_argument("--car-filter-epochs", type=int, help=f"bootstrap (default {CAR_FILTER_RECIPE['epochs']})")
     parser.add_argument("--detector-epochs", type=int, help=f"bootstrap (default {DETECTOR_RECIPE['epochs']})")
+    parser.add_argument("--train-epochs", type=int, help=f"the classifier (default {TRAIN_RECIPE['epochs']})")
+    parser.add_argument("--train", choices=["auto", "on", "off"], default="auto",
+                        help="auto: train only when the dataset version has no classifier yet; on: always; off: never")
+    parser.add_argument("--no-serve", dest="serve", action="store_false",
+                        help="do not start the prediction API and send it a photo")
+    parser.add_argument("--new-listings", type=int, default=0,
+                        help="extend the site with this many more listings (earlier photos unchanged)")
     a = parser.parse_args(argv)
     t0 = time.monotonic()
     result = demo(a.workdir, a.seed, a.listings, a.classes, a.storage, a.port, a.min_images, a.models,
                   {"epochs": a.car_filter_epochs} if a.car_filter_epochs else None,
-                  {"epochs": a.detector_epochs} if a.detector_epochs else None)
-    print(json.dumps(result, indent=2, default=str))
+                  {"epochs": a.detector_epochs} if a.detector_epochs else None,
+                  {"epochs": a.train_epochs} if a.train_epochs else None, a.train, a.serve, a.new_listings)
+    out = Path(a.workdir) / "demo-result.json"
+    out.write_text(json.dumps(result, indent=2, default=str))
     print(f"\nmanifest: {result['manifest']}")
     print(f"rows={result['rows']} images={result['images']} listings={result['listings']} "
           f"rejected={sum(result['rejected_by_reason'].values())} "
@@ -442,8 +553,74 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dataset manifest: {result['dataset_manifest']} (from {result['dataset_input']})")
     print(f"classes ({len(result['classes'])}): {', '.join(result['classes'])}; per split: {result['per_split']}; "
           f"dropped {result['dataset_dropped_by_reason']}")
+    for line in report_lines(result):
+        print(line)
+    print(f"everything above as JSON: {out}")
     print(f"stage seconds: {result['seconds']}; total {time.monotonic() - t0:.0f}s")
     return 0 if result["matches_ground_truth"] else 1
+
+
+def report_lines(result: dict[str, Any]) -> list[str]:
+    """The closing lines of ``make demo``: the export, the classifier and its test
+    accuracy, the finders, the served answer, the funnel and where every artifact is."""
+    lines = []
+    ex = result.get("export") or {}
+    if ex:
+        lines.append(f"dataset {result['dataset_version']} export: {ex['index']} ({ex['per_split']}; "
+                     f"{ex['encoded']} images encoded, {ex['shards_written']} shards written, "
+                     f"{ex['shards_reused']} reused)")
+    clf = result.get("train") or {}
+    lines.append(f"classifier: {'trained ' + str(clf.get('version')) if clf.get('trained') else 'not trained'} "
+                 f"({clf.get('reason')})")
+    ev = clf.get("evaluation") or {}
+    if ev.get("top1") is not None:
+        lines.append(f"test accuracy (top-1) {ev['top1']:.3f}, top-5 {ev.get('top5') or 0:.3f}, macro-F1 "
+                     f"{ev.get('macro_f1') or 0:.3f} on {ev.get('n_test')} test images "
+                     f"(chance {1 / max(len(result['classes']), 1):.3f})")
+    p = clf.get("promotion") or {}
+    if p:
+        lines.append(f"champion/challenger: latest {'moved to' if p.get('promoted') else 'not moved to'} "
+                     f"{clf.get('version')} ({p.get('reason')})")
+    f = result.get("finders") or {}
+    if f:
+        li, m = f["label_issues"], f["merge"]
+        if li["planted"]:
+            lines.append(f"label-issue finder: {li['hits']} of the {li['planted']} planted mislabelled val/test images "
+                         f"in its top {li['planted']} (random ranking: {li['random']}); {li['found']} issues of "
+                         f"{li['examined']} images")
+        else:
+            lines.append(f"label-issue finder: {li['found']} issues of {li['examined']} val/test images; the planted "
+                         f"mislabelled images are in no split it ranks (per split: {li['planted_per_split']})")
+        lines.append(f"merge finder: top suggestion {m['top'] or 'none'}; planted look-alike pair {m['look_alike']}: "
+                     f"{'FOUND' if m['is_look_alike'] else 'not the top suggestion'}")
+    sv = result.get("served") or {}
+    if sv.get("answer"):
+        ans = sv["answer"]
+        top = ", ".join(f"{t['label']} {t['probability']:.2f}" for t in ans.get("top", ans.get("top5", []))[:5])
+        lines.append(f"served at {sv['url']} (ready in {sv['startup_seconds']}s): POST /predict {sv['photo']} "
+                     f"(true class {sv['true_class']}) → HTTP {sv['status']}: "
+                     + (f"top-5 {top}; box {ans.get('box')}" if top else json.dumps(ans)[:300]))
+    elif sv.get("skipped"):
+        lines.append(f"serving skipped: {sv['skipped']}")
+    summary = result.get("summary") or {}
+    if summary:
+        lines.append(f"funnel (images kept): {summary['funnel']}")
+        lines.append(f"run summary: {summary['uri']}")
+    lines.append("artifacts:")
+    artifacts = {"ingest manifest": result.get("manifest"), "clean manifest": result.get("clean_manifest"),
+                 "contact sheets": ", ".join((result.get("contact_sheets") or {}).values()) or None,
+                 "car filter manifest": (result.get("car_filter") or {}).get("manifest"),
+                 "crop manifest": (result.get("crop") or {}).get("manifest"),
+                 "dataset manifest": result.get("dataset_manifest"), "classes.json": result.get("classes_json"),
+                 "dataset export": ex.get("index"), "split chart": result.get("split_chart"),
+                 "classifier": clf.get("folder")}
+    for name, info in (result.get("trained") or {}).items():
+        artifacts[f"{name} model"] = info.get("model") or info.get("weights")
+    files = clf.get("files") or {}
+    artifacts["evaluation report"] = files.get("report.md")
+    artifacts["evaluation galleries"] = ", ".join(v for k, v in files.items() if k.endswith(".png")) or None
+    lines += [f"  {k}: {v}" for k, v in artifacts.items() if v]
+    return lines
 
 
 if __name__ == "__main__":

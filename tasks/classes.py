@@ -36,6 +36,13 @@ Steps (all vectorised over unique labels / groupby; no per-row Python):
 ``version`` = content hash of the class list + merges, stored at
 ``datasets/<version>/classes.json`` in the registry (:func:`write_classes`) — the
 contract with training.
+
+:func:`with_dataset_version` then makes ``version`` the **dataset version**: the class
+list's hash (kept as ``classes_version``) plus the content hash of the rows that go into
+the export (:func:`dataset_rows_hash`: ``train_image_id``, ``class_label``, ``split`` and
+multilabel ``attributes``). The same data gives the same version (a rerun registers
+nothing new and the nightly flow trains nothing); one new listing gives a new version,
+and an existing version is never rewritten with other rows.
 """
 
 from __future__ import annotations
@@ -316,6 +323,51 @@ def class_version(classes: list[str], merges: Mapping[str, str], merge_years: bo
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+#: the columns of a dataset row that its version covers (what training reads)
+VERSION_COLUMNS = ("train_image_id", "class_label", "split", "attributes")
+
+
+def dataset_rows_hash(df: pd.DataFrame) -> str:
+    """Content hash (16 hex digits) of the dataset rows (``split`` set): their
+    :data:`VERSION_COLUMNS`, deduplicated and sorted, so row order and the other columns
+    (timestamps, crawl ids, scores) never change it. ``train_image_id`` falls back to
+    ``crop_id``, then ``image_id``."""
+    rows = df[df["split"].notna()] if "split" in df.columns else df.iloc[:0]
+    if "train_image_id" not in rows.columns:
+        rows = rows.assign(train_image_id=rows["crop_id"] if "crop_id" in rows.columns else rows["image_id"])
+    cols = [c for c in VERSION_COLUMNS if c in rows.columns]
+    out = pd.DataFrame({c: rows[c].map(_version_text) for c in cols})
+    lines = sorted(set(out.agg("\x1f".join, axis=1))) if len(out) else []
+    h = hashlib.sha256("\x1f".join(cols).encode())
+    for line in lines:
+        h.update(line.encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def _version_text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return ",".join(sorted(str(v) for v in value))
+    return str(value)
+
+
+def dataset_version(classes_version: str, rows_hash: str) -> str:
+    """The dataset version (12 hex digits): the classes version and the rows' content hash."""
+    return hashlib.sha256(f"{classes_version}:{rows_hash}".encode()).hexdigest()[:12]
+
+
+def with_dataset_version(doc: Mapping[str, Any], df: pd.DataFrame) -> dict[str, Any]:
+    """``classes.json`` with ``version`` = :func:`dataset_version` of its classes version
+    and ``df``'s dataset rows (after the split); the class-list hash stays as
+    ``classes_version``, the rows' hash as ``rows_hash``."""
+    classes_version = str(doc.get("classes_version") or doc["version"])
+    rows = dataset_rows_hash(df)
+    return {**doc, "version": dataset_version(classes_version, rows), "classes_version": classes_version,
+            "rows_hash": rows}
 
 
 def classes_document(info: Mapping[str, Any], cfg: ClassesSettings | None = None) -> dict[str, Any]:

@@ -519,7 +519,7 @@ def export_tfrecords(
         "format": "tfrecord",
         "format_version": TFRECORD_VERSION,
         "dataset_version": version,
-        "classes_version": classes_doc.get("version"),
+        "classes_version": classes_doc.get("classes_version", classes_doc.get("version")),
         "classes": classes,
         "num_classes": len(classes),
         "task": task,

@@ -33,6 +33,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -192,6 +193,7 @@ class _Progress:
     def __init__(self, sizes: Sequence[int], what: str):
         self.sizes, self.what, self.start = list(sizes), what, time.monotonic()
         self.total, self.finished, self.images = sum(self.sizes), 0, 0
+        self.artifact = _progress_artifact(what)
 
     def done(self, i: int) -> None:
         """Call ``i`` (its index in ``sizes``) has finished."""
@@ -199,8 +201,27 @@ class _Progress:
         self.images += self.sizes[i]
         rate = self.images / max(time.monotonic() - self.start, 1e-6)
         eta = (self.total - self.images) / rate if rate > 0 else 0.0
+        if self.artifact is not None:
+            try:
+                from prefect.artifacts import update_progress_artifact
+
+                update_progress_artifact(self.artifact, round(100 * self.images / max(self.total, 1), 1))
+            except Exception:  # noqa: BLE001 - the log line below still shows progress
+                self.artifact = None
         _logger().info("%s: shard %d/%d done, %d/%d images, %.1f img/s, %s left", self.what, self.finished,
                        len(self.sizes), self.images, self.total, rate, _duration(eta))
+
+
+def _progress_artifact(what: str) -> Any:
+    """A Prefect progress artifact ``<what>-progress`` (lowercase, digits, dashes) for a
+    shard stage, or None outside a flow run."""
+    try:
+        from prefect.artifacts import create_progress_artifact
+
+        key = re.sub(r"[^a-z0-9-]+", "-", f"{what}-progress".lower()).strip("-")
+        return create_progress_artifact(0.0, key=key, description=f"{what}: share of the images done")
+    except Exception:  # noqa: BLE001 - outside a flow run: log lines only
+        return None
 
 
 def _duration(seconds: float) -> str:

@@ -10,15 +10,14 @@ softened by the stored temperature."""
 
 from __future__ import annotations
 
-import contextlib
 import io
-import socket
-import threading
 import time
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from demo.serving import free_port, running  # noqa: F401 - re-exported: the serve tests import them from here
 
 #: class label → RGB colour of its "car"
 CLASS_COLOURS = {
@@ -29,43 +28,6 @@ CLASS_COLOURS = {
     "mercedes-benz_c-class": (200, 30, 200),
     "toyota_corolla": (30, 200, 200),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running(app: Any, ready: bool = True, timeout: float = 60.0):
-    """``app`` under uvicorn on a free loopback port, in a thread; yields the base URL
-    once ``/health`` (and, with ``ready``, ``/ready``) answers 200."""
-    import httpx
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    path = "/ready" if ready else "/health"
-    try:
-        while True:
-            try:
-                if httpx.get(base + path, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError(f"{base}{path} did not answer 200 within {timeout}s")
-            time.sleep(0.05)
-        yield base
-    finally:
-        server.should_exit = True
-        thread.join(15)
 
 
 def scene(label: str | None, size: tuple[int, int] = (320, 240), box: tuple[int, int, int, int] = (60, 50, 260, 190),

@@ -454,3 +454,25 @@ def test_small_sites_still_plant_everything(tmp_path):
     assert all(p["width"] == 160 and p["height"] == 120 for p in cars)
     img = Image.open(io.BytesIO((tmp_path / cars[0]["url"].lstrip("/")).read_bytes()))
     assert img.size == (160, 120)
+
+
+def test_new_listings_extend_the_site_and_keep_every_earlier_photo(tmp_path):
+    """The nightly's "10% more listings": the extended site has the same listings, photos
+    and bytes as before, plus the new listings at the end (their own photos only)."""
+    from demo.generate import generate_site
+
+    old = generate_site(tmp_path / "old", seed=0, n_listings=20, n_classes=3)
+    new = generate_site(tmp_path / "new", seed=0, n_listings=20, n_classes=3, new_listings=2)
+    assert [x["listing_id"] for x in new["listings"][:20]] == [x["listing_id"] for x in old["listings"]]
+    assert new["listings"][:20] == old["listings"]
+    assert len(new["listings"]) == 22 and new["params"]["new_listings"] == 2
+    for x in new["listings"][20:]:
+        assert x["problem"] is None and x["label"] and 3 <= len(x["photos"]) <= 6
+        assert all(p["is_car"] and p["problem"] is None for p in x["photos"])
+    old_files = {p.relative_to(tmp_path / "old") for p in (tmp_path / "old").rglob("*") if p.is_file()}
+    for rel in old_files:
+        if rel.parts[0] in ("img", "cdn", "listing", "private"):
+            assert (tmp_path / "new" / rel).read_bytes() == (tmp_path / "old" / rel).read_bytes(), rel
+    new_shas = {p["sha256"] for x in new["listings"][20:] for p in x["photos"]}
+    old_shas = {p["sha256"] for x in old["listings"] for p in x["photos"] if p["sha256"]}
+    assert new_shas and not new_shas & old_shas
