@@ -228,8 +228,3 @@ RUNS_PREFIX = "runs"
 def run_summary_key(run: str, name: str = "summary.md") -> str:
     """``runs/<run>/<name>``: a nightly (or demo) run's summary (``summary.md``, ``summary.json``)."""
     return f"{RUNS_PREFIX}/{run}/{name}"
-
-
-def work_prefix(stage: str) -> str:
-    """``work/<stage>/``: every shard output and stats file of a stage (a refresh clears its stats)."""
-    return f"{WORK_PREFIX}/{stage}/"

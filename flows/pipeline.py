@@ -29,7 +29,7 @@ trained classifier trains nothing (:func:`tasks.nightly.train_decision`). A new 
 runs the ``train`` flow (the ``train`` settings), which evaluates the model and runs
 champion/challenger: ``latest`` moves only when the challenger's test top-1 is at least
 the champion's. Every stage's shards are content-keyed in the storage, so an unchanged
-night decodes nothing and infers nothing; ``refresh`` clears a stage's shard cache first.
+night decodes nothing and infers nothing; ``refresh`` recomputes a stage's shards (its own ``refresh``).
 The run ends with a markdown summary (the funnel of images per stage, the drops per
 stage and reason, links to the evaluation report): the ``nightly-summary`` artifact and
 ``runs/<run>/summary.md`` in the storage (:mod:`tasks.nightly`).
@@ -59,7 +59,6 @@ from flows.train import TrainParams
 from flows.train import train as train_flow
 from tasks.nightly import (
     classifier_summary,
-    clear_shard_cache,
     publish_run_summary,
     train_decision,
     trained_on,
@@ -72,22 +71,23 @@ from tasks.stages import (
 )
 
 
-def run_car_filter(storage: str | None, model: str | None = None, enabled: bool | None = None) -> dict[str, Any]:
+def run_car_filter(storage: str | None, model: str | None = None, enabled: bool | None = None,
+                   refresh: bool = False) -> dict[str, Any]:
     """The car filter stage of the DAG: score the clean manifest, or pass it through."""
     enabled = get_settings().car_filter.enabled if enabled is None else enabled
     if not enabled:
         return passthrough(storage, "car_filter", MODEL_STAGES["car_filter"])
-    return {"enabled": True, **score(storage=storage, model=model)}
+    return {"enabled": True, **score(storage=storage, model=model, refresh=refresh)}
 
 
 def run_crop(storage: str | None, weights: str | None = None, imgsz: int | None = None,
-             conf: float | None = None, enabled: bool | None = None) -> dict[str, Any]:
+             conf: float | None = None, enabled: bool | None = None, refresh: bool = False) -> dict[str, Any]:
     """The crop stage of the DAG, reading the car filter stage's manifest (explicitly)."""
     enabled = get_settings().crop.enabled if enabled is None else enabled
     if not enabled:
         return passthrough(storage, "crop", MODEL_STAGES["crop"])
     return {"enabled": True, **crop(storage=storage, source=MODEL_STAGES["crop"], weights=weights, imgsz=imgsz,
-                                    conf=conf)}
+                                    conf=conf, refresh=refresh)}
 
 
 def stage_counts(summary: dict[str, Any]) -> str:
@@ -97,7 +97,7 @@ def stage_counts(summary: dict[str, Any]) -> str:
     return f"kept={summary['kept']} dropped={summary.get('dropped_by_reason', {})}"
 
 
-#: stages whose stored results ``refresh`` recomputes (shards cleared; ``train``: trains again)
+#: stages whose stored results ``refresh`` recomputes (the stage's own ``refresh``; ``train``: trains again)
 REFRESHABLE = ("clean", "car_filter", "crop", "train")
 
 
@@ -120,7 +120,7 @@ class NightlyParams(FlowParams):
                                                    "test top-1 (default: champion/challenger)")
     refresh: list[Literal["clean", "car_filter", "crop", "train"]] = Field(
         default_factory=list, description="stages to recompute although their results are stored "
-                                          "(their shard cache is cleared; train: trains again)")
+                                          "(each stage's refresh: its shards recomputed and rewritten; train: trains again)")
     tfrecord_size: Optional[int] = Field(  # noqa: UP045
         None, ge=16, description="image size of the TFRecord export training reads (default: split.tfrecord_size, "
                                  "else train.image_size)")
@@ -161,14 +161,12 @@ def nightly(params: NightlyParams = NightlyParams()) -> dict[str, Any]:
     else:
         logger.warning("crop.enabled is false: the crop stage passes its input through; the dataset is built "
                        "from uncropped photos")
-    for stage in params.refresh:
-        if stage != "train":
-            logger.info("refresh %s: %d stored shard(s) cleared", stage, clear_shard_cache(storage, stage))
     crawls = {site: crawl(site=site, storage=storage, base_url=params.base_urls.get(site)) for site in params.sites}
     summary = ingest(storage=storage)
-    cleaned = clean(storage=storage)
-    filtered = run_car_filter(storage, model=chosen["model"] if chosen else None)
-    cropped = run_crop(storage)
+    cleaned = clean(storage=storage, refresh="clean" in params.refresh)
+    filtered = run_car_filter(storage, model=chosen["model"] if chosen else None,
+                              refresh="car_filter" in params.refresh)
+    cropped = run_crop(storage, refresh="crop" in params.refresh)
     data = dataset(storage=storage, min_images=params.min_images, source="crop", run=run,
                    tfrecord=True if params.train != "off" else None, tfrecord_size=params.tfrecord_size)
     for name, s in (("car_filter", filtered), ("crop", cropped)):

@@ -177,30 +177,6 @@ def summary_markdown(title: str, counts: Sequence[Mapping[str, Any]], facts: Seq
     return "\n".join(lines) + "\n"
 
 
-def shard_stage(stage: str) -> str:
-    """The name a DAG stage's shards are stored under (``work/<name>/``)."""
-    if stage == "clean":
-        from tasks.clean import STAGE
-    elif stage == "car_filter":
-        from tasks.car_filter import STAGE
-    elif stage == "crop":
-        from tasks.crop import STAGE
-    else:
-        raise ValueError(f"no shard cache for stage {stage!r} (clean, car_filter, crop)")
-    return STAGE
-
-
-def clear_shard_cache(store: Storage | str | None, stage: str) -> int:
-    """``refresh``: delete the stats files of ``stage``'s stored shards (a shard is done
-    only with its stats file), so its next run computes every shard again and rewrites
-    it. Returns how many shards were cleared."""
-    store = open_storage(store)
-    done = [k for k in store.list(keys.work_prefix(shard_stage(stage))) if k.endswith(".stats.json")]
-    for k in done:
-        store.delete(k)
-    return len(done)
-
-
 # ---------------------------------------------------------------------------------------
 # storage and Prefect
 # ---------------------------------------------------------------------------------------
