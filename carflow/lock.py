@@ -417,6 +417,11 @@ def storage_locked(name: str = "pipeline") -> Any:
                 result = fn(*args, **kwargs)
             return {**result, "lock": lock.summary()} if isinstance(result, dict) else result
 
+        # the wrapper lives in this module: give Prefect (which validates the flow's parameters
+        # from the signature) resolved annotations, not names only fn's module can resolve
+        locked.__signature__ = inspect.signature(fn, eval_str=True)  # type: ignore[attr-defined]
+        locked.__annotations__ = {name: p.annotation for name, p in locked.__signature__.parameters.items()
+                                  if p.annotation is not inspect.Parameter.empty}
         return locked
 
     return wrap
