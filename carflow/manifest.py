@@ -264,15 +264,20 @@ def _missing(storage: Storage, key: str) -> ManifestMissing:
     return ManifestMissing(f"{key} does not exist in {storage.uri()}: {how}")
 
 
-def read_manifest(storage: Storage, key: str, schema: pa.Schema | None = None) -> pa.Table:
+def read_manifest(storage: Storage, key: str, schema: pa.Schema | None = None,
+                  columns: list[str] | None = None) -> pa.Table:
     """Read the Parquet manifest at ``key`` and validate it against ``schema``. A missing
-    manifest raises :class:`ManifestMissing` (one line naming the command that writes it)."""
+    manifest raises :class:`ManifestMissing` (one line naming the command that writes it).
+    With ``columns``, only those of them that the manifest has are read."""
     try:
         data = storage.get(key)
     except StorageKeyError:
         raise _missing(storage, key) from None
     try:
-        table = pq.read_table(io.BytesIO(data))
+        if columns is not None:
+            present = set(pq.read_schema(io.BytesIO(data)).names)
+            columns = [c for c in columns if c in present]
+        table = pq.read_table(io.BytesIO(data), columns=columns)
     except pa.ArrowInvalid as exc:
         raise ManifestError(f"{storage.uri(key)}: not a Parquet manifest: {exc}") from exc
     if schema is not None:

@@ -90,6 +90,10 @@ def classifier_summary(store: Storage | str | None, version: str, dataset_versio
 # ---------------------------------------------------------------------------------------
 # the funnel
 # ---------------------------------------------------------------------------------------
+#: the manifest columns :func:`stage_counts` reads
+COUNT_COLUMNS = ["status", "reason", "split", "image_id", "train_image_id"]
+
+
 def _image_column(stage: str, df: pd.DataFrame) -> str:
     if stage == "dataset" and "train_image_id" in df.columns:
         return "train_image_id"
@@ -181,12 +185,13 @@ def summary_markdown(title: str, counts: Sequence[Mapping[str, Any]], facts: Seq
 # storage and Prefect
 # ---------------------------------------------------------------------------------------
 def read_stage_counts(store: Storage | str | None, prefix: str = "manifests") -> list[dict[str, Any]]:
-    """:func:`stage_counts` of the manifests in storage (a stage that never ran is left out)."""
+    """:func:`stage_counts` of the manifests in storage (a stage that never ran is left out);
+    only the columns the counts need are read (:data:`COUNT_COLUMNS`)."""
     store = open_storage(store)
     frames: dict[str, pd.DataFrame] = {}
     for stage in FUNNEL_STAGES:
         try:
-            frames[stage] = to_pandas(read_manifest(store, manifest_key(stage, prefix=prefix)))
+            frames[stage] = to_pandas(read_manifest(store, manifest_key(stage, prefix=prefix), columns=COUNT_COLUMNS))
         except ManifestMissing:
             continue
     return stage_counts(frames)
