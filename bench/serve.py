@@ -56,8 +56,9 @@ def build_models(out: Path, image_size: int) -> dict[str, str]:
 
 class KerasImages:
     """A Keras model on decoded images: resize to its input size, one call per batch
-    (``tf.function`` on the TensorFlow backend; ``predict_on_batch`` on torch/JAX, where no
-    TensorFlow is installed, e.g. the GPU machine)."""
+    (``tf.function`` on the TensorFlow backend; ``predict_on_batch`` on torch/JAX). The
+    car filter is the real ``CarFilterPredictor``, whose decode is tf.data: the bench needs
+    TensorFlow installed whatever ``KERAS_BACKEND`` says."""
 
     def __init__(self, path: str, version: str):
         from carflow.frameworks import import_keras
