@@ -829,7 +829,6 @@ def predict_logits(model: Any, index: Any, splits: tuple[str, ...] | str, size: 
     """Logits of a Keras model (or any callable on uint8 batches) over ``splits``
     (restricted to ``keep_ids``), with the targets (class index, or multi-hot) and the
     image ids; read without TensorFlow."""
-    keras = import_keras()
     splits = (splits,) if isinstance(splits, str) else tuple(splits)
     is_keras = hasattr(model, "predict_on_batch")
     names = {n: i for i, n in enumerate(index.label_names)}
@@ -842,7 +841,7 @@ def predict_logits(model: Any, index: Any, splits: tuple[str, ...] | str, size: 
     def flush() -> None:
         if xs:
             x = np.stack(xs)
-            out = keras.ops.convert_to_numpy(model(x, training=False)) if is_keras else model(x)
+            out = model.predict_on_batch(x) if is_keras else model(x)  # no autograd graph on torch
             outs.append(np.asarray(out, np.float32))
             xs.clear()
 
