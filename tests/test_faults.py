@@ -332,7 +332,7 @@ def _last_json(stdout: str) -> dict:
     return json.loads("\n".join(lines[start:]))
 
 
-@pytest.mark.slow  # two `python -m flows.clean` processes: 63-77 s on the shared 2-core machine
+# two `python -m flows.clean` processes: 63-77 s on the shared 2-core machine (default tier: issue 13's kill test)
 def test_a_killed_clean_run_reuses_its_finished_shards(faulty_s3, crawled, reference, prefect_server):
     """SIGKILL ``python -m flows.clean`` while it waits on a shard write (the endpoint holds
     every stats PUT after the first two), rerun the same command: the two finished

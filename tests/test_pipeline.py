@@ -196,7 +196,8 @@ N_LISTINGS, NEW_LISTINGS = 20, 2  # 10% more listings on the third night
 
 @pytest.fixture(scope="module")
 def nights(tmp_path_factory, prefect_server):
-    """Three nightly runs on one storage: the demo site (20 listings, 3 classes), the same
+    """In the default tier (issue 13's caching tests run in CI): about 2-3 minutes on 2 cores
+    for all four tests that share it. Three nightly runs on one storage: the demo site (20 listings, 3 classes), the same
     site again, then the site with 10% more listings (same seed: the old photos keep
     their bytes and URLs). Model stages: a tiny car filter (threshold 0: keeps all), a
     random-init detector counting every class; training: 1 epoch at 32 px."""
@@ -236,7 +237,6 @@ def nights(tmp_path_factory, prefect_server):
     return {"runs": runs, "manifests": manifests, "store": store}
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_nightly_trains_evaluates_and_promotes_a_new_dataset(nights):
     first = nights["runs"][0]
@@ -254,7 +254,6 @@ def test_nightly_trains_evaluates_and_promotes_a_new_dataset(nights):
     assert reg.latest("dataset").version == nights["runs"][2]["dataset"]["version"]
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_second_night_decodes_infers_and_trains_nothing(nights):
     first, again = nights["runs"][:2]
@@ -283,7 +282,6 @@ def _new_in_fresh_shards(stage_manifest, old_ids: set[str], shard_size: int) -> 
     return len(shards), len(fresh), sum(len(ids) for ids in fresh)
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_ten_percent_more_listings_run_only_the_new_shards(nights):
     """Only the shards holding a new image run (every other shard is reused), and the
@@ -317,7 +315,6 @@ def test_ten_percent_more_listings_run_only_the_new_shards(nights):
     assert grown["train"]["promotion"] is not None  # champion/challenger decided (either way)
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_run_summary_funnel_matches_the_manifests(nights):
     import json
