@@ -8,7 +8,7 @@ its stop event between them, and the sync engine joins it when the run ends
 (``prefect.flow_engine._send_heartbeats(engine, join_on_exit=True)``, up to 2 s). The
 run's final state is already reported by then, yet the call returns only when the
 thread wakes: each flow run, and each subflow of the nightly, ended 0–1 s late (a no-op
-flow took 1.1 s instead of 0.08 s; ``bench/orchestration.py``). The async engine does
+flow took 1.09 s instead of 0.10 s). The async engine does
 not join it (``join_on_exit=False``); :func:`prompt_heartbeat_stop` makes the sync
 engine do the same. Heartbeats are still sent as before, and the stopped thread (a
 daemon) returns at its next 1 s step without sending anything more.
