@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticUndefined
 
 from carflow.errors import UserError
+from flows.engine import prompt_heartbeat_stop
 
 
 class FlowParams(BaseModel):
@@ -99,6 +100,7 @@ class ParamsFlow(Flow):  # type: ignore[type-arg]
         return _params_model(self.fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        prompt_heartbeat_stop()  # the call returns when the run ends, not up to 1 s later
         own = inspect.signature(self.fn).parameters
         fields = {k: kwargs.pop(k) for k in list(kwargs) if k in self.params_model.model_fields and k not in own}
         if fields:

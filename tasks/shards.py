@@ -163,37 +163,53 @@ def submit_bounded(task: Any, calls: Iterable[dict[str, Any]], limit: int, *,
     and its memory would grow with the corpus (``bench/memory.py``). A slot is refilled
     as soon as any run finishes (:func:`prefect.futures.as_completed`), not in submission
     order: one slow shard does not hold the others' slots idle. With ``sizes`` (images per
-    call), one log line per finished call gives images/s and the time left."""
+    call), one log line per finished call gives images/s and the time left, and a
+    progress artifact follows it (:class:`_Progress`).
+
+    Nothing stands between a finished run and the next submission: the progress artifact
+    is created once the first runs are going, and each finished run is reported (an API
+    call and a log line) after its slot has been refilled, while the new run works."""
     from prefect.futures import as_completed
 
     limit = max(1, int(limit))
     in_flight: dict[Any, int] = {}
     results: dict[int, Any] = {}
+    todo = iter(enumerate(calls))
     progress = _Progress(sizes, getattr(task, "name", "shards")) if sizes and len(sizes) > 1 else None
 
-    def take() -> None:
+    def refill() -> None:
+        while len(in_flight) < limit:
+            nxt = next(todo, None)
+            if nxt is None:
+                return
+            i, kw = nxt
+            in_flight[task.submit(**kw)] = i
+
+    refill()
+    if progress:
+        progress.publish()
+    while in_flight:
         future = next(as_completed(list(in_flight)))
         i = in_flight.pop(future)
-        results[i] = future.result()
+        results[i] = future.result()  # a failed run raises here, before another is submitted
+        refill()
         if progress:
             progress.done(i)
-
-    for i, kw in enumerate(calls):
-        if len(in_flight) >= limit:
-            take()
-        in_flight[task.submit(**kw)] = i
-    while in_flight:
-        take()
     return [results[i] for i in range(len(results))]
 
 
 class _Progress:
-    """One line per finished shard: images done, images/s so far, time left."""
+    """One line per finished shard: images done, images/s so far, time left; and the
+    stage's progress artifact (:meth:`publish`, then updated per finished shard)."""
 
     def __init__(self, sizes: Sequence[int], what: str):
         self.sizes, self.what, self.start = list(sizes), what, time.monotonic()
         self.total, self.finished, self.images = sum(self.sizes), 0, 0
-        self.artifact = _progress_artifact(what)
+        self.artifact: Any = None
+
+    def publish(self) -> None:
+        """Create the progress artifact (at 0 %)."""
+        self.artifact = _progress_artifact(self.what)
 
     def done(self, i: int) -> None:
         """Call ``i`` (its index in ``sizes``) has finished."""

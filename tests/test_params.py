@@ -286,3 +286,44 @@ def test_export_refresh_encodes_again_and_the_default_reuses(tmp_path):
 
 def _shard_keys(index: dict) -> list[str]:
     return sorted(s["key"] for split in index["splits"].values() for s in split["shards"])
+
+
+def test_a_flow_run_ends_without_waiting_for_its_heartbeat_thread():
+    """Prefect's sync engine joined the flow-run heartbeat thread, which sleeps in 1 s
+    steps, so every flow call returned up to 1 s after its run had ended. With
+    flows.engine.prompt_heartbeat_stop (applied by every ParamsFlow call) the heartbeat
+    is still sent, and the exit no longer waits for the thread's next step."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from prefect import flow_engine
+
+    from flows.engine import prompt_heartbeat_stop
+
+    assert prompt_heartbeat_stop() and prompt_heartbeat_stop()  # idempotent
+    sent = []
+
+    class Engine:
+        heartbeat_seconds = 30
+        flow_run = SimpleNamespace(state=SimpleNamespace(is_final=lambda: False))
+        logger = SimpleNamespace(debug=lambda *a, **k: None)
+
+        def _build_heartbeat_event_template(self):
+            return None, None
+
+        def _emit_flow_run_heartbeat(self, resource, related):
+            sent.append(time.monotonic())
+
+    before = set(threading.enumerate())
+    with flow_engine._send_heartbeats(Engine()):
+        deadline = time.monotonic() + 5
+        while not sent and time.monotonic() < deadline:
+            time.sleep(0.01)
+        t = time.monotonic()
+    assert time.monotonic() - t < 0.5 and len(sent) == 1
+    beat = [th for th in threading.enumerate() if th not in before]
+    for th in beat:  # the daemon thread stops at its next step, sending nothing more
+        th.join(timeout=3)
+        assert not th.is_alive()
+    assert len(sent) == 1

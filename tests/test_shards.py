@@ -198,3 +198,59 @@ def test_a_slow_shard_does_not_hold_the_other_slots(prefect_server):
 
     _RELEASE.clear()
     assert stage() == ["released", "fast", "fast", "fast", "fast", "last"]
+
+
+@task
+def _sized(i: int) -> int:
+    time.sleep(0.02)
+    return i
+
+
+@pytest.mark.integration
+def test_a_shard_stage_publishes_its_progress_artifact(prefect_server):
+    """With sizes, submit_bounded creates the stage's progress artifact once the first
+    runs are going and updates it per finished run, up to 100 %."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from tasks.shards import submit_bounded
+
+    @flow
+    def stage() -> list[int]:
+        return submit_bounded(_sized.with_options(name="sized-shard"), ({"i": i} for i in range(5)), 2,
+                              sizes=[10, 10, 10, 10, 5])
+
+    assert stage() == [0, 1, 2, 3, 4]
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sized-shard-progress"])))
+    assert found and found[0].type == "progress" and float(found[0].data) == 100.0
+
+
+_SUBMITTED: list[int] = []
+
+
+@task
+def _fails_first(i: int) -> int:
+    _SUBMITTED.append(i)
+    if i == 0:
+        raise RuntimeError("shard 0 failed")
+    time.sleep(0.5)
+    return i
+
+
+@pytest.mark.integration
+def test_a_failed_shard_stops_the_submissions(prefect_server):
+    """A failed run raises before its slot is refilled: no shard starts after it."""
+    from prefect import flow
+
+    from tasks.shards import submit_bounded
+
+    @flow
+    def stage() -> list[int]:
+        return submit_bounded(_fails_first, ({"i": i} for i in range(6)), 2)
+
+    _SUBMITTED.clear()
+    with pytest.raises(RuntimeError, match="shard 0 failed"):
+        stage()
+    assert sorted(_SUBMITTED) == [0, 1]
