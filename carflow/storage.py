@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import urlparse
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -74,6 +75,12 @@ class Storage(ABC):
     def uri(self, key: str = "") -> str:
         """A URI a person can paste (``file:///…`` or ``s3://bucket/…``)."""
 
+    def put_file(self, key: str, fileobj: BinaryIO, content_type: str | None = None) -> None:
+        """Store the rest of the open binary file ``fileobj`` under ``key`` (a large
+        object written to a temporary file first, e.g. a manifest: its bytes are never all
+        in memory where the backend can stream them)."""
+        self.put(key, fileobj.read(), content_type=content_type)
+
     # -- content-addressed images -------------------------------------------------
     def put_image(self, data: bytes) -> str:
         """Store ``data`` under its sha256 (once) and return the sha256 hex."""
@@ -110,13 +117,14 @@ class LocalStorage(Storage):
     def _path(self, key: str) -> Path:
         return self.root / _clean_key(key)
 
-    def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
+    def _write(self, key: str, write: Callable[[BinaryIO], Any]) -> None:
+        """``write(fh)`` into a temp file beside the key's path, then ``os.replace``."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
         try:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+                write(fh)
             os.replace(tmp, path)
         except BaseException:
             try:
@@ -124,6 +132,12 @@ class LocalStorage(Storage):
             except FileNotFoundError:
                 pass
             raise
+
+    def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        self._write(key, lambda fh: fh.write(data))
+
+    def put_file(self, key: str, fileobj: BinaryIO, content_type: str | None = None) -> None:
+        self._write(key, lambda fh: shutil.copyfileobj(fileobj, fh, 1 << 20))
 
     def get(self, key: str) -> bytes:
         try:
@@ -267,6 +281,11 @@ class S3Storage(Storage):
     def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
         extra = {"ContentType": content_type} if content_type else {}
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra)
+
+    def put_file(self, key: str, fileobj: BinaryIO, content_type: str | None = None) -> None:
+        # one PUT, as put() (botocore streams a seekable body and rewinds it on a retry)
+        extra = {"ContentType": content_type} if content_type else {}
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=fileobj, **extra)
 
     def get(self, key: str) -> bytes:
         from botocore.exceptions import ClientError

@@ -58,16 +58,18 @@ def clean(params: CleanParams = CleanParams()) -> dict[str, Any]:
     source = read_input(open_storage(storage), manifest_key("ingest", prefix=prefix), INGEST_SCHEMA,
                         columns=PLAN_COLUMNS)
     shards = plan_shards(source.table, shard_size or cfg.ingest.shard_size)
+    source_key, source_hash = source.key, source.hash
+    del source  # its rows: the reduce reads the manifest again, whole
     config = shard_config(cfg.fix, cfg.quality)
     results, fresh = run_shards(
         inspect_shard_task, shards, lambda ids: {"storage_uri": storage, "image_ids": ids, "config": config},
         refresh=params.refresh,
     )
-    cached = len(shards) - len(fresh)
-    inspected_images = sum(len(ids) for ids in fresh)
-    logger.info("%d shards: %d reused from storage, %d images decoded", len(shards), cached, inspected_images)
+    n_shards, cached, inspected_images = len(shards), len(shards) - len(fresh), sum(len(ids) for ids in fresh)
+    del shards, fresh  # the image ids: the reduce reads what it needs from storage
+    logger.info("%d shards: %d reused from storage, %d images decoded", n_shards, cached, inspected_images)
     reduced = clean_reduce_task(
-        storage, source.key, source.hash, [r["key"] for r in results],
+        storage, source_key, source_hash, [r["key"] for r in results],
         {"quality": cfg.quality.model_dump(mode="json"), "dedup": cfg.dedup.model_dump(mode="json")}, prefix,
     )
     reasons, flags, sheets = reduced["dropped_by_reason"], reduced["flags"], reduced["contact_sheets"]
@@ -86,7 +88,7 @@ def clean(params: CleanParams = CleanParams()) -> dict[str, Any]:
     )
     summary = {
         **{k: reduced[k] for k in ("manifest", "rows", "kept", "dropped_by_reason", "flags")},
-        "shards": len(shards),
+        "shards": n_shards,
         "cached_shards": cached,
         "inspected_images": inspected_images,
         "contact_sheets": sheets,

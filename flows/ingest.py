@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from collections import Counter
@@ -18,7 +17,6 @@ from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import Field
 
-from carflow.caching import shards
 from carflow.errors import UserError
 from carflow.settings import get_settings
 from flows.entry import entry_point
@@ -33,9 +31,10 @@ from flows.params import (
 from tasks.ingest import (
     build_ingest_manifest_task,
     check_folder_dataset,
+    folder_import_id,
     import_folder_shard_task,
     list_folder_dataset,
-    parse_folder_key,
+    plan_folder_import,
 )
 from tasks.shards import submit_bounded
 
@@ -84,28 +83,23 @@ def ingest(params: IngestParams = IngestParams()) -> dict:
             raise UserError(f"no image files in class folders under {source.uri()}: expected "
                             f"<class>/<listing>_<photo>_<id>.jpg ({dict(list_stats) or 'empty'})")
         stats.update(list_stats)
-        # shard by listing, so that no listing is split across two feed parts
-        groups: dict[str, list[str]] = {}
-        for key in keys:
-            groups.setdefault(parse_folder_key(key, site, listing_regex, label_regex)["listing_id"], []).append(key)
-        per_shard = max(1, cfg.ingest.shard_size)
-        batches: list[list[str]] = []
-        for group in shards(sorted(groups), max(1, per_shard // 4)):
-            batches.append([k for lid in group for k in groups[lid]])
-        import_id = "import-" + hashlib.sha256(json.dumps([source.uri(), keys]).encode()).hexdigest()[:12]
+        batches = plan_folder_import(keys, site, listing_regex, label_regex, max(1, cfg.ingest.shard_size))
+        import_id, n_keys = folder_import_id(source.uri(), keys), len(keys)
+        del keys  # the batches hold them now
         calls = (
-            {"source_uri": folders, "keys": batch, "storage_uri": storage, "site": site,
+            {"source_uri": folders, "keys": batches[part], "storage_uri": storage, "site": site,
              "listing_regex": listing_regex, "label_regex": label_regex, "import_id": import_id, "part": part,
              "extensions": cfg.ingest.image_extensions}
-            for part, batch in enumerate(batches)
+            for part in range(len(batches))
         )
         for done in submit_bounded(import_folder_shard_task, calls, cfg.runtime.max_workers,
                                    sizes=[len(batch) for batch in batches]):
             stats.update({f"import:{k}": v for k, v in done["stats"].items()})
+        del batches, calls
         skipped = {k.removeprefix("import:").removeprefix("skipped_"): v for k, v in stats.items() if "skipped_" in k}
         imported = stats["import:stored"]
         logger.info("imported %d files from %s as site %r", imported, source.uri(), site)
-        files = len(keys) + stats["skipped_not_in_class_folder"]
+        files = n_keys + stats["skipped_not_in_class_folder"]
         skips = ", ".join(f"{n} skipped ({why})" for why, n in sorted(skipped.items())) or "none skipped"
         photos = imported + sum(v for k, v in stats.items() if k.startswith("import:rejected:"))
         if not photos:  # every file was skipped: the wrong folder, not a dataset with bad photos

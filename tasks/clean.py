@@ -37,6 +37,8 @@ from carflow.manifest import (
     KEPT,
     InputError,
     read_input,
+    release_freed_memory,
+    smallest_distinct,
     write_manifest,
 )
 from carflow.settings import DedupSettings, FixSettings, QualitySettings
@@ -158,21 +160,27 @@ def reduce_clean(manifest: pa.Table, results: pa.Table, quality_cfg: QualitySett
     ``source_id`` keeps the original bytes' id; ``image_id`` (and ``raw_key``) become the
     re-encoded image's where the fixer re-encoded a kept image. A kept row whose image
     has no result is dropped as ``not_inspected``; rows dropped before keep their status
-    and reason. ``results`` is let go once merged: a caller that passes it without
-    keeping a reference (:func:`clean_reduce_task`) frees it before the dedup."""
-    results = decide_quality(results, quality_cfg)
+    and reason. ``results`` is let go column by column as it is merged: a caller that
+    passes it without keeping a reference (:func:`clean_reduce_task`) never holds it and
+    the merged table whole at once; freed pages go back to the OS after the merge and
+    after the dedup (:func:`carflow.manifest.release_freed_memory`)."""
+    parts = [decide_quality(results, quality_cfg)]
+    del results
     table = put_column(manifest, "source_id", manifest["image_id"])
     del manifest
-    table = merge_results(table, results, [*MANIFEST_COLUMNS, "out_image_id"], "not_inspected", on="source_id")
-    del results
+    # handed over (popped, no reference left here): merge_results lets each column go once taken
+    table = merge_results(table, parts.pop(), [*MANIFEST_COLUMNS, "out_image_id"], "not_inspected", on="source_id")
     renamed = pc.and_(pc.equal(table["status"], KEPT), pc.is_valid(table["out_image_id"]))
     renamed = pc.fill_null(renamed, False)
     new_id = pc.if_else(renamed, table["out_image_id"], table["image_id"])
     table = put_column(table, "image_id", new_id)
     table = put_column(table, "raw_key", pc.if_else(renamed, image_keys(new_id), table["raw_key"]))
+    release_freed_memory()
     table = table.drop_columns(["out_image_id"])
     table = apply_odd_size(table, quality_cfg)
-    return apply_dedup(table, dedup_cfg)
+    table = apply_dedup(table, dedup_cfg)
+    release_freed_memory()
+    return table
 
 
 def counts(table: pa.Table) -> dict[str, Any]:
@@ -185,11 +193,11 @@ def publish_report(store: Storage, table: pa.Table, prefix: str, per_reason: int
     """Contact sheets of up to ``per_reason`` dropped images per reason (originals, so
     a person sees what was served), stored beside the manifest."""
     sheets: dict[str, str] = {}
-    dropped = table.select(["status", "reason", "source_id"]).filter(pc.equal(table["status"], DROPPED))
+    dropped = pc.fill_null(pc.equal(table["status"], DROPPED), False)
     for reason, rows in sorted(counts(table)["dropped_by_reason"].items()):
-        ids = pc.unique(dropped.filter(pc.equal(dropped["reason"], reason))["source_id"])
+        of_reason = pc.and_(dropped, pc.fill_null(pc.equal(table["reason"], reason), False))
         items = []
-        for source_id in pc.take(ids, pc.sort_indices(ids)[:per_reason]).to_pylist():
+        for source_id in smallest_distinct(pc.filter(table["source_id"], of_reason), per_reason):
             try:
                 data = store.get_image(source_id)
             except KeyError:

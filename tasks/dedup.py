@@ -102,7 +102,7 @@ import pyarrow.compute as pc
 
 from carflow.graph import connected_components
 from carflow.imagehash import THUMB_SIDE, hamming_pairs, popcount64, thumb_distance
-from carflow.manifest import DROPPED, KEPT
+from carflow.manifest import DROPPED, KEPT, fixed_width_values
 from carflow.settings import DedupSettings, as_settings
 
 log = logging.getLogger(__name__)
@@ -261,35 +261,49 @@ def near_duplicate_edges(
 THUMB_PAIRS_PER_STEP = 4096
 
 
+#: bytes of one colour thumbnail (:func:`carflow.imagehash.colour_thumb`)
+THUMB_BYTES = 3 * THUMB_SIDE**2
+
+
+def thumb_matrix(thumbs: Any, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The thumbnails of ``nodes`` as a ``(len(nodes), THUMB_BYTES)`` uint8 matrix (zero
+    rows where a node has none) and the mask of nodes that have one. ``thumbs`` is an
+    object array of bytes (the pandas path) or :class:`_ArrowThumbs` (read from the Arrow
+    buffers, no Python object per thumbnail)."""
+    if isinstance(thumbs, _ArrowThumbs):
+        return thumbs.matrix(nodes)
+    values = thumbs[nodes]
+    has = np.array([isinstance(t, (bytes, bytearray)) and len(t) == THUMB_BYTES for t in values], dtype=bool)
+    flat = np.zeros((len(nodes), THUMB_BYTES), np.uint8)
+    if has.any():
+        flat[has] = np.frombuffer(b"".join(values[has]), np.uint8).reshape(-1, THUMB_BYTES)
+    return flat, has
+
+
 def confirm_by_thumb(
-    thumbs: np.ndarray, u: np.ndarray, v: np.ndarray, radius: float, step: int = THUMB_PAIRS_PER_STEP
+    thumbs: Any, u: np.ndarray, v: np.ndarray, radius: float, step: int = THUMB_PAIRS_PER_STEP,
+    known: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Keep the hash pairs ``(u, v)`` whose colour thumbnails (192-byte ``thumb`` values
-    per node, :func:`carflow.imagehash.colour_thumb`; ``thumbs[nodes]`` gives an object
-    array of them) are within ``radius``
-    (:func:`carflow.imagehash.thumb_distance`). pHash and dHash see grey silhouettes
-    only: two different cars in the same pose on a white background pass both. A pair
-    where either node has no thumbnail (a manifest from before the column) is kept.
+    per node, :func:`carflow.imagehash.colour_thumb`; read with :func:`thumb_matrix`) are
+    within ``radius`` (:func:`carflow.imagehash.thumb_distance`). pHash and dHash see grey
+    silhouettes only: two different cars in the same pose on a white background pass
+    both. A pair where either node has no thumbnail (a manifest from before the column)
+    is kept, and so is a pair marked in ``known`` (the same pixels: nothing to confirm).
 
-    Only the thumbnails of nodes in a pair are unpacked, and the distances are computed
-    ``step`` pairs at a time: a corpus of re-posted photos has about one pair per image,
-    and all pairs at once took ~4 KB of RSS each (``bench/memory.py``)."""
-    if u.size == 0:
-        return u, v
-    need = np.unique(np.concatenate([u, v]))
-    values = thumbs[need]
-    has = np.array([isinstance(t, (bytes, bytearray)) and len(t) == 3 * THUMB_SIDE**2 for t in values],
-                   dtype=bool)
-    pu, pv = np.searchsorted(need, u), np.searchsorted(need, v)
-    check = np.flatnonzero(has[pu] & has[pv])
+    Only the thumbnails of nodes in a pair still to check are read, and the distances are
+    computed ``step`` pairs at a time: a corpus of re-posted photos has about one pair per
+    image, and all pairs at once took ~4 KB of RSS each (``bench/memory.py``)."""
     keep = np.ones(u.size, dtype=bool)
-    if check.size:
-        row = np.cumsum(has) - 1  # need position → row of `flat`
-        flat = np.frombuffer(b"".join(values[has]), np.uint8).reshape(-1, 3 * THUMB_SIDE**2)
-        del values
+    todo = np.arange(u.size) if known is None else np.flatnonzero(~known)
+    if todo.size:
+        need = np.unique(np.concatenate([u[todo], v[todo]]))
+        flat, has = thumb_matrix(thumbs, need)
+        pu, pv = np.searchsorted(need, u[todo]), np.searchsorted(need, v[todo])
+        check = np.flatnonzero(has[pu] & has[pv])
         for start in range(0, check.size, step):
             part = check[start : start + step]
-            keep[part] = thumb_distance(flat[row[pu[part]]], flat[row[pv[part]]]) <= radius
+            keep[todo[part]] = thumb_distance(flat[pu[part]], flat[pv[part]]) <= radius
     dropped = int((~keep).sum())
     if dropped:
         log.info("dedup: %d hash pair(s) not confirmed by the colour thumbnail (radius %.1f)", dropped, radius)
@@ -339,7 +353,9 @@ def _cluster_rows(node_of_row: np.ndarray, k: int, first_seen: np.ndarray, area:
         ph, dh, ph_ok = hashes
         (su, sv), (nu, nv) = near_duplicate_edges(ph, dh, ph_ok, cfg)
         if cfg.confirm_thumb and thumbs is not None:
-            su, sv = confirm_by_thumb(thumbs, su, sv, cfg.thumb_radius)
+            # an equal-hash pair of one pixel group is linked by its pixel edges anyway
+            known = None if pixel_code is None else (pixel_code[su] >= 0) & (pixel_code[su] == pixel_code[sv])
+            su, sv = confirm_by_thumb(thumbs, su, sv, cfg.thumb_radius, known=known)
             nu, nv = confirm_by_thumb(thumbs, nu, nv, cfg.thumb_radius)
         us.append(su)
         vs.append(sv)
@@ -490,14 +506,22 @@ def _as_str(arr: pa.Array) -> pa.Array:
 
 
 def _sorted_codes(arr: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    """The distinct values of ``arr`` in sort order, and each element's position among them."""
+    """The distinct values of ``arr`` in sort order, and each element's position among them
+    (content ids: sorted in NumPy, :func:`carflow.manifest.fixed_width_values`)."""
+    values = fixed_width_values(arr)
+    if values is not None:
+        uniq_np, inverse = np.unique(values, return_inverse=True)
+        return pa.array(uniq_np).cast(pa.string()), inverse.ravel().astype(np.int64)
     uniq = pc.unique(arr)
     uniq = uniq.take(pc.array_sort_indices(uniq))
     return uniq, pc.index_in(arr, value_set=uniq).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def _codes(arr: pa.Array) -> np.ndarray:
-    """Equal values → equal codes ≥ 0, nulls → -1."""
+    """Equal values → equal codes ≥ 0, nulls → -1 (content hashes: sorted in NumPy)."""
+    values = fixed_width_values(arr)
+    if values is not None:
+        return np.unique(values, return_inverse=True)[1].ravel().astype(np.int64)
     return pc.fill_null(pc.dictionary_encode(arr).indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
@@ -514,13 +538,30 @@ def _hash_values(arr: pa.Array, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _ArrowThumbs:
-    """``thumbs[nodes]`` over an Arrow binary column, read only for the nodes asked for."""
+    """The thumbnails of nodes, read from an Arrow binary column only for the nodes asked
+    for (:func:`thumb_matrix`)."""
 
     def __init__(self, column: pa.ChunkedArray, node_rows: np.ndarray):
         self.column, self.node_rows = column, node_rows
 
-    def __getitem__(self, nodes: np.ndarray) -> np.ndarray:
-        return np.array(self.column.take(pa.array(self.node_rows[nodes])).to_pylist() + [None], dtype=object)[:-1]
+    def matrix(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        taken = self.column.take(pa.array(self.node_rows[nodes]))
+        arr = taken.combine_chunks() if isinstance(taken, pa.ChunkedArray) else taken
+        if not pa.types.is_binary(arr.type):
+            arr = arr.cast(pa.binary())
+        n = len(arr)
+        offsets = np.frombuffer(arr.buffers()[1], np.int32)[arr.offset : arr.offset + n + 1].astype(np.int64)
+        valid = pc.is_valid(arr).to_numpy(zero_copy_only=False)
+        has = valid & (np.diff(offsets) == THUMB_BYTES)
+        data = np.frombuffer(arr.buffers()[2], np.uint8) if arr.buffers()[2] is not None else np.empty(0, np.uint8)
+        if n and has.all():  # the usual case: one contiguous block, no copy
+            return data[offsets[0] : offsets[-1]].reshape(n, THUMB_BYTES), has
+        flat = np.zeros((n, THUMB_BYTES), np.uint8)
+        rows = np.flatnonzero(has)
+        for start in range(0, rows.size, THUMB_PAIRS_PER_STEP):
+            part = rows[start : start + THUMB_PAIRS_PER_STEP]
+            flat[part] = data[offsets[part][:, None] + np.arange(THUMB_BYTES)]
+        return flat, has
 
 
 def _scatter(n: int, rows: np.ndarray, values: np.ndarray, type_: pa.DataType) -> pa.Array:

@@ -15,6 +15,7 @@ Two sources end in the same place:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections import Counter, deque
@@ -28,11 +29,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import task
 
+from carflow.caching import shards
 from carflow.errors import UserError
 from carflow.imageio import IMAGE_FORMATS, sniff
 from carflow.keys import feed_part_key, image_key, listings_prefix, manifest_key
 from carflow.labels import make_label, normalise_make, normalise_model, normalise_year
-from carflow.manifest import INGEST_SCHEMA, KEPT, REJECTS_SCHEMA, from_records, write_manifest
+from carflow.manifest import (
+    INGEST_SCHEMA,
+    KEPT,
+    REJECTS_SCHEMA,
+    count_distinct,
+    from_records,
+    write_manifest,
+)
 from carflow.storage import LocalStorage, Storage, open_storage
 from tasks.retry import RETRY
 
@@ -181,7 +190,7 @@ def build_manifest_from_feeds(
     if sort:
         manifest = manifest.sort_by(MANIFEST_ORDER)
     stats["rows"] = manifest.num_rows
-    stats["images"] = pc.count_distinct(manifest["image_id"]).as_py()
+    stats["images"] = count_distinct(manifest["image_id"])
     stats["listings"] = len(winners)
     stats["rejected_refs"] = rejected.num_rows
     return manifest, rejected, stats
@@ -300,6 +309,27 @@ def list_folder_dataset(source: Storage) -> tuple[list[str], Counter]:
             continue
         keys.append(key)
     return keys, stats
+
+
+def plan_folder_import(keys: list[str], site: str, listing_regex: str, label_regex: str,
+                       shard_size: int) -> list[list[str]]:
+    """The import shards' keys: whole listings (a listing is never split across two feed
+    parts), ``shard_size // 4`` listings a shard, in listing order."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(parse_folder_key(key, site, listing_regex, label_regex)["listing_id"], []).append(key)
+    return [[k for lid in group for k in groups[lid]] for group in shards(sorted(groups), max(1, shard_size // 4))]
+
+
+def folder_import_id(uri: str, keys: list[str]) -> str:
+    """``import-<12 hex>``: the same folder with the same files gets the same id (its feed
+    parts are overwritten, not added). The sha256 of ``json.dumps([uri, *keys])``, fed one
+    key at a time: no string of every key is built."""
+    h = hashlib.sha256(b"[" + json.dumps(uri).encode())
+    for key in keys:
+        h.update(b", " + json.dumps(key).encode())
+    h.update(b"]")
+    return "import-" + h.hexdigest()[:12]
 
 
 def is_photo(data: bytes, key: str, extensions: list[str]) -> str | None:

@@ -42,13 +42,14 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from carflow.caching import content_key
 from carflow.keys import shard_key, shard_partial_key, shard_stats_key
-from carflow.manifest import DROPPED, KEPT
+from carflow.manifest import DROPPED, KEPT, fixed_width_values, index_in, release_freed_memory
 from carflow.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,20 @@ def plan_shards(manifest: Any, shard_size: int) -> list[list[str]]:
     kept = table.filter(pc.fill_null(pc.equal(table["status"], KEPT), False))
     if kept.num_rows == 0:
         return []
+    ids = fixed_width_values(kept["image_id"])
+    if ids is not None and kept["first_seen"].null_count == 0:
+        # content ids (one width, no nulls): sorted in NumPy, no Arrow hash table of the
+        # ids and no Python string per image until the shards are cut (bench/memory.py)
+        first_seen = kept["first_seen"].to_numpy()
+        del kept, table
+        by_id = np.lexsort((first_seen, ids))  # each id's earliest first_seen comes first
+        ids, first_seen = ids[by_id], first_seen[by_id]
+        del by_id
+        lead = np.ones(ids.size, dtype=bool)
+        lead[1:] = ids[1:] != ids[:-1]
+        ids, first_seen = ids[lead], first_seen[lead]
+        ids = ids[np.lexsort((ids, first_seen))]
+        return [[x.decode() for x in ids[i : i + shard_size]] for i in range(0, ids.size, shard_size)]
     order = kept.group_by("image_id").aggregate([("first_seen", "min")])
     order = order.sort_by([("first_seen_min", "ascending"), ("image_id", "ascending")])
     ids = order["image_id"].to_pylist()
@@ -343,25 +358,32 @@ def merge_results(
     ``missing_reason`` (a row is never silently lost). Rows dropped earlier keep their
     status and reason, and get nulls in ``columns`` unless ``only_kept`` is False.
     ``results`` without a ``status`` column only add columns (and drop the rows they
-    miss)."""
+    miss).
+
+    The columns are taken one at a time and each is let go once taken: a caller that
+    hands ``results`` over without keeping a reference (``merge_results(m, parts.pop(),
+    …)``) never holds the results and the merged columns whole at once (each freed
+    column's pages go back to the OS: :func:`carflow.manifest.release_freed_memory`)."""
     was_kept = pc.fill_null(pc.equal(manifest["status"], KEPT), False)
-    found = pc.index_in(manifest[on], value_set=results["image_id"])
+    found = index_in(manifest[on], results["image_id"])
     idx = pc.if_else(was_kept, found, pa.scalar(None, found.type))
-    has_status = "status" in results.column_names
-    wanted = list(dict.fromkeys([*columns, *(["status", "reason"] if has_status else [])]))
-    taken = results.select(wanted).take(idx)
-    values = taken if only_kept else results.select(list(columns)).take(found)
     status, reason = manifest["status"], manifest["reason"]
-    if has_status:
+    if "status" in results.column_names:
+        taken = results.select(["status", "reason"]).take(idx)
         dropped = pc.fill_null(pc.equal(taken["status"], DROPPED), False)
         reason = pc.if_else(dropped, taken["reason"].cast(pa.string()), reason)
         status = pc.if_else(dropped, DROPPED, status)
+        del taken
     missing = pc.and_(was_kept, pc.is_null(idx))
     reason = pc.if_else(missing, missing_reason, reason)
     status = pc.if_else(missing, DROPPED, status)
     out = put_column(put_column(manifest, "status", status), "reason", reason)
-    for name in columns:
-        out = put_column(out, name, values[name])
+    at = idx if only_kept else found
+    results = results.select(list(dict.fromkeys(columns)))
+    for name in list(dict.fromkeys(columns)):
+        out = put_column(out, name, results[name].take(at))
+        results = results.drop_columns([name])
+        release_freed_memory()  # the column's shard chunks, before the next one is taken
     return out
 
 

@@ -596,6 +596,32 @@ def test_confirm_by_thumb_in_steps_keeps_the_same_pairs():
     assert 0 < whole[0].size < u.size  # some pairs confirmed, some not
     assert set(np.flatnonzero((u == 7) | (v == 7))) <= {i for i in range(300) if (u[i], v[i]) in set(zip(*whole))}
 
+    # the same read from Arrow buffers (the clean stage's reduce): a null, a short value, chunks
+    from tasks.dedup import _ArrowThumbs
+
+    odd = thumbs.copy()
+    odd[9] = b"short"
+    values = list(odd)
+    column = pa.chunked_array([pa.array(values[:13], pa.binary()), pa.array(values[13:], pa.binary())])
+    node_rows = np.arange(40)[::-1].copy()  # node i is row 39 - i
+    reversed_col = pa.chunked_array([column.combine_chunks().take(pa.array(node_rows))])
+    for step in (1, 64):
+        assert all(np.array_equal(a, b) for a, b in zip(
+            confirm_by_thumb(_ArrowThumbs(reversed_col, node_rows), u, v, 13.0, step=step),
+            confirm_by_thumb(odd, u, v, 13.0, step=step), strict=True))
+    full = _ArrowThumbs(column, np.arange(40))
+    ok = np.array([i for i in range(40) if i not in (7, 9)])
+    flat, has = full.matrix(ok)
+    assert has.all() and np.array_equal(flat, np.stack([np.frombuffer(thumbs[i], np.uint8) for i in ok]))
+
+    # pairs marked known (one pixel group) are kept without their thumbnails being read
+    known = np.zeros(u.size, dtype=bool)
+    known[::3] = True
+    kept = confirm_by_thumb(thumbs, u, v, 13.0, known=known)
+    confirmed = set(zip(*whole))  # a decision depends on the pair only
+    expected = known | np.array([(a, b) in confirmed for a, b in zip(u, v, strict=True)])
+    assert not expected.all() and np.array_equal(kept[0], u[expected]) and np.array_equal(kept[1], v[expected])
+
 
 @settings(max_examples=30, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.sampled_from(["single", "leader"]), st.booleans())

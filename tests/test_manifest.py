@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from carflow.manifest import (
     INGEST_SCHEMA,
     ManifestError,
+    count_distinct,
     from_records,
+    index_in,
     read_manifest,
+    smallest_distinct,
     write_manifest,
 )
 
@@ -151,3 +157,29 @@ def test_stage_schemas_are_checked_on_write(tmp_path):
     assert read_manifest(store, "m.parquet").schema.field("p_car").type == pa.float32()  # conformed
     with pytest.raises(ManifestError, match="p_car"):
         write_manifest(store, "m.parquet", table.append_column("p_car", pa.array(["x"])), CAR_FILTER_SCHEMA)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.one_of(st.none(), st.sampled_from(["ab", "cd", "ef", "abc", "", "é1"])), max_size=8),
+                max_size=4), st.integers(0, 3))
+def test_count_distinct_agrees_with_arrow(chunks, cut):
+    """The NumPy path (one width, no nulls) and the fallback count as Arrow does, on
+    chunked and sliced columns."""
+    col = pa.chunked_array([pa.array(c, pa.string()) for c in chunks], pa.string())
+    assert count_distinct(col) == pc.count_distinct(col).as_py()
+    flat = col.combine_chunks()
+    part = flat.slice(min(cut, len(flat)))
+    assert count_distinct(part) == pc.count_distinct(part).as_py()
+    distinct = sorted({v for v in part.to_pylist() if v is not None})
+    assert smallest_distinct(part, 2) == distinct[:2] and smallest_distinct(col, 99) == sorted(
+        {v for v in col.to_pylist() if v is not None})
+    # index_in: each value's first position in the set, null where absent (as Arrow's kernel)
+    expected = pc.index_in(col, value_set=part)
+    expected = expected.combine_chunks() if isinstance(expected, pa.ChunkedArray) else expected
+    assert index_in(col, part).to_pylist() == expected.to_pylist()
+
+
+def test_count_distinct_of_content_ids():
+    ids = [f"{i % 700:064x}" for i in range(1000)]
+    col = pa.chunked_array([pa.array(ids[:300]), pa.array(ids[300:])])
+    assert count_distinct(col) == 700 and count_distinct(col.combine_chunks().slice(999)) == 1

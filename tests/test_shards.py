@@ -7,6 +7,8 @@ import time
 
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prefect import task
 
 from carflow.storage import LocalStorage
@@ -21,6 +23,20 @@ def _manifest() -> pa.Table:
         "status": ["kept", "kept", "kept", "kept", "kept", "dropped"],
         "reason": [None, None, None, None, None, "empty"],
     })
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 30), st.integers(0, 6), st.sampled_from(["kept", "kept", "dropped", None])),
+                max_size=80), st.integers(1, 9), st.integers(0, 80))
+def test_plan_of_content_ids_on_numpy_equals_the_arrow_plan(rows, size, cut):
+    """Content ids (one width, no nulls) are planned on NumPy; any other id column goes
+    through Arrow's group-by. Both give the same shards, also on a chunked column."""
+    ids = [f"{i:064x}" for i, _, _ in rows]
+    table = pa.table({"image_id": pa.array(ids, pa.string()), "first_seen": pa.array([f for _, f, _ in rows], pa.int64()),
+                      "status": pa.array([s for _, _, s in rows], pa.string())})
+    table = pa.concat_tables([table.slice(0, cut), table.slice(cut)])
+    arrow_path = table.set_column(0, "image_id", table["image_id"].cast(pa.large_string()))
+    assert plan_shards(table, size) == plan_shards(arrow_path, size)
 
 
 def test_plan_orders_unique_kept_images_by_earliest_first_seen():

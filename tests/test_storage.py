@@ -31,6 +31,20 @@ def test_put_get_exists_delete(storage):
         storage.get("a/b.txt")
 
 
+def test_put_file_stores_the_rest_of_an_open_file(storage, tmp_path):
+    """A manifest is written to a temporary file and stored from it (a 3 MB body: more than
+    one read chunk), from the file's current position."""
+    import os
+
+    data = os.urandom(3 << 20)
+    with open(tmp_path / "big.bin", "w+b") as fh:
+        fh.write(b"skipped" + data)
+        fh.seek(7)
+        storage.put_file("m/manifest.parquet", fh, content_type="application/vnd.apache.parquet")
+    assert storage.get("m/manifest.parquet") == data
+    assert [k for k in storage.list("m/")] == ["m/manifest.parquet"]  # no temporary left behind
+
+
 def test_list_is_sorted_and_prefix_filtered(storage):
     for key in ["x/2.txt", "x/1.txt", "x/sub/3.txt", "xy/4.txt", "y/5.txt"]:
         storage.put(key, key.encode())
