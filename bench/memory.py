@@ -87,8 +87,20 @@ def generate(out: Path, n: int, photos: int, bases: list[bytes], seed: int = 0) 
         (out / classes[cls_of[listing]] / name).write_bytes(with_comment(bases[base_of[i]], b"carflow %d" % i))
 
 
+def _own_hwm_mb() -> float:
+    try:
+        with open("/proc/self/status") as fh:
+            return int(fh.read().split("VmHWM:")[1].split()[0]) / 1024
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def run_measured(cmd: list[str], env: dict[str, str]) -> dict:
-    """Run ``cmd``; wall seconds and the child's own peak RSS (MB)."""
+    """Run ``cmd``; wall seconds and the child's peak RSS (MB). Linux carries the parent's
+    high-water mark into a child at ``exec``, so the child's ``ru_maxrss`` is the larger of
+    its own peak and this process's: this bench stays far below its children (it is
+    checked, and a figure that could be the parent's fails the run)."""
+    parent = _own_hwm_mb()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out = proc.stdout.read()
@@ -98,7 +110,11 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> dict:
     if proc.returncode != 0:
         sys.stderr.write(out.decode(errors="replace")[-4000:])
         raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
-    return {"wall_s": round(wall, 1), "rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    rss = usage.ru_maxrss / 1024
+    if rss <= parent + 1:
+        raise SystemExit(f"{' '.join(cmd)}: peak RSS {rss:.0f} MB is not above this bench's own {parent:.0f} MB: "
+                         "it may be the parent's (ru_maxrss is inherited at exec)")
+    return {"wall_s": round(wall, 1), "rss_mb": round(rss, 1)}
 
 
 def manifest_mb(store: Path, stage: str) -> float:
