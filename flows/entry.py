@@ -70,6 +70,26 @@ def limit_malloc_arenas() -> bool:
         return False
 
 
+class ThreadTimeoutNotice(logging.Filter):
+    """Drops Prefect's warning, logged for every task with a timeout that runs in a worker
+    thread (every shard task of a stage: ``RETRY.io()`` sets ``runtime.task_timeout_s``),
+    that such a timeout cannot interrupt a blocking call. It said the same thing once per
+    shard (50 lines for 100k images) about a setting that works as documented: a thread
+    task's timeout takes effect when its running call returns (README, retries)."""
+
+    PREFIX = "Timeout of %s seconds configured for this task, but the task is running in a worker thread"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(self.PREFIX))
+
+
+def quiet_thread_timeout_notice() -> None:
+    """Install :class:`ThreadTimeoutNotice` on Prefect's task-run logger (once)."""
+    logger = logging.getLogger("prefect.task_runs")
+    if not any(isinstance(f, ThreadTimeoutNotice) for f in logger.filters):
+        logger.addFilter(ThreadTimeoutNotice())
+
+
 #: framework start-up noise, silenced where it is made
 QUIET_DEFAULTS: dict[str, str] = {
     # TensorFlow's own C++ log once it is initialised (its start-up banners, logged through

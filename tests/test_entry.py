@@ -217,3 +217,39 @@ def test_entry_points_give_prefect_a_generous_startup_timeout(tmp_path, user_val
     proc = _run(["-c", script], tmp_path, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == [expected, "False", expected, "false"]
+
+
+def test_prefect_notice_about_thread_task_timeouts_is_dropped(prefect_server):
+    """Every shard task has a timeout (``RETRY.io()``) and runs in a worker thread; Prefect's
+    warning that such a timeout cannot interrupt a blocking call (once per shard) is
+    dropped, other task-run warnings are not."""
+    from prefect import flow, get_run_logger, task
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    import flows  # noqa: F401 - installs the filter, as every flow module does
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    @task(timeout_seconds=60)
+    def shard(i: int) -> int:
+        get_run_logger().warning("shard %d says hello", i)
+        return i
+
+    @flow(task_runner=ThreadPoolTaskRunner(max_workers=2))
+    def stage() -> list[int]:
+        return [f.result() for f in [shard.submit(i) for i in range(3)]]
+
+    handler = Keep(level=logging.DEBUG)
+    logger = logging.getLogger("prefect.task_runs")
+    logger.addHandler(handler)
+    try:
+        assert stage() == [0, 1, 2]
+    finally:
+        logger.removeHandler(handler)
+    messages = [r.getMessage() for r in records]
+    assert sum("says hello" in m for m in messages) == 3  # the handler sees this logger's warnings
+    assert not any("running in a worker thread" in m for m in messages)
