@@ -550,6 +550,8 @@ class _ArrowThumbs:
         if not pa.types.is_binary(arr.type):
             arr = arr.cast(pa.binary())
         n = len(arr)
+        if arr.null_count == n:  # no thumbnail at all (a null-typed column, say)
+            return np.zeros((n, THUMB_BYTES), np.uint8), np.zeros(n, dtype=bool)
         offsets = np.frombuffer(arr.buffers()[1], np.int32)[arr.offset : arr.offset + n + 1].astype(np.int64)
         valid = pc.is_valid(arr).to_numpy(zero_copy_only=False)
         has = valid & (np.diff(offsets) == THUMB_BYTES)

@@ -613,6 +613,9 @@ def test_confirm_by_thumb_in_steps_keeps_the_same_pairs():
     ok = np.array([i for i in range(40) if i not in (7, 9)])
     flat, has = full.matrix(ok)
     assert has.all() and np.array_equal(flat, np.stack([np.frombuffer(thumbs[i], np.uint8) for i in ok]))
+    for empty in (pa.nulls(4), pa.nulls(4, pa.binary())):  # a column without any thumbnail
+        flat, has = _ArrowThumbs(pa.chunked_array([empty]), np.arange(4)).matrix(np.arange(4))
+        assert flat.shape == (4, 192) and not has.any()
 
     # pairs marked known (one pixel group) are kept without their thumbnails being read
     known = np.zeros(u.size, dtype=bool)
