@@ -525,6 +525,31 @@ def test_two_nightly_runs_at_once_are_serialised(small_site, tmp_path, monkeypat
     errors: list[BaseException] = []
     barrier = threading.Barrier(2)
 
+    # make the two runs overlap, whatever the timing: the first holder keeps the lock (as
+    # if its stages were still running) until the other run has come to the lock too. A
+    # busy machine could otherwise start the second flow run after the first had ended.
+    from carflow.lock import StorageLock
+
+    arrivals, first_held = [], []
+    both_at_lock = threading.Event()
+    acquire, held = StorageLock.acquire, StorageLock._held
+
+    def acquire_counted(self):
+        arrivals.append(self.owner)
+        if len(arrivals) >= 2:
+            both_at_lock.set()
+        return acquire(self)
+
+    def held_until_contended(self, *a, **kw):
+        out = held(self, *a, **kw)
+        if not first_held:
+            first_held.append(self.owner)
+            assert both_at_lock.wait(300), "the second nightly never came to the lock"
+        return out
+
+    monkeypatch.setattr(StorageLock, "acquire", acquire_counted)
+    monkeypatch.setattr(StorageLock, "_held", held_until_contended)
+
     def run() -> None:
         barrier.wait()
         try:
@@ -541,7 +566,9 @@ def test_two_nightly_runs_at_once_are_serialised(small_site, tmp_path, monkeypat
     first, second = sorted(results, key=lambda r: r["lock"]["acquired_at"])
     assert first["lock"]["owner"] != second["lock"]["owner"]
     assert second["lock"]["acquired_at"] >= first["lock"]["released_at"]  # one after the other
-    assert second["lock"]["waited_s"] > 0
+    assert second["lock"]["waited_s"] > 0 and first["lock"]["owner"] == first_held[0]
+    monkeypatch.setattr(StorageLock, "acquire", acquire)
+    monkeypatch.setattr(StorageLock, "_held", held)
     store = open_storage(uri)
     assert not store.exists(lock_key("pipeline"))
 
