@@ -191,20 +191,6 @@ def conform(table: pa.Table, schema: pa.Schema, what: str = "manifest") -> pa.Ta
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=meta))
 
 
-def release_freed_memory() -> None:
-    """Give the pages of freed buffers back to the OS (glibc ``malloc_trim``) between the
-    steps of a reduce. Its input tables are freed in pieces (a shard's chunk of each
-    column) and its outputs are allocated whole, so freed memory is seldom reused and
-    glibc keeps it: the merge of 100k results onto the manifest freed 48 MB of Arrow
-    buffers and still grew RSS by 65 MB (``bench/memory.py``). A no-op without glibc."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def fixed_width_values(column: pa.Array | pa.ChunkedArray) -> np.ndarray | None:
     """A string column whose values all have one length and no nulls (content ids: hex
     digests) as one NumPy ``S<width>`` array (one copy of the bytes, no Python object per
@@ -239,14 +225,13 @@ def index_in(values: pa.Array | pa.ChunkedArray, value_set: pa.Array | pa.Chunke
     if keys is None or wanted is None or keys.dtype != wanted.dtype:
         out = pc.index_in(values, value_set=value_set)
         return out.combine_chunks() if isinstance(out, pa.ChunkedArray) else out
+    # both are non-empty here (fixed_width_values gives None for an empty column)
     order = np.argsort(keys, kind="stable")  # equal keys keep their order: the first one wins
     keys = keys[order]
-    pos = np.searchsorted(keys, wanted)
-    np.minimum(pos, max(keys.size - 1, 0), out=pos)
-    hit = keys[pos] == wanted if keys.size else np.zeros(wanted.size, dtype=bool)
+    pos = np.minimum(np.searchsorted(keys, wanted), keys.size - 1)
+    hit = keys[pos] == wanted
     del keys, wanted
-    return pa.array(order[pos].astype(np.int32) if order.size else np.zeros(pos.size, np.int32), pa.int32(),
-                    mask=~hit)
+    return pa.array(order[pos].astype(np.int32), pa.int32(), mask=~hit)
 
 
 def smallest_distinct(column: pa.Array | pa.ChunkedArray, k: int) -> list[str]:

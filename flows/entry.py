@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from carflow.errors import UserError
+from carflow.memory import glibc
 
 #: Prefect settings (env names) that carflow's entry points default
 PREFECT_DEFAULTS: dict[str, str] = {
@@ -61,13 +62,8 @@ def limit_malloc_arenas() -> bool:
     if "MALLOC_ARENA_MAX" in os.environ:
         return False
     os.environ["MALLOC_ARENA_MAX"] = MALLOC_ARENAS
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-8, int(MALLOC_ARENAS)))  # -8: M_ARENA_MAX (malloc.h)
-    except (OSError, AttributeError):
-        return False
+    libc = glibc()
+    return libc is not None and bool(libc.mallopt(-8, int(MALLOC_ARENAS)))  # -8: M_ARENA_MAX (malloc.h)
 
 
 class ThreadTimeoutNotice(logging.Filter):

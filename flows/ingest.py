@@ -87,10 +87,10 @@ def ingest(params: IngestParams = IngestParams()) -> dict:
         import_id, n_keys = folder_import_id(source.uri(), keys), len(keys)
         del keys  # the batches hold them now
         calls = (
-            {"source_uri": folders, "keys": batches[part], "storage_uri": storage, "site": site,
+            {"source_uri": folders, "keys": batch, "storage_uri": storage, "site": site,
              "listing_regex": listing_regex, "label_regex": label_regex, "import_id": import_id, "part": part,
              "extensions": cfg.ingest.image_extensions}
-            for part in range(len(batches))
+            for part, batch in enumerate(batches)
         )
         for done in submit_bounded(import_folder_shard_task, calls, cfg.runtime.max_workers,
                                    sizes=[len(batch) for batch in batches]):

@@ -37,10 +37,10 @@ from carflow.manifest import (
     KEPT,
     InputError,
     read_input,
-    release_freed_memory,
     smallest_distinct,
     write_manifest,
 )
+from carflow.memory import release_freed_memory
 from carflow.settings import DedupSettings, FixSettings, QualitySettings
 from carflow.storage import Storage, open_storage
 from tasks import fix
@@ -163,7 +163,7 @@ def reduce_clean(manifest: pa.Table, results: pa.Table, quality_cfg: QualitySett
     and reason. ``results`` is let go column by column as it is merged: a caller that
     passes it without keeping a reference (:func:`clean_reduce_task`) never holds it and
     the merged table whole at once; freed pages go back to the OS after the merge and
-    after the dedup (:func:`carflow.manifest.release_freed_memory`)."""
+    after the dedup (:func:`carflow.memory.release_freed_memory`)."""
     parts = [decide_quality(results, quality_cfg)]
     del results
     table = put_column(manifest, "source_id", manifest["image_id"])

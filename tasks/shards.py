@@ -49,7 +49,8 @@ import pyarrow.parquet as pq
 
 from carflow.caching import content_key
 from carflow.keys import shard_key, shard_partial_key, shard_stats_key
-from carflow.manifest import DROPPED, KEPT, fixed_width_values, index_in, release_freed_memory
+from carflow.manifest import DROPPED, KEPT, fixed_width_values, index_in
+from carflow.memory import release_freed_memory
 from carflow.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -363,7 +364,7 @@ def merge_results(
     The columns are taken one at a time and each is let go once taken: a caller that
     hands ``results`` over without keeping a reference (``merge_results(m, parts.pop(),
     …)``) never holds the results and the merged columns whole at once (each freed
-    column's pages go back to the OS: :func:`carflow.manifest.release_freed_memory`)."""
+    column's pages go back to the OS: :func:`carflow.memory.release_freed_memory`)."""
     was_kept = pc.fill_null(pc.equal(manifest["status"], KEPT), False)
     found = index_in(manifest[on], results["image_id"])
     idx = pc.if_else(was_kept, found, pa.scalar(None, found.type))
