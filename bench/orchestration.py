@@ -66,20 +66,18 @@ def plain_clean(uri: str, shard_size: int) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     from carflow.keys import manifest_key
-    from carflow.manifest import INGEST_SCHEMA, read_input
+    from carflow.manifest import INGEST_SCHEMA
     from carflow.settings import get_settings
     from carflow.storage import open_storage
     from tasks.clean import clean_reduce_task, inspect_shard_task, shard_config
-    from tasks.shards import PLAN_COLUMNS, plan_shards
+    from tasks.shards import plan_input
 
     cfg = get_settings()
     prefix = cfg.runtime.manifests_prefix
-    source = read_input(open_storage(uri), manifest_key("ingest", prefix=prefix), INGEST_SCHEMA,
-                        columns=PLAN_COLUMNS)
+    source = plan_input(open_storage(uri), manifest_key("ingest", prefix=prefix), INGEST_SCHEMA, shard_size)
     config = shard_config(cfg.fix, cfg.quality)
     with ThreadPoolExecutor(cfg.runtime.max_workers) as pool:
-        results = list(pool.map(lambda ids: inspect_shard_task.fn(uri, ids, config),
-                                plan_shards(source.table, shard_size)))
+        results = list(pool.map(lambda ids: inspect_shard_task.fn(uri, ids, config), source.shards))
     reduced = clean_reduce_task.fn(
         uri, source.key, source.hash, [r["key"] for r in results],
         {"quality": cfg.quality.model_dump(mode="json"), "dedup": cfg.dedup.model_dump(mode="json")}, prefix,

@@ -14,9 +14,10 @@ def connected_components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     smaller one (``np.minimum.at``), then compresses every path fully (pointer jumping);
     edges already inside one component are dropped. Pointers only go to smaller indices,
     so there are no cycles; rounds are few (about log of the longest chain)."""
-    parent = np.arange(n, dtype=np.int64)
-    u = np.asarray(u, dtype=np.int64).ravel()
-    v = np.asarray(v, dtype=np.int64).ravel()
+    index = np.int32 if n < 2**31 else np.int64  # half the work arrays' memory below 2^31 nodes
+    parent = np.arange(n, dtype=index)
+    u = np.asarray(u, dtype=index).ravel()
+    v = np.asarray(v, dtype=index).ravel()
     keep = u != v
     u, v = u[keep], v[keep]
     while u.size:

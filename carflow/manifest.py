@@ -17,9 +17,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,7 @@ import pyarrow.parquet as pq
 
 from carflow.errors import UserError
 from carflow.keys import manifest_key  # noqa: F401 - re-exported: keys have one home (carflow.keys)
+from carflow.memory import release_freed_memory
 from carflow.storage import Storage, StorageKeyError
 
 KEPT = "kept"
@@ -191,21 +194,30 @@ def conform(table: pa.Table, schema: pa.Schema, what: str = "manifest") -> pa.Ta
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=meta))
 
 
-def fixed_width_values(column: pa.Array | pa.ChunkedArray) -> np.ndarray | None:
+def fixed_width_values(column: pa.Array | pa.ChunkedArray, skip_nulls: bool = False) -> np.ndarray | None:
     """A string column whose values all have one length and no nulls (content ids: hex
-    digests) as one NumPy ``S<width>`` array (one copy of the bytes, no Python object per
-    value); None for any other column. Sorting or searching it costs a fraction of Arrow's
+    digests) as one NumPy ``S<width>`` array (no Python object per value: a read-only view
+    of the Arrow buffer for one chunk, one copy of the bytes for several); None for any
+    other column. Sorting or searching it costs a fraction of Arrow's
     hash kernels, which keep their own copy of every value in a hash table (~3× the
-    column: ``bench/memory.py``)."""
+    column: ``bench/memory.py``). With ``skip_nulls``, a column with nulls gives the values
+    of its non-null elements, in order (a null takes no bytes in Arrow's data buffer)."""
     if not pa.types.is_string(column.type):
         return None
     chunks = [c for c in (column.chunks if isinstance(column, pa.ChunkedArray) else [column]) if len(c)]
     views, width = [], None
     for c in chunks:
-        if c.null_count:
+        if c.null_count and not skip_nulls:
             return None
         offsets = np.frombuffer(c.buffers()[1], np.int32)[c.offset : c.offset + len(c) + 1]
         lengths = np.diff(offsets)
+        if c.null_count:
+            valid = c.is_valid().to_numpy(zero_copy_only=False)
+            if c.null_count == len(c):
+                continue
+            if lengths[~valid].any():  # a null slot with bytes (Arrow allows it): not this path
+                return None
+            lengths = lengths[valid]
         w = int(lengths[0])
         if w < 1 or (width is not None and w != width) or not (lengths == w).all():
             return None
@@ -213,7 +225,7 @@ def fixed_width_values(column: pa.Array | pa.ChunkedArray) -> np.ndarray | None:
         views.append(np.frombuffer(c.buffers()[2], np.uint8)[offsets[0] : offsets[-1]].view(f"S{w}"))
     if not views:
         return None
-    return np.concatenate(views) if len(views) > 1 else views[0].copy()
+    return np.concatenate(views) if len(views) > 1 else views[0]
 
 
 def index_in(values: pa.Array | pa.ChunkedArray, value_set: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -229,7 +241,10 @@ def index_in(values: pa.Array | pa.ChunkedArray, value_set: pa.Array | pa.Chunke
     order = np.argsort(keys, kind="stable")  # equal keys keep their order: the first one wins
     keys = keys[order]
     pos = np.minimum(np.searchsorted(keys, wanted), keys.size - 1)
-    hit = keys[pos] == wanted
+    hit = np.empty(wanted.size, dtype=bool)
+    for start in range(0, wanted.size, 1 << 16):  # compared a block at a time: no copy of keys[pos]
+        block = slice(start, start + (1 << 16))
+        hit[block] = keys[pos[block]] == wanted[block]
     del keys, wanted
     return pa.array(order[pos].astype(np.int32), pa.int32(), mask=~hit)
 
@@ -276,14 +291,106 @@ def to_parquet_bytes(table: pa.Table) -> bytes:
 ROW_GROUP_ROWS = 16 * 1024
 
 
-def write_manifest(storage: Storage, key: str, table: pa.Table, schema: pa.Schema | None = None,
+class _TakenBatches:
+    """``values.take(at)`` a slice at a time (:meth:`ColumnSpool.put`)."""
+
+    def __init__(self, values: pa.Array | pa.ChunkedArray, at: pa.Array | pa.ChunkedArray):
+        self.values, self.at = values, at
+        self.type = values.type
+
+    def __len__(self) -> int:
+        return len(self.at)
+
+    def slice(self, start: int, length: int) -> pa.Array | pa.ChunkedArray:
+        return self.values.take(self.at.slice(start, length))
+
+
+class ColumnSpool:
+    """A table of ``num_rows`` rows built one column at a time on local disk, for a reduce
+    whose output must never be in memory whole (``bench/orchestration.py``: the clean
+    manifest of 100k images is 81 MB in Arrow). Each :meth:`put` column goes to its own
+    Arrow IPC file (LZ4) in ``directory``, in batches of ``batch_rows``, and is let go;
+    :meth:`slice` reads a few batches of every column back (what :func:`write_manifest`
+    writes one row group from) and :meth:`column` one whole column. Columns come out in
+    the order they were put, or in :attr:`names` once that is set."""
+
+    def __init__(self, num_rows: int, directory: str | os.PathLike[str], batch_rows: int | None = None):
+        self.num_rows, self.batch_rows = int(num_rows), int(batch_rows or ROW_GROUP_ROWS)
+        self._dir = Path(directory)
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._files: dict[str, tuple[Path, pa.Field]] = {}
+        self._written = 0
+        self.names: list[str] = []
+
+    def put(self, name: str, values: pa.Array | pa.ChunkedArray, at: pa.Array | pa.ChunkedArray | None = None) -> None:
+        """Spool column ``name`` (replacing one of that name), ``num_rows`` long; with
+        ``at``, ``values.take(at)``, taken a batch at a time (never whole)."""
+        if at is not None:
+            values = _TakenBatches(values, at)
+        if len(values) != self.num_rows:
+            raise ValueError(f"column {name!r} has {len(values)} rows, the spool {self.num_rows}")
+        self._written += 1
+        path = self._dir / f"{self._written}.arrow"
+        field = pa.field(name, values.type)
+        options = pa.ipc.IpcWriteOptions(compression="lz4")
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, pa.schema([field]), options=options) as w:
+            for start in range(0, self.num_rows, self.batch_rows):
+                part = values.slice(start, self.batch_rows)
+                if isinstance(part, pa.ChunkedArray):
+                    part = part.combine_chunks()
+                w.write_batch(pa.record_batch([part], schema=pa.schema([field])))
+        old = self._files.get(name)
+        if old is not None:
+            old[0].unlink(missing_ok=True)
+        else:
+            self.names.append(name)
+        self._files[name] = (path, field)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.names)
+
+    @property
+    def schema(self) -> pa.Schema:
+        return pa.schema([self._files[n][1] for n in self.names])
+
+    def _batches(self, name: str, first: int, last: int) -> list[pa.Array]:
+        with pa.OSFile(str(self._files[name][0]), "rb") as source:
+            reader = pa.ipc.open_file(source)
+            return [reader.get_batch(i).column(0) for i in range(first, last)]
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """One whole column, read back."""
+        chunks = self._batches(name, 0, -(-self.num_rows // self.batch_rows))
+        return pa.chunked_array(chunks, type=self._files[name][1].type)
+
+    __getitem__ = column
+
+    def slice(self, start: int = 0, length: int | None = None) -> pa.Table:
+        """Rows ``[start, start + length)`` of every column (only their batches are read)."""
+        start = min(max(int(start), 0), self.num_rows)
+        stop = self.num_rows if length is None else min(self.num_rows, start + int(length))
+        first, last = start // self.batch_rows, -(-stop // self.batch_rows)
+        arrays = []
+        for name in self.names:
+            chunks = self._batches(name, first, last) if stop > start else []
+            col = pa.chunked_array(chunks, type=self._files[name][1].type)
+            arrays.append(col.slice(start - first * self.batch_rows, stop - start))
+        return pa.Table.from_arrays(arrays, schema=self.schema)
+
+
+def write_manifest(storage: Storage, key: str, table: pa.Table | ColumnSpool, schema: pa.Schema | None = None,
                    lineage: Mapping[str, Any] | None = None, *, order: Any = None) -> str:
-    """Validate and write ``table`` as Parquet under ``key``; returns the storage URI.
+    """Validate and write ``table`` (an Arrow table, or a :class:`ColumnSpool` read back
+    one row group at a time) as Parquet under ``key``; returns the storage URI.
     ``lineage`` (:meth:`StageInput.lineage`: the input manifest's key and content hash)
     goes into the Parquet metadata under ``carflow.lineage``. ``order`` (row indices, e.g.
     ``pc.sort_indices``) writes the rows in that order without a sorted copy of the
     table. Written in row groups of :data:`ROW_GROUP_ROWS`, each conformed on its own."""
-    if schema is not None:
+    if schema is not None and isinstance(table, pa.Table):  # a spool: each group is checked as written
         validate(table, schema, key)
     out = conform(table.slice(0, 0), schema, key) if schema is not None else table.slice(0, 0)
     meta = dict(out.schema.metadata or {})
@@ -303,6 +410,7 @@ def write_manifest(storage: Storage, key: str, table: pa.Table, schema: pa.Schem
                 del group
         sink.seek(0)
         storage.put_file(key, sink, content_type="application/vnd.apache.parquet")
+    release_freed_memory()  # the writer's page buffers, freed in small pieces
     return storage.uri(key)
 
 
@@ -441,16 +549,22 @@ def input_key(storage: Storage, stage: str, source: str | None = None, prefix: s
 
 
 @dataclass(frozen=True)
-class StageInput:
-    """A stage's input manifest, read and checked current."""
+class InputRef:
+    """A stage's input manifest by key and content hash (what its output's lineage names)."""
 
     key: str
-    table: pa.Table
     hash: str
 
     def lineage(self) -> dict[str, str]:
         """What the stage's own manifest records: this input's key and content hash."""
         return {"input": self.key, "input_hash": self.hash}
+
+
+@dataclass(frozen=True)
+class StageInput(InputRef):
+    """A stage's input manifest, read and checked current."""
+
+    table: pa.Table
 
 
 def check_current(storage: Storage, key: str, metadata: Mapping[bytes, bytes] | None) -> None:
@@ -492,4 +606,75 @@ def read_input(storage: Storage, key: str, schema: pa.Schema | None = None, chec
         if columns is not None:
             schema = pa.schema([f for f in schema if f.name in columns], metadata=schema.metadata)
         table = conform(table, schema, storage.uri(key))
-    return StageInput(key, table, content_hash(data))
+    return StageInput(key, content_hash(data), table)
+
+
+def read_column(path: str | os.PathLike[str], name: str) -> pa.ChunkedArray:
+    """One column of a local Parquet file, decoded one page at a time: no thread pool
+    and no pre-buffered column chunks (a 100k-row string column of 6 MB took 19 MB of
+    RSS to read with both, 11 MB without)."""
+    return pq.read_table(path, columns=[name], use_threads=False, pre_buffer=False).column(0)
+
+
+@dataclass(frozen=True)
+class LocalInput(InputRef):
+    """A stage's input manifest copied into a local file (:func:`stage_input`): a reduce
+    reads it a column at a time, never whole."""
+
+    path: Path
+    schema: pa.Schema | None
+    num_rows: int
+
+    @property
+    def column_names(self) -> list[str]:
+        return pq.ParquetFile(self.path).schema_arrow.names
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """Column ``name``, cast to its type in ``schema`` (as :func:`read_input` conforms)."""
+        col = read_column(self.path, name)
+        want = self.schema.field(name).type if self.schema is not None and name in self.schema.names else None
+        if want is not None and not col.type.equals(want):
+            try:
+                col = col.cast(want)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise ManifestError(f"{self.key}: column {name!r} cannot be cast to {want}: {exc}") from exc
+        return col
+
+    __getitem__ = column
+
+
+def stage_input(storage: Storage, key: str, directory: str | os.PathLike[str],
+                schema: pa.Schema | None = None) -> LocalInput:
+    """Copy a stage's input manifest into ``directory`` (streamed: :meth:`Storage.get_file`)
+    and check its columns' names and types against ``schema``, and the non-null ones
+    wherever the file's statistics count nulls; its content hash is the same as
+    :func:`read_input`'s. Errors as :func:`read_input`'s."""
+    path = Path(directory) / "input.parquet"
+    digest = hashlib.sha256()
+    try:
+        with open(path, "wb") as fh:
+            storage.get_file(key, fh)
+    except KeyError:
+        raise InputError(f"{storage.uri(key)} does not exist: run {_commands([stage_of(key)])} first") from None
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    try:
+        pf = pq.ParquetFile(path)
+    except pa.ArrowInvalid as exc:
+        raise ManifestError(f"{storage.uri(key)}: not a Parquet manifest: {exc}") from exc
+    if schema is not None:
+        conform(pf.schema_arrow.empty_table(), schema, storage.uri(key))
+        meta = pf.metadata
+        leaf = {meta.schema.column(j).path: j for j in range(meta.num_columns)}  # flat columns by name
+        for field in schema:
+            if field.nullable or field.name not in leaf:
+                continue
+            nulls = 0
+            for g in range(meta.num_row_groups):
+                stats = meta.row_group(g).column(leaf[field.name]).statistics
+                nulls += stats.null_count if stats is not None and stats.has_null_count else 0
+            if nulls:
+                raise ManifestError(f"{storage.uri(key)}: column {field.name!r} has {nulls} null value(s) "
+                                    "but must not be null")
+    return LocalInput(key, digest.hexdigest(), path, schema, pf.metadata.num_rows)

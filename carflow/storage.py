@@ -81,6 +81,12 @@ class Storage(ABC):
         in memory where the backend can stream them)."""
         self.put(key, fileobj.read(), content_type=content_type)
 
+    def get_file(self, key: str, fileobj: BinaryIO) -> None:
+        """Write the object under ``key`` into the open binary file ``fileobj`` (streamed
+        where the backend can: a large manifest read into a local file, never whole into
+        memory). A missing key raises :class:`StorageKeyError`."""
+        fileobj.write(self.get(key))
+
     # -- content-addressed images -------------------------------------------------
     def put_image(self, data: bytes) -> str:
         """Store ``data`` under its sha256 (once) and return the sha256 hex."""
@@ -138,6 +144,13 @@ class LocalStorage(Storage):
 
     def put_file(self, key: str, fileobj: BinaryIO, content_type: str | None = None) -> None:
         self._write(key, lambda fh: shutil.copyfileobj(fileobj, fh, 1 << 20))
+
+    def get_file(self, key: str, fileobj: BinaryIO) -> None:
+        try:
+            with open(self._path(key), "rb") as fh:
+                shutil.copyfileobj(fh, fileobj, 1 << 20)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise StorageKeyError(key) from None
 
     def get(self, key: str) -> bytes:
         try:
@@ -292,6 +305,18 @@ class S3Storage(Storage):
 
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                raise StorageKeyError(key) from None
+            raise StorageError(f"S3 get {self.uri(key)} failed: {exc}") from exc
+
+    def get_file(self, key: str, fileobj: BinaryIO) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+            for chunk in body.iter_chunks(1 << 20):
+                fileobj.write(chunk)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
                 raise StorageKeyError(key) from None

@@ -53,7 +53,7 @@ from tasks.car_filter import (
 from tasks.car_filter_train import train_task
 from tasks.labelling import import_labels, sample_for_labelling, write_labelling_kit
 from tasks.runners import task_runner
-from tasks.shards import PLAN_COLUMNS, plan_shards, run_shards
+from tasks.shards import plan_input, run_shards
 
 
 class KitParams(FlowParams):
@@ -139,9 +139,9 @@ def score(params: ScoreParams = ScoreParams()) -> dict[str, Any]:
     cfg = _cfg(threshold=params.threshold)
     store = open_storage(storage)
     prefix = get_settings().runtime.manifests_prefix
-    source = read_input(store, input_key(store, STAGE, prefix=prefix), CLEAN_SCHEMA, columns=PLAN_COLUMNS)
+    source = plan_input(store, input_key(store, STAGE, prefix=prefix), CLEAN_SCHEMA, shard_size or cfg.shard_size)
     chosen = resolve_model(store, cfg, model)
-    shards = plan_shards(source.table, shard_size or cfg.shard_size)
+    shards = source.shards
     config = scoring_config(cfg, chosen)
     results, fresh = run_shards(
         score_shard_task,
@@ -150,7 +150,7 @@ def score(params: ScoreParams = ScoreParams()) -> dict[str, Any]:
                      "model_version": chosen["version"], "config": config},
         refresh=params.refresh,
     )
-    scored = sum(len(ids) for ids in fresh)
+    scored = sum(fresh)
     logger.info("%d shards: %d reused from storage, %d images scored", len(shards), len(shards) - len(fresh),
                 scored)
 

@@ -23,7 +23,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import Field
 
 from carflow.keys import manifest_key
-from carflow.manifest import INGEST_SCHEMA, read_input
+from carflow.manifest import INGEST_SCHEMA
 from carflow.settings import get_settings
 from carflow.storage import open_storage
 from flows.entry import entry_point
@@ -37,7 +37,7 @@ from flows.params import (
 )
 from tasks.clean import clean_reduce_task, inspect_shard_task, shard_config
 from tasks.runners import task_runner
-from tasks.shards import PLAN_COLUMNS, plan_shards, run_shards
+from tasks.shards import plan_input, run_shards
 
 
 class CleanParams(FlowParams):
@@ -55,21 +55,19 @@ def clean(params: CleanParams = CleanParams()) -> dict[str, Any]:
     cfg = get_settings()
     storage, shard_size = params.storage, params.shard_size
     prefix = cfg.runtime.manifests_prefix
-    source = read_input(open_storage(storage), manifest_key("ingest", prefix=prefix), INGEST_SCHEMA,
-                        columns=PLAN_COLUMNS)
-    shards = plan_shards(source.table, shard_size or cfg.ingest.shard_size)
-    source_key, source_hash = source.key, source.hash
-    del source  # its rows: the reduce reads the manifest again, whole
+    source = plan_input(open_storage(storage), manifest_key("ingest", prefix=prefix), INGEST_SCHEMA,
+                        shard_size or cfg.ingest.shard_size)
+    shards = source.shards
     config = shard_config(cfg.fix, cfg.quality)
     results, fresh = run_shards(
         inspect_shard_task, shards, lambda ids: {"storage_uri": storage, "image_ids": ids, "config": config},
         refresh=params.refresh,
     )
-    n_shards, cached, inspected_images = len(shards), len(shards) - len(fresh), sum(len(ids) for ids in fresh)
-    del shards, fresh  # the image ids: the reduce reads what it needs from storage
+    n_shards, cached, inspected_images = len(shards), len(shards) - len(fresh), sum(fresh)
+    del shards, fresh  # the plan's ids: the reduce reads what it needs from storage
     logger.info("%d shards: %d reused from storage, %d images decoded", n_shards, cached, inspected_images)
     reduced = clean_reduce_task(
-        storage, source_key, source_hash, [r["key"] for r in results],
+        storage, source.key, source.hash, [r["key"] for r in results],
         {"quality": cfg.quality.model_dump(mode="json"), "dedup": cfg.dedup.model_dump(mode="json")}, prefix,
     )
     reasons, flags, sheets = reduced["dropped_by_reason"], reduced["flags"], reduced["contact_sheets"]

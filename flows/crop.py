@@ -39,7 +39,7 @@ from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
 from pydantic import Field
 
-from carflow.manifest import CLEAN_SCHEMA, input_key, read_input
+from carflow.manifest import CLEAN_SCHEMA, input_key
 from carflow.settings import get_settings
 from carflow.storage import open_storage
 from flows.entry import entry_point
@@ -56,7 +56,7 @@ from flows.params import (
 from models.detector import registered_weights
 from tasks.crop import crop_config, crop_shard_task, merge_crops_task
 from tasks.detector_train import finetune_task
-from tasks.shards import PLAN_COLUMNS, plan_shards, run_shards
+from tasks.shards import plan_input, run_shards
 
 
 class CropParams(FlowParams):
@@ -109,8 +109,9 @@ def crop(params: CropParams = CropParams()) -> dict[str, Any]:
     crop_cfg = cfg.crop.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     # crop.weights=latest → the registered fine-tune's weights.pt (the key then names the version)
     crop_cfg = crop_cfg.model_copy(update={"weights": registered_weights(crop_cfg.weights, store)})
-    source = read_input(store, input_key(store, "crop", params.source, prefix), CLEAN_SCHEMA, columns=PLAN_COLUMNS)
-    shards = plan_shards(source.table, shard_size or cfg.ingest.shard_size)
+    source = plan_input(store, input_key(store, "crop", params.source, prefix), CLEAN_SCHEMA,
+                        shard_size or cfg.ingest.shard_size)
+    shards = source.shards
     config = crop_config(crop_cfg)
     results, fresh = run_shards(
         crop_shard_task,
@@ -130,7 +131,7 @@ def crop(params: CropParams = CropParams()) -> dict[str, Any]:
         "dropped_by_reason": reasons,
         "shards": len(shards),
         "cached_shards": len(shards) - len(fresh),
-        "inferred_images": sum(len(ids) for ids in fresh),
+        "inferred_images": sum(fresh),
         "weights": crop_cfg.weights,
         "imgsz": crop_cfg.imgsz,
         "conf": crop_cfg.conf,

@@ -49,21 +49,34 @@ MEMORY_DEFAULTS: dict[str, str] = {"ARROW_DEFAULT_MEMORY_POOL": "system"}
 #: glibc malloc arenas (``MALLOC_ARENA_MAX``): by default glibc gives up to 8 per core, and
 #: each Prefect task thread's freed memory stays in its own arena: 34 MB more RSS at the
 #: peak of a 100k-photo ingest (bench/memory.py). One per core: threads running Python hold
-#: the GIL anyway. Applied in this process by :func:`limit_malloc_arenas` (glibc read the
-#: environment when the process started) and inherited by every subprocess.
+#: the GIL anyway.
 MALLOC_ARENAS = str(max(2, os.cpu_count() or 2))
 
+#: glibc's mmap threshold (``MALLOC_MMAP_THRESHOLD_``), fixed: a buffer of 1 MiB or more
+#: (a column, a NumPy work array) is mapped on its own and goes back to the OS when freed.
+#: glibc's default threshold grows up to 32 MiB once such a buffer is freed, after which
+#: they come from the heap and their pages stay: the clean stage's peak at 100k images
+#: varied from 287 to 312 MB with it, and was 266-271 MB with this (same wall time at 10k:
+#: bench/orchestration.py)
+MALLOC_MMAP_THRESHOLD = str(1 << 20)
 
-def limit_malloc_arenas() -> bool:
-    """Cap glibc's malloc arenas at :data:`MALLOC_ARENAS` in this process (``mallopt``,
-    before the task threads start) and in its subprocesses (``MALLOC_ARENA_MAX``), unless
-    the user set ``MALLOC_ARENA_MAX`` (glibc applied that at start-up). False where there
-    is no glibc (macOS, musl): nothing to do there."""
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return False
-    os.environ["MALLOC_ARENA_MAX"] = MALLOC_ARENAS
-    libc = glibc()
-    return libc is not None and bool(libc.mallopt(-8, int(MALLOC_ARENAS)))  # -8: M_ARENA_MAX (malloc.h)
+#: ``mallopt`` parameters (malloc.h) and the environment variable that sets each at start-up
+_MALLOPT = {"MALLOC_ARENA_MAX": (-8, MALLOC_ARENAS), "MALLOC_MMAP_THRESHOLD_": (-3, MALLOC_MMAP_THRESHOLD)}
+
+
+def tune_malloc() -> list[str]:
+    """Apply :data:`MALLOC_ARENAS` and :data:`MALLOC_MMAP_THRESHOLD` in this process
+    (``mallopt``, before the task threads start) and in its subprocesses (their environment
+    variables), each unless the user set its variable (glibc applied that at start-up).
+    Returns the variables applied; none where there is no glibc (macOS, musl)."""
+    libc, applied = glibc(), []
+    for name, (param, value) in _MALLOPT.items():
+        if name in os.environ:
+            continue
+        os.environ[name] = value
+        if libc is not None and libc.mallopt(param, int(value)):
+            applied.append(name)
+    return applied
 
 
 class ThreadTimeoutNotice(logging.Filter):

@@ -21,11 +21,14 @@ itself and returns counts.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -35,27 +38,31 @@ from carflow.manifest import (
     DROPPED,
     INGEST_SCHEMA,
     KEPT,
+    ColumnSpool,
     InputError,
-    read_input,
+    read_column,
     smallest_distinct,
+    stage_input,
     write_manifest,
 )
 from carflow.memory import release_freed_memory
 from carflow.settings import DedupSettings, FixSettings, QualitySettings
 from carflow.storage import Storage, open_storage
 from tasks import fix
-from tasks.dedup import dedup_table
-from tasks.fix import MISSING, inspect_schema, inspect_shard
+from tasks.dedup import COLUMNS as DEDUP_COLUMNS
+from tasks.dedup import dedup_table, value_codes
+from tasks.fix import MISSING, SCORE_COLUMNS, inspect_schema, inspect_shard
 from tasks.quality import SCORE_SETTINGS, apply_odd_size, quality_decisions, scoring_settings
 from tasks.report import contact_sheet
 from tasks.retry import RETRY
 from tasks.shards import (
     ShardSpec,
-    load_shard_results,
-    merge_results,
+    TakenColumn,
+    match_results,
     put_column,
     read_images,
     run_shard,
+    stage_shard_results,
     status_counts,
 )
 
@@ -147,40 +154,88 @@ def decide_quality(results: pa.Table, cfg: QualitySettings) -> pa.Table:
     return put_column(results, "quality_flags", flags)
 
 
-def apply_dedup(table: pa.Table, cfg: DedupSettings) -> pa.Table:
-    """:func:`tasks.dedup.dedup_table` over the Arrow table (no pandas copy: strings stay
-    in Arrow); its status, reason and cluster columns are set on the table."""
-    return dedup_table(table, cfg)
+#: the shard columns the quality decisions read
+DECISION_COLUMNS = ["status", "reason", *SCORE_COLUMNS, "grayscale_score"]
 
 
-def reduce_clean(manifest: pa.Table, results: pa.Table, quality_cfg: QualitySettings,
-                 dedup_cfg: DedupSettings) -> pa.Table:
-    """Manifest v0 + the inspect shards' rows → the clean manifest.
+def decide_quality_by_shard(results: Any, cfg: QualitySettings) -> tuple[pa.ChunkedArray, ...]:
+    """:func:`decide_quality` over the staged shard rows (a local Parquet file,
+    :func:`tasks.shards.stage_shard_results`) one row group at a time (the decisions are
+    per image): ``(status, reason, quality_flags)`` of every result row."""
+    pf = pq.ParquetFile(results)
+    parts = [decide_quality(pf.read_row_group(g, columns=DECISION_COLUMNS), cfg)
+             for g in range(pf.num_row_groups)]
+    if not parts:
+        parts = [decide_quality(pa.schema([SHARD_SCHEMA.field(n) for n in DECISION_COLUMNS]).empty_table(), cfg)]
+    return tuple(pa.chunked_array([p[n] for p in parts], type=parts[0][n].type)
+                 for n in ("status", "reason", "quality_flags"))
+
+
+def _whole(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+
+
+def reduce_clean(manifest: Any, results: Any, quality_cfg: QualitySettings, dedup_cfg: DedupSettings,
+                 spool: ColumnSpool) -> ColumnSpool:
+    """Manifest v0 (a :class:`carflow.manifest.LocalInput` or an Arrow table) + the
+    inspect shards' rows (staged in one local Parquet file) → the clean manifest, built
+    column by column in ``spool``: neither the shard rows nor the output are ever in
+    memory whole (``bench/orchestration.py``).
 
     ``source_id`` keeps the original bytes' id; ``image_id`` (and ``raw_key``) become the
     re-encoded image's where the fixer re-encoded a kept image. A kept row whose image
     has no result is dropped as ``not_inspected``; rows dropped before keep their status
-    and reason. ``results`` is let go column by column as it is merged: a caller that
-    passes it without keeping a reference (:func:`clean_reduce_task`) never holds it and
-    the merged table whole at once; freed pages go back to the OS after the merge and
-    after the dedup (:func:`carflow.memory.release_freed_memory`)."""
-    parts = [decide_quality(results, quality_cfg)]
-    del results
-    table = put_column(manifest, "source_id", manifest["image_id"])
-    del manifest
-    # handed over (popped, no reference left here): merge_results lets each column go once taken
-    table = merge_results(table, parts.pop(), [*MANIFEST_COLUMNS, "out_image_id"], "not_inspected", on="source_id")
-    renamed = pc.and_(pc.equal(table["status"], KEPT), pc.is_valid(table["out_image_id"]))
-    renamed = pc.fill_null(renamed, False)
-    new_id = pc.if_else(renamed, table["out_image_id"], table["image_id"])
-    table = put_column(table, "image_id", new_id)
-    table = put_column(table, "raw_key", pc.if_else(renamed, image_keys(new_id), table["raw_key"]))
+    and reason (:func:`tasks.shards.match_results`). The set-level decisions (``odd_size``,
+    dedup) run on a narrow table of the columns they read; the colour thumbnails are read
+    only for the nodes dedup compares (:class:`tasks.shards.TakenColumn`)."""
+
+    def result(name: str) -> pa.ChunkedArray:
+        return read_column(results, name)
+
+    status, reason, flags = decide_quality_by_shard(results, quality_cfg)
+    release_freed_memory()  # the score columns, read and freed a row group at a time
+    source_id = manifest["image_id"]
+    m = match_results(manifest["status"], manifest["reason"], source_id, result("image_id"), status, reason,
+                      "not_inspected")
+    at = m.at
+    del status, reason
+    spool.put("source_id", source_id)
+    out_id = result("out_image_id").take(at)
+    renamed = pc.fill_null(pc.and_(pc.equal(m.status, KEPT), pc.is_valid(out_id)), False)
+    narrow = pa.table({  # one chunk per column: dedup takes from them without combining copies
+        "image_id": _whole(pc.if_else(renamed, out_id, source_id)), "status": m.status, "reason": m.reason,
+        "quality_flags": flags.take(at), "width": result("width").take(at), "height": result("height").take(at),
+    })
+    del out_id, flags, m, source_id
+    narrow = apply_odd_size(narrow, quality_cfg)
+    for name in ("first_seen", "listing_id", "label"):
+        if name in manifest.column_names:
+            narrow = narrow.append_column(name, manifest[name])
+    narrow = narrow.append_column("pixel_hash", value_codes(result("pixel_hash")).take(at))
+    for name in ("phash", "dhash"):
+        narrow = narrow.append_column(name, result(name).take(at))
     release_freed_memory()
-    table = table.drop_columns(["out_image_id"])
-    table = apply_odd_size(table, quality_cfg)
-    table = apply_dedup(table, dedup_cfg)
+    narrow = dedup_table(narrow, dedup_cfg, thumbs=TakenColumn(results, "thumb", at))
     release_freed_memory()
-    return table
+    # the output, a column at a time: the decided columns first (then the narrow table goes)
+    for name in ("image_id", "status", "reason", "quality_flags", *DEDUP_COLUMNS):
+        spool.put(name, narrow[name])
+    new_keys = image_keys(pc.filter(narrow["image_id"], renamed))  # only the re-encoded images' keys
+    del narrow
+    release_freed_memory()
+    spool.put("raw_key", pc.replace_with_mask(_whole(manifest["raw_key"]), _whole(renamed), _whole(new_keys)))
+    del new_keys, renamed
+    release_freed_memory()
+    names = list(manifest.column_names)
+    for name in names:
+        if name not in spool:
+            spool.put(name, manifest[name])
+    for name in MANIFEST_COLUMNS:
+        if name not in spool:
+            spool.put(name, result(name), at=at)  # taken a batch at a time
+            release_freed_memory()
+    spool.names = [*names, "source_id", *MANIFEST_COLUMNS, *DEDUP_COLUMNS]
+    return spool
 
 
 def counts(table: pa.Table) -> dict[str, Any]:
@@ -212,17 +267,20 @@ def publish_report(store: Storage, table: pa.Table, prefix: str, per_reason: int
 @task(name="clean-reduce", cache_policy=NO_CACHE, retries=1)
 def clean_reduce_task(storage_uri: str | None, source_key: str, source_hash: str, shard_keys: list[str],
                       config: dict[str, Any], prefix: str = "manifests") -> dict[str, Any]:
-    """Read manifest v0 (the one the flow planned from: ``source_hash``) and the shards,
+    """Stage manifest v0 (the one the flow planned from: ``source_hash``) and the shards in
+    a local temporary folder (``TMPDIR``; about twice the clean manifest's size on disk),
     decide, dedup, write the clean manifest (with its lineage) and the contact sheets;
     returns counts (no rows pass through Prefect)."""
     store = open_storage(storage_uri)
-    source = read_input(store, source_key, INGEST_SCHEMA, check=False)
-    if source.hash != source_hash:
-        raise InputError(f"{store.uri(source_key)} changed while the clean stage ran: run `carflow clean` again")
-    lineage, manifest = source.lineage(), source.table
-    del source
-    # the inputs are handed over, not kept here: reduce_clean frees them once merged
-    table = reduce_clean(manifest, load_shard_results(store, shard_keys, RESULT_COLUMNS, SHARD_SCHEMA),
-                         QualitySettings(**config["quality"]), DedupSettings(**config["dedup"]))
-    uri = write_manifest(store, manifest_key("clean", prefix=prefix), table, CLEAN_SCHEMA, lineage=lineage)
-    return {"manifest": uri, **counts(table), "contact_sheets": publish_report(store, table, prefix)}
+    release_freed_memory()  # what the shard tasks freed, before the reduce's columns
+    with tempfile.TemporaryDirectory(prefix="carflow-clean-reduce-") as tmp:
+        source = stage_input(store, source_key, tmp, INGEST_SCHEMA)
+        if source.hash != source_hash:
+            raise InputError(f"{store.uri(source_key)} changed while the clean stage ran: run `carflow clean` again")
+        results = stage_shard_results(store, shard_keys, Path(tmp) / "results.parquet", RESULT_COLUMNS,
+                                      SHARD_SCHEMA)
+        spool = reduce_clean(source, results, QualitySettings(**config["quality"]), DedupSettings(**config["dedup"]),
+                             ColumnSpool(source.num_rows, Path(tmp) / "spool"))
+        uri = write_manifest(store, manifest_key("clean", prefix=prefix), spool, CLEAN_SCHEMA,
+                             lineage=source.lineage())
+        return {"manifest": uri, **counts(spool), "contact_sheets": publish_report(store, spool, prefix)}

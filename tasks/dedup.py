@@ -517,12 +517,61 @@ def _sorted_codes(arr: pa.Array) -> tuple[pa.Array, np.ndarray]:
     return uniq, pc.index_in(arr, value_set=uniq).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
+#: elements compared per step where a sorted copy of content ids is avoided
+_BLOCK = 1 << 16
+
+
+def _fixed_inverse(values: np.ndarray, rows: np.ndarray | None = None) -> tuple[int, np.ndarray]:
+    """``(k, inverse)`` of a NumPy array (content ids: ``S<width>``), or of its elements
+    at ``rows``: the number of distinct values and each element's position among them in
+    sort order, through an argsort compared a block at a time: no sorted copy, no copy of
+    the rows' values and no array of the distinct values (``np.unique`` made all three:
+    19 MB per 100k ids, at the clean reduce's peak)."""
+    perm = np.argsort(values, kind="stable")
+    if rows is not None:
+        wanted = np.zeros(values.size, dtype=bool)
+        wanted[rows] = True
+        perm = perm[wanted[perm]]
+        del wanted
+    new = np.ones(perm.size, dtype=bool)
+    for start in range(1, perm.size, _BLOCK):
+        b = perm[start - 1 : start + _BLOCK]
+        new[start : start + b.size - 1] = values[b[1:]] != values[b[:-1]]
+    codes = np.cumsum(new) - 1
+    inverse = np.empty(values.size, dtype=np.int64)
+    inverse[perm] = codes
+    return (int(codes[-1]) + 1 if codes.size else 0), (inverse if rows is None else inverse[rows])
+
+
+def _sorted_inverse(arr: pa.Array) -> tuple[int, np.ndarray]:
+    """``(k, inverse)`` of an Arrow column (:func:`_fixed_inverse` for content ids)."""
+    values = fixed_width_values(arr)
+    if values is None:
+        uniq, inverse = _sorted_codes(arr)
+        return len(uniq), inverse
+    return _fixed_inverse(values)
+
+
 def _codes(arr: pa.Array) -> np.ndarray:
     """Equal values → equal codes ≥ 0, nulls → -1 (content hashes: sorted in NumPy)."""
     values = fixed_width_values(arr)
     if values is not None:
-        return np.unique(values, return_inverse=True)[1].ravel().astype(np.int64)
+        return _fixed_inverse(values)[1]
     return pc.fill_null(pc.dictionary_encode(arr).indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def value_codes(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Equal values → equal int64 codes, nulls stay null: all that dedup compares of a
+    content-hash column (``pixel_hash``), 8 bytes a row in place of a 64-character string
+    (the clean reduce codes it before it builds dedup's narrow table)."""
+    valid = pc.is_valid(arr).to_numpy(zero_copy_only=False)
+    codes = np.full(len(arr), -1, dtype=np.int64)
+    values = fixed_width_values(arr, skip_nulls=True)
+    if values is not None:
+        codes[valid] = _fixed_inverse(values)[1]
+    elif valid.any():
+        codes[valid] = _codes(pc.drop_null(arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr))
+    return pa.array(codes, pa.int64(), mask=None if valid.all() else ~valid)
 
 
 def _hash_values(arr: pa.Array, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -575,14 +624,17 @@ def _scatter(n: int, rows: np.ndarray, values: np.ndarray, type_: pa.DataType) -
     return pa.array(out, type_, mask=mask)
 
 
-def dedup_table(table: pa.Table, cfg: Any = None) -> pa.Table:
+def dedup_table(table: pa.Table, cfg: Any = None, thumbs: Any = None) -> pa.Table:
     """:func:`dedup_manifest` over an Arrow table (the clean stage's reduce): the same
     rules, the same ``status``, ``reason`` and added columns (:data:`COLUMN_TYPES`), row
     order unchanged. Strings stay in Arrow: no pandas frame and no Python object per row
-    (the pandas path held about 1 KB per row of object columns: ``bench/memory.py``)."""
+    (the pandas path held about 1 KB per row of object columns: ``bench/memory.py``).
+    ``thumbs`` stands in for a ``thumb`` column: anything with the table's rows and
+    ``take(rows)`` (:class:`tasks.shards.TakenColumn`, read only for the nodes compared)."""
     from tasks.shards import put_column
 
     cfg = as_dedup_settings(cfg)
+    thumb_column, thumbs = thumbs, None
     t0 = time.perf_counter()
     n = table.num_rows
     names = set(table.column_names)
@@ -593,8 +645,12 @@ def dedup_table(table: pa.Table, cfg: Any = None) -> pa.Table:
     added = {name: pa.nulls(n, t) for name, t in COLUMN_TYPES.items()}
     if rows.size:
         kept = pa.array(rows)
-        uniq, node_of_row = _sorted_codes(_as_str(_take(table, "image_id", kept)))
-        k = len(uniq)
+        ids = fixed_width_values(table["image_id"])
+        if ids is not None:  # content ids: sorted through a view of the column
+            k, node_of_row = _fixed_inverse(ids, rows)
+        else:
+            k, node_of_row = _sorted_inverse(_as_str(_take(table, "image_id", kept)))
+        del ids
         first_row = np.full(k, rows.size, dtype=np.int64)
         np.minimum.at(first_row, node_of_row, np.arange(rows.size))
         node_rows = rows[first_row]
@@ -615,13 +671,15 @@ def dedup_table(table: pa.Table, cfg: Any = None) -> pa.Table:
                 dh, dh_ok = _hash_values(_take(table, "dhash", at_nodes), "dhash")
                 ph_ok = ph_ok & dh_ok
             hashes = (ph, dh, ph_ok)
-            if "thumb" in names:
-                thumbs = _ArrowThumbs(table["thumb"], node_rows)
+            if "thumb" in names or thumb_column is not None:
+                thumbs = _ArrowThumbs(table["thumb"] if thumb_column is None else thumb_column, node_rows)
         listing_rank = _sorted_codes(_as_str(_take(table, "listing_id", kept)))[1]
         label_code = _codes(_take(table, "label", kept)) if "label" in names else np.full(rows.size, -1)
 
         c = _cluster_rows(node_of_row, k, first_seen, area, listing_rank, label_code, pixel_code, hashes, thumbs,
                           cfg)
+        # the work arrays go before the output columns are made (the reduce's peak)
+        del node_of_row, first_seen, w, h, area, listing_rank, label_code, pixel_code, hashes, thumbs
         dup = np.zeros(n, dtype=bool)
         dup[rows[c.dropped_dup]] = True
         held = np.zeros(n, dtype=bool)
@@ -629,8 +687,10 @@ def dedup_table(table: pa.Table, cfg: Any = None) -> pa.Table:
         status = pc.if_else(pa.array(dup | held), DROPPED, status)
         reason = pc.if_else(pa.array(held), PLACEHOLDER, pc.if_else(pa.array(dup), DUPLICATE, reason))
         added = {
-            "dup_cluster": uniq.take(_scatter(n, rows, c.row_comp, pa.int64())),
-            "dup_of": uniq.take(_scatter(n, rows[c.dropped_dup], c.row_rep_node[c.dropped_dup], pa.int64())),
+            # a node's id is the image_id of its first row (node_rows), not a second array of ids
+            "dup_cluster": _take(table, "image_id", at_nodes.take(_scatter(n, rows, c.row_comp, pa.int64()))),
+            "dup_of": _take(table, "image_id", at_nodes.take(
+                _scatter(n, rows[c.dropped_dup], c.row_rep_node[c.dropped_dup], pa.int64()))),
             "is_representative": _scatter(n, rows, c.rep_row, pa.bool_()),
             "label_conflict": _scatter(n, rows, c.conflict, pa.bool_()),
             "cluster_listings": _scatter(n, rows, c.n_listings.astype(np.int64), pa.int64()),

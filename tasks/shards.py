@@ -49,7 +49,15 @@ import pyarrow.parquet as pq
 
 from carflow.caching import content_key
 from carflow.keys import shard_key, shard_partial_key, shard_stats_key
-from carflow.manifest import DROPPED, KEPT, fixed_width_values, index_in
+from carflow.manifest import (
+    DROPPED,
+    KEPT,
+    ROW_GROUP_ROWS,
+    InputRef,
+    fixed_width_values,
+    index_in,
+    read_input,
+)
 from carflow.memory import release_freed_memory
 from carflow.storage import Storage
 
@@ -65,10 +73,48 @@ ShardOutput = tuple[pa.Table, dict[str, Any]]
 PLAN_COLUMNS = ["image_id", "first_seen", "status"]
 
 
-def plan_shards(manifest: Any, shard_size: int) -> list[list[str]]:
+class ShardPlan(Sequence):
+    """The shards of a plan, each a list of image ids. The ids are held once, in plan
+    order (content ids as one NumPy ``S<width>`` array: 64 bytes each, where a list of
+    Python strings took 113); a shard's list is made only when it is asked for, so a
+    stage holds the lists of the shards in flight, never 100k strings at once
+    (``bench/orchestration.py``)."""
+
+    def __init__(self, ids: np.ndarray | Sequence[str], shard_size: int):
+        self._ids, self.shard_size = ids, int(shard_size)
+
+    def __len__(self) -> int:
+        return -(-len(self._ids) // self.shard_size)
+
+    def __getitem__(self, i: int) -> list[str]:  # type: ignore[override]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        part = self._ids[i * self.shard_size : (i + 1) * self.shard_size]
+        return [x.decode() for x in part] if isinstance(part, np.ndarray) else list(part)
+
+    def sizes(self) -> list[int]:
+        """Images per shard."""
+        n = len(self._ids)
+        return [min(self.shard_size, n - start) for start in range(0, n, self.shard_size)]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"ShardPlan({len(self._ids)} images, {len(self)} shards of {self.shard_size})"
+
+
+def shard_sizes(shards: Sequence[Sequence[str]]) -> list[int]:
+    """Images per shard of a plan (:class:`ShardPlan` without making its lists)."""
+    return shards.sizes() if isinstance(shards, ShardPlan) else [len(ids) for ids in shards]
+
+
+def plan_shards(manifest: Any, shard_size: int) -> ShardPlan:
     """Unique kept image ids of ``manifest`` (an Arrow table or a DataFrame with
     ``image_id``, ``first_seen``, ``status``), ordered by their earliest ``first_seen``
-    (then id), in shards of ``shard_size``."""
+    (then id), in shards of ``shard_size`` (a :class:`ShardPlan`: a sequence of lists)."""
     if shard_size < 1:
         raise ValueError("shard size must be >= 1")
     if isinstance(manifest, pa.Table):
@@ -77,7 +123,7 @@ def plan_shards(manifest: Any, shard_size: int) -> list[list[str]]:
         table = pa.Table.from_pandas(manifest[PLAN_COLUMNS], preserve_index=False)
     kept = table.filter(pc.fill_null(pc.equal(table["status"], KEPT), False))
     if kept.num_rows == 0:
-        return []
+        return ShardPlan([], shard_size)
     ids = fixed_width_values(kept["image_id"])
     if ids is not None and kept["first_seen"].null_count == 0:
         # content ids (one width, no nulls): sorted in NumPy, no Arrow hash table of the
@@ -90,12 +136,29 @@ def plan_shards(manifest: Any, shard_size: int) -> list[list[str]]:
         lead = np.ones(ids.size, dtype=bool)
         lead[1:] = ids[1:] != ids[:-1]
         ids, first_seen = ids[lead], first_seen[lead]
-        ids = ids[np.lexsort((ids, first_seen))]
-        return [[x.decode() for x in ids[i : i + shard_size]] for i in range(0, ids.size, shard_size)]
+        return ShardPlan(ids[np.lexsort((ids, first_seen))], shard_size)
     order = kept.group_by("image_id").aggregate([("first_seen", "min")])
     order = order.sort_by([("first_seen_min", "ascending"), ("image_id", "ascending")])
-    ids = order["image_id"].to_pylist()
-    return [ids[i : i + shard_size] for i in range(0, len(ids), shard_size)]
+    return ShardPlan(order["image_id"].to_pylist(), shard_size)
+
+
+@dataclass(frozen=True)
+class PlannedInput(InputRef):
+    """A stage's input manifest (key and content hash, for its reduce and lineage) and the
+    shards planned from it (:func:`plan_input`)."""
+
+    shards: ShardPlan
+
+
+def plan_input(storage: Storage, key: str, schema: pa.Schema, shard_size: int) -> PlannedInput:
+    """Read only the plan's columns of a stage's input manifest (checked current:
+    :func:`carflow.manifest.read_input`), plan its shards, and let the rows go: the flow
+    holds the plan's ids while its shards run, nothing else per image."""
+    source = read_input(storage, key, schema, columns=PLAN_COLUMNS)
+    planned = PlannedInput(source.key, source.hash, plan_shards(source.table, shard_size))
+    del source
+    release_freed_memory()  # the rows and the sort's work arrays, before the shards run
+    return planned
 
 
 # ---------------------------------------------------------------------------------------
@@ -160,7 +223,10 @@ def run_shard(storage: Storage, spec: ShardSpec, image_ids: list[str],
     stored = None if refresh else stored_shard(storage, spec, image_ids)
     if stored is not None:
         return stored
-    table, stats = compute(image_ids)
+    try:
+        table, stats = compute(image_ids)
+    finally:
+        release_freed_memory()  # the shard's decode buffers: a 50-shard run kept +28 MB of freed pages
     stats = {"images": len(image_ids), **stats}
     if stats.get("incomplete"):  # an input was missing: keep the rows, never as the done shard
         key = spec.partial_key(image_ids)
@@ -271,14 +337,16 @@ def _logger() -> Any:
 
 
 def run_shards(
-    task: Any, shards: list[list[str]], arguments: Callable[[list[str]], dict[str, Any]], *, limit: int | None = None,
-    refresh: bool = False,
-) -> tuple[list[dict[str, Any]], list[list[str]]]:
+    task: Any, shards: Sequence[list[str]], arguments: Callable[[list[str]], dict[str, Any]], *,
+    limit: int | None = None, refresh: bool = False,
+) -> tuple[list[dict[str, Any]], list[int]]:
     """Submit ``task(**arguments(ids))`` for every shard (the task calls :func:`run_shard`
     and opens the storage itself: no storage argument here), at most ``limit`` at a time
     (default ``runtime.max_workers``; keyword-only, so a stray positional argument fails
     at the call), with one progress line per finished shard (:class:`_Progress`); returns
-    the results and the shards that really ran (not reused from storage). ``refresh``
+    the results and the sizes of the shards that really ran (not reused from storage:
+    ``len(ran)`` shards, ``sum(ran)`` images). A :class:`ShardPlan` makes each shard's
+    list only as it is submitted. ``refresh``
     (a stage's ``refresh`` parameter) is handed to every task as ``refresh=True``, for its
     :func:`run_shard`: stored shards are computed again and overwritten."""
     from carflow.settings import get_settings
@@ -287,10 +355,10 @@ def run_shards(
     runtime = get_settings().runtime
     task = with_retry_policy(task, runtime)
     extra = {"refresh": True} if refresh else {}
+    sizes = shard_sizes(shards)
     results = submit_bounded(task, ({**arguments(ids), **extra} for ids in shards), limit or runtime.max_workers,
-                             sizes=[len(ids) for ids in shards])
-    fresh = [ids for ids, r in zip(shards, results, strict=True) if not r.get("reused")]
-    return results, fresh
+                             sizes=sizes)
+    return results, [n for n, r in zip(sizes, results, strict=True) if not r.get("reused")]
 
 
 def read_images(storage: Storage, image_ids: Sequence[str], workers: int = 8,
@@ -343,6 +411,103 @@ def put_column(table: pa.Table, name: str, values: Any) -> pa.Table:
     return table.set_column(i, name, values) if i >= 0 else table.append_column(name, values)
 
 
+@dataclass
+class Match:
+    """Manifest rows matched to per-image results (:func:`match_results`)."""
+
+    found: pa.Array  # each row's result row (null: none)
+    at: pa.Array  # the same, null for rows dropped before this stage: where results go
+    status: Any
+    reason: Any
+
+
+def match_results(status: Any, reason: Any, keys: Any, result_ids: Any, result_status: Any = None,
+                  result_reason: Any = None, missing_reason: str = "missing") -> Match:
+    """The one rule for merging a stage's per-image results onto manifest rows (each
+    row's ``keys`` value looked up in ``result_ids``): only rows kept before this stage
+    change status; a result with status dropped drops the row with the result's reason; a
+    kept row without a result is dropped with ``missing_reason``. ``result_status`` None:
+    results only add columns (and drop the rows they miss)."""
+    was_kept = pc.fill_null(pc.equal(status, KEPT), False)
+    found = index_in(keys, result_ids)
+    at = pc.if_else(was_kept, found, pa.scalar(None, found.type))
+    if result_status is not None:
+        taken_status, taken_reason = result_status.take(at), result_reason.take(at)
+        dropped = pc.fill_null(pc.equal(taken_status, DROPPED), False)
+        reason = pc.if_else(dropped, taken_reason.cast(pa.string()), reason)
+        status = pc.if_else(dropped, DROPPED, status)
+        del taken_status, taken_reason
+    missing = pc.and_(was_kept, pc.is_null(at))
+    return Match(found, at, pc.if_else(missing, DROPPED, status), pc.if_else(missing, missing_reason, reason))
+
+
+def stage_shard_results(storage: Storage, keys: Sequence[str], path: Any, columns: Sequence[str],
+                        schema: pa.Schema, workers: int = 8) -> Any:
+    """The shards' rows (only ``columns``, typed by ``schema``) copied into one local
+    Parquet file at ``path``, in row groups of about :data:`carflow.manifest.ROW_GROUP_ROWS`
+    (a column read back comes in a few large chunks, each mapped on its own and given back
+    whole when freed), with at most ``workers`` shards (read in threads: S3 GETs) and one
+    row group in memory at once: a reduce that reads it a column at a time never holds
+    every shard's rows (:func:`load_shard_results` does). Returns ``path``."""
+    target = pa.schema([schema.field(n) for n in columns])
+
+    def read(key: str) -> pa.Table:
+        t = pq.read_table(pa.BufferReader(storage.get(key)), columns=list(columns))
+        return pa.Table.from_arrays([t[n].cast(target.field(n).type) for n in columns], schema=target)
+
+    group: list[pa.Table] = []
+
+    def add(table: pa.Table | None) -> None:  # shards gathered into row groups of ROW_GROUP_ROWS
+        if table is not None:
+            group.append(table)
+        rows = sum(t.num_rows for t in group)
+        if group and (rows >= ROW_GROUP_ROWS or table is None):
+            w.write_table(pa.concat_tables(group).combine_chunks(), row_group_size=max(rows, 1))
+            group.clear()
+
+    with ThreadPoolExecutor(max_workers=workers) as pool, pq.ParquetWriter(path, target, compression="lz4") as w:
+        pending: deque = deque()
+        for key in keys:
+            pending.append(pool.submit(read, key))
+            if len(pending) >= workers:
+                add(pending.popleft().result())
+        while pending:
+            add(pending.popleft().result())
+        add(None)
+    release_freed_memory()  # the shards' bytes and tables, freed a piece at a time
+    return path
+
+
+class TakenColumn:
+    """Column ``name`` of a local Parquet file (staged shard rows) as seen from manifest
+    rows (``at``: each row's result row, null for none), read only where asked: ``take(rows)``
+    reads just the row groups holding those rows. Dedup reads the colour thumbnails of
+    the nodes in a hash pair this way, not the whole column (192 bytes per image)."""
+
+    def __init__(self, path: Any, name: str, at: pa.Array | pa.ChunkedArray):
+        self.path, self.name = path, name
+        self.at = pc.fill_null(at, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def take(self, rows: Any) -> pa.Array:
+        want = self.at[np.asarray(rows, dtype=np.int64)]
+        pf = pq.ParquetFile(self.path)
+        field = pf.schema_arrow.field(self.name)
+        sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+        starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        group = np.searchsorted(starts, want, side="right") - 1
+        asked = np.flatnonzero(want >= 0)
+        asked = asked[np.argsort(group[asked], kind="stable")]  # by row group
+        pieces: list[pa.Array] = []
+        for part in np.split(asked, np.flatnonzero(np.diff(group[asked])) + 1) if asked.size else []:
+            g = int(group[part[0]])
+            col = pf.read_row_group(g, columns=[self.name]).column(0)
+            pieces.append(col.take(pa.array(want[part] - starts[g])).combine_chunks())
+        values = pa.concat_arrays(pieces) if pieces else pa.array([], field.type)
+        slot = np.full(want.size, -1, dtype=np.int64)
+        slot[asked] = np.arange(asked.size)
+        return values.take(pa.array(slot, pa.int64(), mask=slot < 0))
+
+
 def merge_results(
     manifest: pa.Table,
     results: pa.Table,
@@ -365,21 +530,12 @@ def merge_results(
     hands ``results`` over without keeping a reference (``merge_results(m, parts.pop(),
     …)``) never holds the results and the merged columns whole at once (each freed
     column's pages go back to the OS: :func:`carflow.memory.release_freed_memory`)."""
-    was_kept = pc.fill_null(pc.equal(manifest["status"], KEPT), False)
-    found = index_in(manifest[on], results["image_id"])
-    idx = pc.if_else(was_kept, found, pa.scalar(None, found.type))
-    status, reason = manifest["status"], manifest["reason"]
-    if "status" in results.column_names:
-        taken = results.select(["status", "reason"]).take(idx)
-        dropped = pc.fill_null(pc.equal(taken["status"], DROPPED), False)
-        reason = pc.if_else(dropped, taken["reason"].cast(pa.string()), reason)
-        status = pc.if_else(dropped, DROPPED, status)
-        del taken
-    missing = pc.and_(was_kept, pc.is_null(idx))
-    reason = pc.if_else(missing, missing_reason, reason)
-    status = pc.if_else(missing, DROPPED, status)
-    out = put_column(put_column(manifest, "status", status), "reason", reason)
-    at = idx if only_kept else found
+    has_status = "status" in results.column_names
+    m = match_results(manifest["status"], manifest["reason"], manifest[on], results["image_id"],
+                      results["status"] if has_status else None, results["reason"] if has_status else None,
+                      missing_reason)
+    out = put_column(put_column(manifest, "status", m.status), "reason", m.reason)
+    at = m.at if only_kept else m.found
     results = results.select(list(dict.fromkeys(columns)))
     for name in list(dict.fromkeys(columns)):
         out = put_column(out, name, results[name].take(at))

@@ -117,34 +117,45 @@ def test_exact_duplicates_and_placeholders_are_found(cleaned, demo_site_dir):
         assert (same["status"] == "kept").sum() == 1
 
 
-def test_the_clean_reduce_confirms_hash_pairs_on_the_colour_thumbnail():
-    """The reduce step (tasks.clean.apply_dedup) hands dedup the colour thumbnails: two
-    photos with near-equal grey hashes but different colours (two cars in one pose on white)
-    stay apart, and the same pair with equal thumbnails merges."""
+def test_the_clean_reduce_confirms_hash_pairs_on_the_colour_thumbnail(tmp_path):
+    """The reduce step (tasks.clean.reduce_clean, over shard rows staged in a local file)
+    hands dedup the colour thumbnails, read only for the nodes it compares: two photos with
+    near-equal grey hashes but different colours (two cars in one pose on white) stay
+    apart, and the same pair with equal thumbnails merges."""
     import pyarrow as pa
 
-    from carflow.settings import DedupSettings
-    from tasks.clean import apply_dedup
+    from carflow.manifest import ColumnSpool
+    from carflow.settings import DedupSettings, QualitySettings
+    from tasks.clean import RESULT_COLUMNS, SHARD_SCHEMA, reduce_clean
 
     def car_on_white(colour: tuple[int, int, int]) -> bytes:  # an 8×8 RGB thumbnail: a 4×4 car
         cells = [colour if 2 <= i // 8 < 6 and 2 <= i % 8 < 6 else (250, 250, 250) for i in range(64)]
         return bytes(c for cell in cells for c in cell)
 
     red, blue = car_on_white((200, 30, 30)), car_on_white((30, 30, 200))
+    ids = ["a" * 64, "b" * 64]
+    manifest = from_records([
+        {"image_id": i, "listing_id": f"demo:{n}", "site": "demo", "url": f"http://x/{n}.jpg", "photo_index": 0,
+         "make": "x", "model": "y", "year": 2010, "label": label, "make_raw": "x", "model_raw": "y",
+         "raw_key": f"images/{i[:2]}/{i}", "bytes": 10, "content_type": "image/jpeg", "source": "crawl",
+         "crawl_id": "c", "first_seen": n, "status": "kept", "reason": None}
+        for n, (i, label) in enumerate(zip(ids, ["x_y", "z_w"], strict=True))], INGEST_SCHEMA)
 
-    def table(thumb_b: bytes) -> pa.Table:
-        return pa.table({
-            "image_id": ["a" * 64, "b" * 64], "listing_id": ["demo:1", "demo:2"], "label": ["x_y", "z_w"],
-            "width": [640, 640], "height": [480, 480], "status": ["kept", "kept"], "reason": [None, None],
-            "pixel_hash": ["p1", "p2"], "phash": pa.array([123456789, 123456789], pa.int64()),
-            "dhash": pa.array([987654321, 987654321 ^ 0b101], pa.int64()), "thumb": pa.array([red, thumb_b], pa.binary()),
-            "first_seen": pa.array([1, 2], pa.int64()),
-        })
+    def reduced(thumb_b: bytes, name: str):
+        shard = {n: [None, None] for n in RESULT_COLUMNS}
+        shard.update({"image_id": ids, "status": ["kept", "kept"], "width": [640, 640], "height": [480, 480],
+                      "fix_actions": [[], []], "pixel_hash": ["p1", "p2"], "phash": [123456789, 123456789],
+                      "dhash": [987654321, 987654321 ^ 0b101], "thumb": [red, thumb_b]})
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table(shard, schema=pa.schema([SHARD_SCHEMA.field(n) for n in RESULT_COLUMNS])), path)
+        spool = reduce_clean(manifest, path, QualitySettings(), DedupSettings(), ColumnSpool(2, tmp_path / name))
+        return spool.slice(0).to_pandas()
 
-    apart = apply_dedup(table(blue), DedupSettings()).to_pandas()
+    apart = reduced(blue, "apart")
     assert apart["dup_cluster"].nunique() == 2 and (apart["status"] == "kept").all()
-    same = apply_dedup(table(red), DedupSettings()).to_pandas()
+    same = reduced(red, "same")
     assert same["dup_cluster"].nunique() == 1 and (same["status"] == "kept").sum() == 1
+    assert same["source_id"].tolist() == ids and same.columns[0] == "image_id"
 
 
 def test_near_duplicates_recall_and_false_merges(cleaned, demo_site_dir):

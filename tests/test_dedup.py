@@ -661,3 +661,20 @@ def test_dedup_table_is_dedup_manifest_over_arrow(seed, linkage, use_dhash):
         a = want[col].astype(object).where(want[col].notna(), None).tolist()
         b = got[col].astype(object).where(got[col].notna(), None).tolist()
         assert a == b, col
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(st.one_of(st.none(), st.sampled_from(["p1", "p2", "p3", "px9"])), max_size=6), max_size=4))
+def test_value_codes_are_equal_exactly_where_the_values_are(chunks):
+    """The pixel-hash codes the clean reduce hands dedup: equal codes for equal values,
+    nulls stay null, on chunked columns, one width (NumPy) or several (Arrow)."""
+    from tasks.dedup import value_codes
+
+    col = pa.chunked_array([pa.array(c, pa.string()) for c in chunks], pa.string())
+    values, codes = col.to_pylist(), value_codes(col).to_pylist()
+    assert len(codes) == len(values)
+    for a, ca in zip(values, codes, strict=True):
+        assert (a is None) == (ca is None)
+        for b, cb in zip(values, codes, strict=True):
+            if a is not None and b is not None:
+                assert (a == b) == (ca == cb)

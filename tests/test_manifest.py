@@ -183,3 +183,82 @@ def test_count_distinct_of_content_ids():
     ids = [f"{i % 700:064x}" for i in range(1000)]
     col = pa.chunked_array([pa.array(ids[:300]), pa.array(ids[300:])])
     assert count_distinct(col) == 700 and count_distinct(col.combine_chunks().slice(999)) == 1
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(st.one_of(st.none(), st.sampled_from(["ab", "cd", "ef"])), max_size=6), max_size=4))
+def test_fixed_width_values_can_skip_nulls(chunks):
+    """With ``skip_nulls``, the non-null values of a one-width column, in order."""
+    from carflow.manifest import fixed_width_values
+
+    col = pa.chunked_array([pa.array(c, pa.string()) for c in chunks], pa.string())
+    values = [v for v in col.to_pylist() if v is not None]
+    got = fixed_width_values(col, skip_nulls=True)
+    assert (got is None and not values) or [v.decode() for v in got] == values
+    if col.null_count:
+        assert fixed_width_values(col) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 70), st.integers(1, 16), st.integers(0, 80), st.integers(0, 30))
+def test_column_spool_reads_back_what_was_put(n, batch, start, length):
+    """A spooled column, or a column taken at indices (``at``), reads back whole and by
+    slice as it was put; columns come out in put order or in ``names``; a column put again
+    replaces the first; a spool writes the same manifest as the table."""
+    import tempfile
+
+    from carflow.manifest import ColumnSpool
+    from carflow.storage import LocalStorage
+
+    table = pa.table({"image_id": [f"{i:04d}" for i in range(n)], "n": pa.array(range(n), pa.int64()),
+                      "tags": [[str(i)] * (i % 3) for i in range(n)]})
+    at = pa.array([(7 * i) % n if i % 5 else None for i in range(n)], pa.int64()) if n else pa.array([], pa.int64())
+    with tempfile.TemporaryDirectory() as tmp:
+        spool = ColumnSpool(n, tmp, batch_rows=batch)
+        spool.put("n", pa.array([0] * n, pa.int64()))
+        spool.put("tags", table["tags"])
+        spool.put("image_id", table["image_id"])
+        spool.put("n", table["n"])  # replaces
+        spool.put("taken", table["n"], at=at)
+        assert spool.column_names == ["n", "tags", "image_id", "taken"]
+        assert spool["taken"].to_pylist() == table["n"].take(at).to_pylist()
+        spool.names = ["image_id", "n", "tags"]
+        assert spool.slice(0).equals(table)
+        assert spool.slice(start, length).equals(table.slice(start, length))
+        with pytest.raises(ValueError, match="rows"):
+            spool.put("short", pa.array([1] * (n + 1)))
+        store = LocalStorage(tmp)
+        write_manifest(store, "a.parquet", spool)
+        write_manifest(store, "b.parquet", table)
+        assert read_manifest(store, "a.parquet").equals(read_manifest(store, "b.parquet"))
+
+
+def test_stage_input_is_read_input_from_a_local_copy(tmp_path):
+    """The reduce's input: copied into a local file with the same content hash as
+    :func:`read_input`, its columns conformed to the schema one at a time; a missing
+    input, a file that is not Parquet and a null in a required column are the same
+    one-line errors."""
+    from carflow.manifest import InputError, read_input, stage_input
+    from carflow.storage import LocalStorage
+
+    store = LocalStorage(tmp_path / "store")
+    table = from_records([_row(i) for i in range(5)], INGEST_SCHEMA)
+    narrowed = table.set_column(table.schema.get_field_index("photo_index"), "photo_index",
+                                table["photo_index"].cast(pa.int64()))  # written wider than the schema
+    write_manifest(store, "manifests/ingest/manifest.parquet", narrowed)
+    local = stage_input(store, "manifests/ingest/manifest.parquet", tmp_path, INGEST_SCHEMA)
+    whole = read_input(store, "manifests/ingest/manifest.parquet", INGEST_SCHEMA, check=False)
+    assert local.hash == whole.hash and local.lineage() == whole.lineage() and local.num_rows == 5
+    assert local["photo_index"].type == pa.int32() and local["image_id"].equals(whole.table["image_id"])
+    with pytest.raises(InputError, match="carflow clean"):
+        stage_input(store, "manifests/clean/manifest.parquet", tmp_path)
+    store.put("manifests/ingest/manifest.parquet", b"not parquet")
+    with pytest.raises(ManifestError, match="not a Parquet manifest"):
+        stage_input(store, "manifests/ingest/manifest.parquet", tmp_path)
+    import pyarrow.parquet as pq
+
+    nulls = table.set_column(0, "image_id", pa.array([None] * 5, pa.string()))
+    pq.write_table(nulls, tmp_path / "nulls.parquet")
+    store.put("manifests/ingest/manifest.parquet", (tmp_path / "nulls.parquet").read_bytes())
+    with pytest.raises(ManifestError, match="'image_id' has 5 null"):
+        stage_input(store, "manifests/ingest/manifest.parquet", tmp_path, INGEST_SCHEMA)

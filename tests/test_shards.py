@@ -270,3 +270,56 @@ def test_a_failed_shard_stops_the_submissions(prefect_server):
     with pytest.raises(RuntimeError, match="shard 0 failed"):
         stage()
     assert sorted(_SUBMITTED) == [0, 1]
+
+
+def test_a_shard_plan_makes_each_list_when_asked():
+    """plan_shards holds the ids once and makes a shard's list only when it is asked for;
+    it is still a sequence of lists (len, index, iteration, sizes, ==)."""
+    from tasks.shards import ShardPlan, shard_sizes
+
+    ids = [f"{i:064x}" for i in range(7)]
+    table = pa.table({"image_id": ids, "first_seen": pa.array(range(7), pa.int64()), "status": ["kept"] * 7})
+    plan = plan_shards(table, 3)
+    assert isinstance(plan, ShardPlan) and len(plan) == 3 and plan.sizes() == [3, 3, 1] == shard_sizes(list(plan))
+    assert plan[0] == ids[:3] and plan[-1] == ids[6:] and list(plan) == [ids[:3], ids[3:6], ids[6:]]
+    with pytest.raises(IndexError):
+        plan[3]
+
+
+def test_staged_shard_rows_are_taken_lazily_as_the_column_would_be(tmp_path, monkeypatch):
+    """stage_shard_results copies the shards' columns into one local file (typed by the
+    schema, in row groups); TakenColumn reads a column of it at manifest rows (``at``)
+    exactly as a take of the whole column would, nulls where a row has no result."""
+    import pyarrow.parquet as pq
+
+    import tasks.shards
+    from tasks.shards import TakenColumn, stage_shard_results
+
+    monkeypatch.setattr(tasks.shards, "ROW_GROUP_ROWS", 4)  # several row groups of small shards
+    store = LocalStorage(tmp_path / "store")
+    schema = pa.schema([("image_id", pa.string()), ("thumb", pa.binary()), ("w", pa.int64())])
+    keys = []
+    for s in range(5):
+        rows = [{"image_id": f"{s}-{i}", "thumb": bytes([s, i]), "w": s * 10 + i} for i in range(s + 1)]
+        store.put(f"work/x/{s}.parquet", _parquet(pa.Table.from_pylist(rows, schema=schema).select(["w", "image_id", "thumb"])))
+        keys.append(f"work/x/{s}.parquet")
+    path = stage_shard_results(store, keys, tmp_path / "r.parquet", ["image_id", "thumb"], schema, workers=2)
+    staged = pq.read_table(path)
+    assert staged.schema.names == ["image_id", "thumb"] and staged.num_rows == 15
+    assert pq.ParquetFile(path).num_row_groups == 3  # shards of 1+2+3 | 4 | 5 rows
+    assert staged["image_id"].to_pylist() == [f"{s}-{i}" for s in range(5) for i in range(s + 1)]
+    at = pa.array([3, None, 14, 0, 7, 7, None, 1], pa.int32())
+    rows = [7, 0, 4, 2, 6]
+    assert TakenColumn(path, "thumb", at).take(rows).to_pylist() == staged["thumb"].take(at).take(
+        pa.array(rows)).to_pylist()
+    assert TakenColumn(path, "thumb", at).take([]).to_pylist() == []
+
+
+def _parquet(table: pa.Table) -> bytes:
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()

@@ -43,6 +43,12 @@ def test_put_file_stores_the_rest_of_an_open_file(storage, tmp_path):
         storage.put_file("m/manifest.parquet", fh, content_type="application/vnd.apache.parquet")
     assert storage.get("m/manifest.parquet") == data
     assert [k for k in storage.list("m/")] == ["m/manifest.parquet"]  # no temporary left behind
+    with open(tmp_path / "back.bin", "w+b") as fh:  # and read back into an open file (the reduce's input)
+        storage.get_file("m/manifest.parquet", fh)
+        fh.seek(0)
+        assert fh.read() == data
+    with open(tmp_path / "none.bin", "wb") as fh, pytest.raises(StorageKeyError):
+        storage.get_file("m/missing.parquet", fh)
 
 
 def test_list_is_sorted_and_prefix_filtered(storage):
