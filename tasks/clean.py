@@ -7,8 +7,10 @@ results into the clean manifest.
   in storage, reused whenever it exists. The key covers the fix settings and the few
   quality settings that change a score (:data:`tasks.quality.SCORE_SETTINGS`), never a
   threshold or an action.
-- **Reduce** (:func:`reduce_clean`, :func:`clean_reduce_task`): reads only the shard
-  columns it needs, as Arrow, and applies what is decided over the whole set: the
+- **Reduce** (:func:`reduce_clean`, :func:`clean_reduce_task`): stages manifest v0 and
+  the shard columns it needs in local files and reads them a column at a time (the clean
+  manifest is written from a :class:`carflow.manifest.ColumnSpool`, never whole in
+  memory), and applies what is decided over the whole set: the
   quality thresholds and actions (:func:`tasks.quality.quality_decisions`), the set-level
   ``odd_size`` check, then dedup (:mod:`tasks.dedup`, over a narrow frame of the hash
   columns). Changing a threshold re-decodes nothing and still changes the drops.

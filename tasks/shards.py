@@ -23,7 +23,9 @@ filter's scoring, the crop), and the ``gpu`` concurrency slot the model stages h
    ``runtime.max_workers`` in flight (:func:`submit_bounded`); returns the small result
    dicts and the shards that really ran. Inside a shard, :func:`read_images` streams the
    bytes with a bounded number of reads in flight.
-5. **Load** (:func:`load_shard_results`): only the needed columns, as one Arrow table.
+5. **Load** (:func:`load_shard_results`): only the needed columns, as one Arrow table;
+   or (:func:`stage_shard_results`) copied into one local Parquet file, for a reduce that
+   reads a column at a time (:class:`TakenColumn`: only the rows it asks for).
 6. **Merge** (:func:`merge_results`): per-image results onto the manifest rows, in Arrow,
    with the one rule for rows without a result: dropped, with the stage's reason.
 """
