@@ -194,6 +194,7 @@ def reduce_clean(manifest: Any, results: Any, quality_cfg: QualitySettings, dedu
     def result(name: str) -> pa.ChunkedArray:
         return read_column(results, name)
 
+    names = list(manifest.column_names)
     status, reason, flags = decide_quality_by_shard(results, quality_cfg)
     release_freed_memory()  # the score columns, read and freed a row group at a time
     source_id = manifest["image_id"]
@@ -211,7 +212,7 @@ def reduce_clean(manifest: Any, results: Any, quality_cfg: QualitySettings, dedu
     del out_id, flags, m, source_id
     narrow = apply_odd_size(narrow, quality_cfg)
     for name in ("first_seen", "listing_id", "label"):
-        if name in manifest.column_names:
+        if name in names:
             narrow = narrow.append_column(name, manifest[name])
     narrow = narrow.append_column("pixel_hash", value_codes(result("pixel_hash")).take(at))
     for name in ("phash", "dhash"):
@@ -219,16 +220,17 @@ def reduce_clean(manifest: Any, results: Any, quality_cfg: QualitySettings, dedu
     release_freed_memory()
     narrow = dedup_table(narrow, dedup_cfg, thumbs=TakenColumn(results, "thumb", at))
     release_freed_memory()
-    # the output, a column at a time: the decided columns first (then the narrow table goes)
-    for name in ("image_id", "status", "reason", "quality_flags", *DEDUP_COLUMNS):
-        spool.put(name, narrow[name])
+    # the output, a column at a time: the narrow table's columns first (then it goes); all
+    # but the pixel-hash codes are output columns as they stand, so none is read twice
+    for name in narrow.column_names:
+        if name != "pixel_hash":
+            spool.put(name, narrow[name])
     new_keys = image_keys(pc.filter(narrow["image_id"], renamed))  # only the re-encoded images' keys
     del narrow
     release_freed_memory()
     spool.put("raw_key", pc.replace_with_mask(_whole(manifest["raw_key"]), _whole(renamed), _whole(new_keys)))
     del new_keys, renamed
     release_freed_memory()
-    names = list(manifest.column_names)
     for name in names:
         if name not in spool:
             spool.put(name, manifest[name])
