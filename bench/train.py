@@ -1,16 +1,21 @@
 """Classifier training throughput, measured side by side in one process.
 
-CPU mode (default, ``KERAS_BACKEND=tensorflow``): the same model (``models/classifier.py``)
-on the same rendered demo crops, trained
+CPU mode (default, ``KERAS_BACKEND=tensorflow``): the same model (``models/classifier.py``,
+same architecture and initial weights) on the same rendered demo crops, trained
 
 * the seeds' way: ``keras.utils.image_dataset_from_directory`` over the exported folders
-  (``tasks.export.export_folders``: crops as stored, decoded and resized every step), and
-* our way: the TFRecord export (``tasks.export.export_tfrecords``, JPEGs resized once at
-  export) through ``tasks.train.tfdata_batches`` (interleave, parallel decode, shuffle,
-  prefetch);
+  (``tasks.export.export_folders``: crops as stored, decoded and resized every step) into
+  ``model.fit`` with Keras' own layers, and
+* our way, as ``python -m flows.train`` trains: the TFRecord export
+  (``tasks.export.export_tfrecords``, JPEGs resized once at export) through
+  ``tasks.train.tfdata_batches`` (interleave, parallel decode, shuffle, prefetch), with
+  ``train.fast_layers`` (``models.fast_layers``: TensorFlow's fused BatchNorm kernel,
+  which Keras 2, the seeds' Keras, called itself and Keras 3 does not); ``--fast off``
+  trains ours with Keras' own layers, to show the input's share alone;
 
-then each input pipeline alone and the model alone (one in-memory batch repeated), to
-show which one is the bottleneck. Prints img/s and the ratios.
+then each input pipeline alone and the model alone with each kind of layer (one
+in-memory batch repeated), to show which one is the bottleneck. Prints img/s and the
+ratios.
 
 The photos are rendered at 1024x768 (``--photo-size``): what marketplace photos are as
 downloaded. The EU seed's 1.6 M photos weighed 187 GB, ~117 KB a JPEG, which is about
@@ -20,20 +25,25 @@ decodes and resizes that every step, while our export resizes once. 640x480 phot
 (crops ~250x190) understated that cost. Both sides train the model with the settings
 ``TrainSettings`` resolves on this machine (precision, XLA), printed in the header.
 
-GPU mode (``--backend torch``; no TensorFlow is imported, none needs to be installed): the
-model alone on in-memory uint8 batches at the requested backbone, size, precision and
-batch, plus the TensorFlow-free input path's decode rate (PIL in a thread pool, as
-``tasks.train.python_batches``) on random JPEGs of that size; prints img/s, the ratio and
-the device name.
+GPU mode (``--backend torch`` or ``jax``; no TensorFlow is imported, none needs to be
+installed): the model alone on in-memory uint8 batches at the requested backbone, size,
+precision and batch (on torch with Keras' own layers and with ``models.fast_layers``
+side by side, and the host syncs a step of each), plus the TensorFlow-free input path's
+decode rate (PIL in a thread pool, as ``tasks.train.python_batches``) on random JPEGs of
+that size; prints img/s, the ratios and the device name. JAX needs ``--jit`` (its step
+without XLA runs op by op).
 
     python bench/train.py                                   # CPU, TensorFlow
     KERAS_BACKEND=torch python bench/train.py --backend torch --backbone efficientnetb1 \\
-        --image-size 240 --precision bf16 --batch-size 256  # one GPU
+        --image-size 240 --precision bf16 --batch-size 512  # one GPU, torch
+    KERAS_BACKEND=jax python bench/train.py --backend jax --jit --backbone efficientnetb1 \\
+        --image-size 240 --precision bf16 --batch-size 256  # one GPU, JAX
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import sys
@@ -62,6 +72,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CPU mode: rendered photo size, a marketplace photo as downloaded (crops are ~half)")
     p.add_argument("--jit", action=argparse.BooleanOptionalAction, default=None,
                    help="jit_compile (XLA on TF, torch.compile on torch); default: train.xla (CPU), off (GPU)")
+    p.add_argument("--fast", choices=["both", "on", "off"], default="both",
+                   help="GPU mode on torch: the model with Keras' own layers (off), with models.fast_layers (on), or both side by side; CPU mode: off trains ours with Keras' own layers too")
     p.add_argument("--classes", type=int, default=100, help="GPU mode: outputs of the head")
     p.add_argument("--rounds", type=int, default=3,
                    help="CPU mode: alternating seeds/ours rounds, best of each (a shared machine's load varies)")
@@ -71,6 +83,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a.image_size = a.image_size or (240 if gpu else 96)
     a.batch_size = a.batch_size or (256 if gpu else 32)
     a.precision = a.precision or ("bf16" if gpu else None)  # CPU: resolved in cpu_mode, as training does
+    if a.backend == "jax" and a.jit is None:
+        a.jit = True  # as training compiles on JAX: its step without XLA runs op by op
     a.steps = a.steps or 30
     a.warmup = max(1, a.warmup)
     return a
@@ -83,23 +97,32 @@ def recipe(a: argparse.Namespace) -> dict:
             "translation": 0.1}
 
 
-def compiled_model(keras, a: argparse.Namespace, classes: int):
+def compiled_model(keras, a: argparse.Namespace, classes: int, fast: bool = False):
+    """The classifier compiled as training compiles it; ``fast``: with
+    :func:`models.fast_layers.accelerate` (the torch backend's fused layers)."""
     from models.classifier import build_classifier
+    from models.fast_layers import accelerate
 
     keras.config.set_dtype_policy({"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[a.precision])
     model = build_classifier(classes, recipe(a))
+    if fast:
+        accelerate(model)
     model.compile(optimizer=keras.optimizers.AdamW(1e-3),
                   loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1),
                   metrics=[keras.metrics.CategoricalAccuracy(name="acc")], jit_compile=bool(a.jit))
     return model
 
 
-def timed_fit(model, data, a: argparse.Namespace) -> float:
-    """img/s of ``model.fit`` over ``a.steps`` steps after ``a.warmup`` untimed ones."""
-    model.fit(data, epochs=1, steps_per_epoch=a.warmup, verbose=0)
-    t = time.perf_counter()
-    model.fit(data, epochs=1, steps_per_epoch=a.steps, verbose=0)
-    return a.steps * a.batch_size / (time.perf_counter() - t)
+def timed_fit(model, data, a: argparse.Namespace, fast: bool = False) -> float:
+    """img/s of ``model.fit`` over ``a.steps`` steps after ``a.warmup`` untimed ones
+    (``fast``: inside :func:`models.fast_layers.fast_fit`, as training runs it)."""
+    from models.fast_layers import fast_fit
+
+    with fast_fit() if fast else contextlib.nullcontext():
+        model.fit(data, epochs=1, steps_per_epoch=a.warmup, verbose=0)
+        t = time.perf_counter()
+        model.fit(data, epochs=1, steps_per_epoch=a.steps, verbose=0)
+        return a.steps * a.batch_size / (time.perf_counter() - t)
 
 
 def steady_fit(keras, model, data, a: argparse.Namespace) -> float:
@@ -198,31 +221,86 @@ def cpu_mode(a: argparse.Namespace) -> None:
         ours = tfdata_batches(index, feed, a.image_size)
 
         print(f"training (input + model), img/s, best of {a.rounds} alternating rounds of {a.steps} steps:")
-        models = {"seeds": compiled_model(keras, a, len(classes)), "ours": compiled_model(keras, a, len(classes))}
+        # the seeds' model.fit runs Keras' own layers; ours runs them as training does
+        # (train.fast_layers: models.fast_layers' fused BatchNorm; --fast off: Keras' own)
+        fast = a.fast != "off"
+        models = {"seeds": compiled_model(keras, a, len(classes)), "ours": compiled_model(keras, a, len(classes), fast)}
         inputs = {"seeds": seeds(), "ours": ours}
         rates: dict[str, list[float]] = {"seeds": [], "ours": []}
         for _ in range(a.rounds):
             for side in ("seeds", "ours"):
                 rates[side].append(steady_fit(keras, models[side], inputs[side], a))
-        base, fast = max(rates["seeds"]), max(rates["ours"])
+        base, best = max(rates["seeds"]), max(rates["ours"])
         spread = {k: "/".join(f"{v:.0f}" for v in vals) for k, vals in rates.items()}
         row("seeds: image_dataset_from_directory over exported folders", base, None, f"(rounds {spread['seeds']})")
-        row("ours: TFRecord export + tf.data (tasks.train.tfdata_batches)", fast, base,
+        row(f"ours: TFRecord export + tf.data{' + fused layers' if fast else ''}", best, base,
             f"(rounds {spread['ours']}; target >= 1.5x)")
 
         print("\ninput alone vs the model's step rate, img/s:")
         x, y, _w = next(iter(ours))
         one = tf.data.Dataset.from_tensors((x, y)).repeat()
-        step = max(steady_fit(keras, models["ours"], one, a) for _ in range(a.rounds))
-        row("model alone (one in-memory batch, fit)", step)
+        plain = max(steady_fit(keras, models["seeds"], one, a) for _ in range(a.rounds))
+        row("model alone, Keras' own layers (one in-memory batch, fit)", plain)
+        step = plain
+        if fast:
+            step = max(steady_fit(keras, models["ours"], one, a) for _ in range(a.rounds))
+            row("model alone, fused layers (models.fast_layers)", step, plain)
         seeds_in = timed_iter(iter(seeds()), a)
         row("seeds' input alone", seeds_in, step, "x the model's rate")
         ours_in = timed_iter(iter(ours), a)
         row("our tf.data input alone", ours_in, step, "x the model's rate")
         py_in = timed_iter(python_batches(index, feed, a.image_size, workers=os.cpu_count() or 2), a)
         row("our TensorFlow-free input alone (python_batches)", py_in, step, "x the model's rate")
-        print(f"\n=> ours trains {fast / base:.2f}x the seeds' way; our input runs at {ours_in / step:.1f}x the "
+        print(f"\n=> ours trains {best / base:.2f}x the seeds' way; our input runs at {ours_in / step:.1f}x the "
               f"model's step rate ({'the model is' if ours_in > step else 'the input is'} the bottleneck)")
+
+
+_SYNC_SITES: list[str] = []
+
+
+def host_syncs(model, data, a: argparse.Namespace, fast: bool) -> float:
+    """Host-device synchronisations per training step (``torch.cuda.set_sync_debug_mode``
+    warns at each one): the count over 6 steps minus the count over 2, over 4. Keeps
+    the three commonest call sites for :func:`sync_sites`."""
+    import collections
+    import warnings
+
+    import torch
+
+    from models.fast_layers import fast_fit
+
+    counts = []
+    sites: collections.Counter = collections.Counter()
+    for steps in (2, 6):
+        with warnings.catch_warnings(record=True) as caught, (fast_fit() if fast else contextlib.nullcontext()):
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        hits = [w for w in caught if "synchroniz" in str(w.message)]
+        counts.append(len(hits))
+        if steps == 6:
+            sites.update(f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}" for w in hits)
+    _SYNC_SITES[:] = [f"{k} x{v}" for k, v in sites.most_common(3)]
+    return (counts[1] - counts[0]) / 4
+
+
+def sync_sites(per_step: float) -> str:
+    return f" (commonest: {', '.join(_SYNC_SITES)})" if per_step >= 1 and _SYNC_SITES else ""
+
+
+def release_device() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        torch.cuda.empty_cache()
+    except ImportError:
+        pass
 
 
 # ---------------------------------------------------------------------------------------
@@ -260,21 +338,37 @@ def gpu_mode(a: argparse.Namespace) -> None:
     print(f"device: {device}; Keras {keras.__version__} on {keras.backend.backend()}; {a.backbone} at "
           f"{a.image_size}px, batch {a.batch_size}, {a.precision}{', jit' if a.jit else ''}, random init, every "
           f"layer training, {a.classes} outputs\n")
-    model = compiled_model(keras, a, a.classes)
-    t = time.perf_counter()
-    step = timed_fit(model, batches(), a)
-    print(f"  (compile + warmup + timed: {time.perf_counter() - t:.0f}s)")
-    row("model alone: fit on in-memory uint8 batches", step)
+    # Keras' own layers, then the same model with models.fast_layers (what training runs on torch)
+    sides = {"off": [False], "on": [True], "both": [False, True]}[a.fast if a.backend == "torch" else "off"]
+    rates: dict[bool, float] = {}
+    for fast in sides:
+        model = compiled_model(keras, a, a.classes, fast)
+        t = time.perf_counter()
+        rates[fast] = timed_fit(model, batches(), a, fast)
+        name = "model alone, fused torch layers (models.fast_layers)" if fast else "model alone, Keras' own layers"
+        row(name, rates[fast], rates.get(False) if fast else None,
+            f"(compile + warmup + timed {time.perf_counter() - t:.0f}s)")
+        if a.backend == "torch" and device != "cpu":
+            per_step = host_syncs(model, batches(), a, fast)
+            print(f"  {'':<58} {per_step:9.1f} host syncs a step{sync_sites(per_step)}")
+        if fast is not sides[-1]:
+            del model
+            release_device()
+    step = rates[sides[-1]]
     # the augmentation sub-model alone (flip, one batched affine warp, contrast) on one batch
-    aug = model.get_layer("augment")
-    xb = keras.ops.convert_to_tensor(x[:a.batch_size].astype(np.float32))
-    for _ in range(a.warmup):
-        keras.ops.convert_to_numpy(aug(xb, training=True)[:1])
-    t = time.perf_counter()
-    for _ in range(a.steps):
-        keras.ops.convert_to_numpy(aug(xb, training=True)[:1])  # [:1]: wait for the device, copy little
-    row("augmentation alone (models.augment + Keras flip/contrast)", a.steps * a.batch_size / (time.perf_counter() - t),
-        step, "x the model's rate")
+    from models.fast_layers import fast_fit
+
+    if a.backend != "jax":  # eager on JAX it would time op-by-op dispatch
+        aug = model.get_layer("augment")
+        xb = keras.ops.convert_to_tensor(x[:a.batch_size].astype(np.float32))
+        with fast_fit() if sides[-1] else contextlib.nullcontext():
+            for _ in range(a.warmup):
+                keras.ops.convert_to_numpy(aug(xb, training=True)[:1])
+            t = time.perf_counter()
+            for _ in range(a.steps):
+                keras.ops.convert_to_numpy(aug(xb, training=True)[:1])  # [:1]: wait for the device, copy little
+        row("augmentation alone (models.augment + Keras flip/contrast)",
+            a.steps * a.batch_size / (time.perf_counter() - t), step, "x the model's rate")
 
     # the TF-free input path's work per image: a JPEG of the export's size, PIL-decoded in threads
     from concurrent.futures import ThreadPoolExecutor

@@ -401,8 +401,13 @@ class TrainSettings(_Section):
     batch_size: int = Field(32, ge=1)
     #: ``auto``: bf16 on a GPU that supports it (fp16 on older ones), fp32 on a CPU
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    #: XLA (``jit_compile``) for the train step
+    #: XLA (``jit_compile``) for the train step (always on under ``KERAS_BACKEND=jax``,
+    #: whose step without it runs op by op)
     xla: bool = False
+    #: fused kernels for BatchNormalization and convolutions, and no host syncs for random
+    #: draws and scalars, where Keras' backend lacks them (``models.fast_layers``; the same
+    #: arithmetic, the saved model unchanged); ``false``: Keras' own layers
+    fast_layers: bool = True
     #: on a machine without a GPU with ``weights=none`` (nothing to transfer: the offline
     #: demo), train ``backbone``/``alpha``/``image_size`` left at their defaults as
     #: MobileNetV2 α 0.35 at 96 px (``tasks.train.CPU_RECIPE``): minutes on 2 cores, where

@@ -71,7 +71,7 @@ STATE = "state.json"
 #: the export must agree with Keras on at least this share of the test split
 EXPORT_AGREEMENT = 0.995
 #: settings that do not change what is trained (not part of the run key)
-NOT_IN_RUN_KEY = ("workers", "input", "export", "work_prefix", "dataset")
+NOT_IN_RUN_KEY = ("workers", "input", "export", "work_prefix", "dataset", "fast_layers")
 
 Log = Callable[[str], None]
 
@@ -454,7 +454,8 @@ def compile_for(model: Any, cfg: TrainSettings, task: str, lr: Any) -> None:
     else:
         loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing)
         metrics = [keras.metrics.CategoricalAccuracy(name="acc")]
-    model.compile(optimizer=make_optimizer(cfg, lr), loss=loss, metrics=metrics, jit_compile=bool(cfg.xla))
+    jit = bool(cfg.xla) or keras.backend.backend() == "jax"  # JAX without jit runs op by op
+    model.compile(optimizer=make_optimizer(cfg, lr), loss=loss, metrics=metrics, jit_compile=jit)
 
 
 # ---------------------------------------------------------------------------------------
@@ -758,6 +759,7 @@ def train_one(
     of ``train_splits``, restricted to ``keep_train``), validated on ``val_splits``
     (restricted to ``keep_val``, ``n_val`` records)."""
     from models.classifier import build_classifier, set_phase
+    from models.fast_layers import accelerate, fast_fit
 
     runtime = setup_runtime(cfg)
     names = output_names(index, task)
@@ -794,6 +796,8 @@ def train_one(
         else:
             state = {"epoch": 0, "phase": phases[0].name, "history": [], "run_key": key}
             model = build_classifier(num_outputs, cfg, task)
+        if cfg.fast_layers:
+            accelerate(model)
     tb = TensorBoardScalars(store, ckpt.key("tensorboard"), tempfile.mkdtemp(prefix="carflow-tb-"))
     images_per_epoch = steps * global_batch
     try:
@@ -809,11 +813,12 @@ def train_one(
                 log(f"{fold}phase {phase.name}: epochs {phase.start + 1}-{phase.end}, lr {phase.learning_rate:g}, "
                     f"{trainable} base layers trainable, {n_train} images, {steps} steps of {global_batch}")
             callback = make_epoch_callback(ckpt, state, phase, cfg, images_per_epoch, log, tb, progress, fold)
-            model.fit(
-                train_data, epochs=phase.end, initial_epoch=start, steps_per_epoch=steps,
-                validation_data=val_data, validation_steps=val_steps or None,
-                callbacks=[callback], verbose=0, shuffle=False,  # the pipelines shuffle
-            )
+            with fast_fit() if cfg.fast_layers else contextlib.nullcontext():
+                model.fit(
+                    train_data, epochs=phase.end, initial_epoch=start, steps_per_epoch=steps,
+                    validation_data=val_data, validation_steps=val_steps or None,
+                    callbacks=[callback], verbose=0, shuffle=False,  # the pipelines shuffle
+                )
     finally:
         tb.close()
     counts = {"train": n_train, "val": n_val}

@@ -270,11 +270,12 @@ def test_sigkilled_run_resumes_from_its_s3_checkpoint(crops, s3_uri, prefect_ser
 
 
 @pytest.mark.integration
-def test_torch_backend_trains_without_tensorflow(demo_export):
-    """KERAS_BACKEND=torch: the TensorFlow-free reader feeds the same export, a version is
-    registered, the predictor loads it (and resizes 48 px images to the model's 32), and
-    TensorFlow was never imported. (Small: Keras on torch is ~30x slower than on
-    TensorFlow on these CPUs.)"""
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_other_backends_train_without_tensorflow(demo_export, backend):
+    """KERAS_BACKEND=torch (with models.fast_layers) and jax (jit): the TensorFlow-free
+    reader feeds the same export, a version is registered, the predictor loads it (and
+    resizes 48 px images to the model's 32), and TensorFlow was never imported. (Small:
+    Keras on torch is ~30x slower than on TensorFlow on these CPUs.)"""
     # As on a GPU machine without TensorFlow: importing it fails. (Where it is installed,
     # Keras' own serializer probes `tensorflow` in model.save even on torch; our code never does.)
     script = f"""
@@ -304,12 +305,12 @@ print(json.dumps({{"out": {{k: out[k] for k in ("version", "epochs", "input", "r
                   "runtime": p.runtime, "shape": list(p.logits(x).shape),
                   "tensorflow": "tensorflow" in sys.modules}}))
 """
-    env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["out"]["epochs"] == 2 and got["out"]["input"] == "python"
-    assert got["out"]["runtime"]["backend"] == "torch" and got["runtime"] == "keras"
+    assert got["out"]["runtime"]["backend"] == backend and got["runtime"] == "keras"
     assert got["shape"][1] == len(demo_export["classes"])
     assert got["tensorflow"] is False
     assert got["out"]["test"]["n"] == _counts(demo_export["df"])["test"]

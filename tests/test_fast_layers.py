@@ -1,0 +1,246 @@
+"""models.fast_layers: each fast path against Keras' own layer, on TensorFlow (this
+process) and on torch (a subprocess: one Keras backend per process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from carflow.frameworks import import_keras
+from models.fast_layers import MARK, accelerate, fast_fit, same_padding
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TORCH_CHECKS = r"""
+import json, numpy as np, torch, keras
+from models.fast_layers import MARK, accelerate, fast_fit
+from models.classifier import build_classifier
+from keras.src.backend.torch import core, random as trandom
+
+rng = np.random.default_rng(0)
+report = {}
+
+def pair(cls, **kw):
+    a, b = cls(**kw), cls(**kw)
+    return a, b
+
+cases = {
+    "bn": (keras.layers.BatchNormalization, dict(momentum=0.9), (4, 15, 16, 6)),
+    "conv_same_s2": (keras.layers.Conv2D, dict(filters=8, kernel_size=3, strides=2, padding="same"), (4, 15, 16, 6)),
+    "conv_same_even": (keras.layers.Conv2D, dict(filters=5, kernel_size=4, padding="same", activation="swish"), (2, 9, 10, 3)),
+    "conv_valid_1x1": (keras.layers.Conv2D, dict(filters=4, kernel_size=1, use_bias=False), (2, 7, 7, 6)),
+    "depthwise_s2": (keras.layers.DepthwiseConv2D, dict(kernel_size=5, strides=2, padding="same", depth_multiplier=2), (4, 16, 15, 6)),
+    "depthwise_dilated": (keras.layers.DepthwiseConv2D, dict(kernel_size=3, padding="same", dilation_rate=2), (2, 12, 12, 4)),
+}
+for name, (cls, kw, shape) in cases.items():
+    a, b = pair(cls, **kw)
+    x = torch.tensor(rng.normal(2, 3, shape).astype(np.float32))
+    a.build(x.shape); b.build(x.shape)
+    for va, vb in zip(a.weights, b.weights):
+        value = torch.tensor(rng.normal(0.5, 0.3, tuple(va.shape)).astype(np.float32))
+        if "variance" in va.path:
+            value = value.abs() + 0.5
+        va.assign(value); vb.assign(value)
+    assert accelerate(keras.Sequential([b])) == 1 and getattr(b, MARK)
+    out = {}
+    for training in (False, True):
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        oa, ob = a(xa, training=training), b(xb, training=training)
+        g = torch.tensor(rng.normal(size=tuple(oa.shape)).astype(np.float32))
+        (oa * g).sum().backward(); (ob * g).sum().backward()
+        wa = [w.value.grad for w in a.trainable_weights]; wb = [w.value.grad for w in b.trainable_weights]
+        out[str(training)] = {
+            "shape": [list(oa.shape), list(ob.shape)],
+            "out": float((oa - ob).abs().max()), "scale": float(oa.abs().max()),
+            "grad_x": float((xa.grad - xb.grad).abs().max()),
+            "grad_w": max(float((p - q).abs().max()) for p, q in zip(wa, wb)),
+        }
+        for w in a.trainable_weights + b.trainable_weights:
+            w.value.grad = None
+    if name == "bn":
+        n = shape[0] * shape[1] * shape[2]
+        out["moving_mean"] = float((a.moving_mean.value - b.moving_mean.value).abs().max())
+        # torch updates with the unbiased batch variance (x n/(n-1) on the batch's share)
+        va_ = a.moving_variance.value; vb_ = b.moving_variance.value
+        out["moving_var_rel"] = float(((vb_ - va_) / va_).abs().max())
+        out["n"] = n
+    report[name] = out
+
+# the classifier: every BN and conv layer of the base gets a fast path, inference unchanged,
+# and the saved file loads as a plain Keras model (no trace of the fast path)
+cfg = {"backbone": "efficientnetb1", "weights": "none", "image_size": 32, "flip": True, "rotation": 0.05,
+       "contrast": 0.1}
+keras.utils.set_random_seed(1)
+plain = build_classifier(3, cfg)
+fast = build_classifier(3, cfg); fast.set_weights(plain.get_weights())
+kinds = (keras.layers.BatchNormalization, keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+eligible = sum(type(l) in kinds for l in fast._flatten_layers(include_self=False, recursive=True))
+report["patched"], report["eligible"] = accelerate(fast), eligible
+report["again"] = accelerate(fast)
+x = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+report["model_out"] = float(np.abs(keras.ops.convert_to_numpy(plain(x, training=False))
+                                   - keras.ops.convert_to_numpy(fast(x, training=False))).max())
+import tempfile, os
+with tempfile.TemporaryDirectory() as tmp:
+    fast.save(os.path.join(tmp, "m.keras"))
+    from models.classifier import load_keras_model
+    loaded = load_keras_model(os.path.join(tmp, "m.keras"))
+    report["loaded_marked"] = any(hasattr(l, MARK) for l in loaded._flatten_layers(include_self=False, recursive=True))
+    report["loaded_out"] = float(np.abs(keras.ops.convert_to_numpy(loaded(x, training=False))
+                                        - keras.ops.convert_to_numpy(plain(x, training=False))).max())
+
+# fast_fit: scalars keep their dtype and value, random ops run, everything is put back
+convert, seeder = core.convert_to_tensor, trandom.torch_seed_generator
+dtypes = []
+with fast_fit() as active:
+    report["active"] = active
+    report["swapped"] = core.convert_to_tensor is not convert and trandom.torch_seed_generator is not seeder
+    for v in (1.5, 3, True, 2 ** 40):
+        got, ref = keras.ops.convert_to_tensor(v), convert(v)
+        dtypes.append([str(got.dtype), str(ref.dtype), float(got) == float(ref)])
+    u = keras.random.uniform((1000,), seed=keras.random.SeedGenerator(3))
+    report["uniform"] = [float(u.min()), float(u.max())]
+    y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 8)]
+    fast.compile(optimizer="adam", loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    h = fast.fit(rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), y, epochs=2, batch_size=4, verbose=0)
+    report["loss"] = [float(v) for v in h.history["loss"]]
+report["dtypes"] = dtypes
+report["restored"] = core.convert_to_tensor is convert and trandom.torch_seed_generator is seeder
+print("REPORT " + json.dumps(report))
+"""
+
+
+@pytest.fixture(scope="module")
+def torch_report() -> dict:
+    env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", TORCH_CHECKS], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("REPORT ")][-1]
+    return json.loads(line[len("REPORT "):])
+
+
+def test_torch_layers_compute_what_keras_computes(torch_report: dict) -> None:
+    """Each fast path gives Keras' outputs, input gradients and weight gradients, in
+    inference and training mode (float32: the same kernels, to rounding)."""
+    for name in ("bn", "conv_same_s2", "conv_same_even", "conv_valid_1x1", "depthwise_s2", "depthwise_dilated"):
+        for mode in ("False", "True"):
+            r = torch_report[name][mode]
+            assert r["shape"][0] == r["shape"][1], (name, r)
+            assert r["scale"] > 0.1, (name, r)  # not a trivially zero output
+            assert r["out"] <= 1e-4 * max(1.0, r["scale"]), (name, mode, r)
+            assert r["grad_x"] <= 1e-4 and r["grad_w"] <= 1e-3, (name, mode, r)
+
+
+def test_torch_batchnorm_moving_statistics(torch_report: dict) -> None:
+    """Same moving mean; the moving variance differs only by torch's unbiased batch
+    variance (× n/(n-1) on the batch's share, momentum 0.9)."""
+    bn = torch_report["bn"]
+    assert bn["moving_mean"] < 1e-5
+    assert 0 < bn["moving_var_rel"] <= 1.0 / (bn["n"] - 1) + 1e-6
+
+
+def test_classifier_is_accelerated_and_saves_as_plain_keras(torch_report: dict) -> None:
+    assert torch_report["patched"] == torch_report["eligible"] > 50  # EfficientNetB1: every BN and conv
+    assert torch_report["again"] == 0
+    assert torch_report["model_out"] < 1e-4
+    assert not torch_report["loaded_marked"] and torch_report["loaded_out"] < 1e-4
+
+
+def test_fast_fit_scalars_random_and_restore(torch_report: dict) -> None:
+    assert torch_report["active"] and torch_report["swapped"] and torch_report["restored"]
+    for got, ref, same in torch_report["dtypes"]:
+        assert got == ref and same
+    lo, hi = torch_report["uniform"]
+    assert 0 <= lo < 0.01 and 0.99 < hi < 1
+    assert len(torch_report["loss"]) == 2 and all(np.isfinite(torch_report["loss"]))
+
+
+# ---------------------------------------------------------------------------------------
+# TensorFlow (this process)
+# ---------------------------------------------------------------------------------------
+def _bn_pair(keras, x_shape, momentum=0.9):
+    rng = np.random.default_rng(0)
+    a, b = keras.layers.BatchNormalization(momentum=momentum), keras.layers.BatchNormalization(momentum=momentum)
+    a.build(x_shape)
+    b.build(x_shape)
+    for va, vb in zip(a.weights, b.weights):
+        value = rng.normal(0.5, 0.3, tuple(va.shape)).astype(np.float32)
+        if "variance" in va.path:
+            value = np.abs(value) + 0.5
+        va.assign(value)
+        vb.assign(value)
+    assert accelerate(keras.Sequential([b])) == 1
+    return a, b
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_tensorflow_batchnorm_is_fused_and_equal(training: bool) -> None:
+    keras = import_keras()
+    tf = pytest.importorskip("tensorflow")
+    x = tf.constant(np.random.default_rng(1).normal(2, 3, (4, 15, 16, 6)).astype(np.float32))
+    a, b = _bn_pair(keras, x.shape)
+    w = tf.constant(np.random.default_rng(2).normal(size=x.shape).astype(np.float32))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        oa, ob = a(x, training=training), b(x, training=training)
+        la, lb = tf.reduce_sum(oa * w), tf.reduce_sum(ob * w)
+    np.testing.assert_allclose(ob.numpy(), oa.numpy(), atol=1e-4)
+    ga, gb = tape.gradient(la, [x, a.gamma, a.beta]), tape.gradient(lb, [x, b.gamma, b.beta])
+    for p, q in zip(ga, gb):
+        np.testing.assert_allclose(q.numpy(), p.numpy(), atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(b.moving_mean.numpy(), a.moving_mean.numpy(), atol=1e-5)
+    n = 4 * 15 * 16
+    rel = np.abs(b.moving_variance.numpy() / a.moving_variance.numpy() - 1)
+    if training:  # updated, with the unbiased batch variance
+        assert (rel > 0).all() and (rel <= 1 / (n - 1) + 1e-6).all()
+    else:
+        assert rel.max() == 0
+
+
+def test_tensorflow_model_trains_with_fused_batchnorm_and_saves_plain() -> None:
+    """The CPU recipe's model: every BatchNorm fused, same inference outputs, fit runs,
+    the saved file has no trace of the fast path."""
+    keras = import_keras()
+    from models.classifier import build_classifier, load_keras_model
+
+    cfg = {"backbone": "mobilenetv2", "alpha": 0.35, "weights": "none", "image_size": 32, "flip": True}
+    plain = build_classifier(3, cfg)
+    fast = build_classifier(3, cfg)
+    fast.set_weights(plain.get_weights())
+    bns = [layer for layer in fast._flatten_layers(include_self=False, recursive=True)
+           if type(layer) is keras.layers.BatchNormalization]
+    assert accelerate(fast) == len(bns) > 10
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_allclose(fast.predict(x, verbose=0), plain.predict(x, verbose=0), atol=1e-4)
+    before = [layer.moving_mean.numpy().copy() for layer in bns]
+    with fast_fit() as active:
+        assert active is False  # nothing to do on TensorFlow
+        fast.compile(optimizer="adam", loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+        fast.fit(x, np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1, 2]], epochs=1, batch_size=3, verbose=0)
+    assert any(np.abs(layer.moving_mean.numpy() - b).max() > 0 for layer, b in zip(bns, before))
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"fast-{os.getpid()}.keras"
+    try:
+        fast.save(path)
+        loaded = load_keras_model(path)
+    finally:
+        path.unlink(missing_ok=True)
+    assert not any(hasattr(layer, MARK) for layer in loaded._flatten_layers(include_self=False, recursive=True))
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), fast.predict(x, verbose=0), atol=1e-5)
+
+
+def test_same_padding_matches_keras_output_sizes() -> None:
+    """Keras' "same": ceil(n / stride) outputs; the odd pixel of padding goes after."""
+    for n in range(5, 20):
+        for k in (1, 2, 3, 4, 5):
+            for s in (1, 2, 3):
+                before, after = same_padding(n, k, s)
+                assert 0 <= after - before <= 1
+                assert (n + before + after - k) // s + 1 == -(-n // s)
