@@ -397,6 +397,10 @@ class TrainSettings(_Section):
     translation: float = Field(0.1, ge=0, lt=1)
     #: stop when the validation loss has not improved for this many epochs (0 = off)
     early_stopping: int = Field(3, ge=0)
+    #: epochs before early stopping starts watching the validation loss (Keras'
+    #: ``start_from_epoch``): a model trained from scratch gets worse on validation before
+    #: it gets better (the CPU recipe sets 15)
+    early_stopping_start: int = Field(0, ge=0)
     #: per device; the global batch is batch_size × replicas
     batch_size: int = Field(32, ge=1)
     #: ``auto``: bf16 on a GPU that supports it (fp16 on older ones), fp32 on a CPU

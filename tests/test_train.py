@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -105,11 +106,14 @@ def test_recipe_pieces():
     assert [p.name for p in plan_phases(TrainSettings(weights="imagenet", epochs=2, head_epochs=3))] == ["head"]
 
     # no GPU, nothing to transfer: the CPU recipe replaces the defaults, never what was set
-    from tasks.train import CPU_RECIPE, apply_cpu_recipe
+    from tasks.train import CPU_RECIPE, CPU_SCHEDULE, apply_cpu_recipe
 
     cpu, note = apply_cpu_recipe(TrainSettings(weights="none"), has_gpu=False)
     assert {k: getattr(cpu, k) for k in CPU_RECIPE} == CPU_RECIPE and "--no-cpu-recipe" in note
-    assert cpu.epochs == TrainSettings().epochs
+    assert {k: getattr(cpu, k) for k in CPU_SCHEDULE} == CPU_SCHEDULE and "40 epochs" in note
+    own, note = apply_cpu_recipe(TrainSettings(weights="none", epochs=7), has_gpu=False)  # what was set stays
+    assert own.epochs == 7 and own.early_stopping_start == CPU_SCHEDULE["early_stopping_start"]
+    assert "epochs," not in note and own.backbone == CPU_RECIPE["backbone"]
     for kept in (TrainSettings(weights="none"), TrainSettings(weights="imagenet"),
                  TrainSettings(weights="none", image_size=128), TrainSettings(weights="none", cpu_recipe=False)):
         for gpu in (True, False):
@@ -267,6 +271,33 @@ def test_sigkilled_run_resumes_from_its_s3_checkpoint(crops, s3_uri, prefect_ser
     version = store.get(f"models/classifier/{out['version']}/history.json")
     assert [h["epoch"] for h in json.loads(version)["history"]] == [1, 2, 3]
     assert not [k for k in store.list("work/train/") if "/tensorboard/" not in k]  # checkpoints cleared
+
+
+@pytest.mark.parametrize("start, stopped_at", [(0, 3), (3, 6)])
+def test_early_stopping_watches_from_its_start_epoch(start, stopped_at):
+    """Patience 2 on a validation loss that rises every epoch: from epoch 1 it stops at 3;
+    with ``early_stopping_start=3`` epochs 1-3 are not watched, so the best is epoch 4's
+    and it stops at 6."""
+    from carflow.settings import TrainSettings
+    from tasks.train import Phase, make_epoch_callback
+
+    class Ckpt:
+        saved = 0
+
+        def save(self, model, state):
+            Ckpt.saved += 1
+
+    cfg = TrainSettings(epochs=10, early_stopping=2, early_stopping_start=start)
+    state = {"epoch": 0, "phase": "full", "history": []}
+    callback = make_epoch_callback(Ckpt(), state, Phase("full", 0, 10, 1e-3), cfg, 32, lambda line: None, None, None)
+    callback.set_model(SimpleNamespace(stop_training=False))
+    for epoch in range(10):
+        callback.on_epoch_begin(epoch)
+        callback.on_epoch_end(epoch, {"loss": 1.0, "val_loss": 1.0 + epoch})
+        if callback.model.stop_training:
+            break
+    assert state["stopped"] == {"full": stopped_at} and Ckpt.saved == stopped_at
+    assert state["epoch"] == 10  # the phase is over: a rerun does not resume it
 
 
 @pytest.mark.integration
