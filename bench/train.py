@@ -1,7 +1,7 @@
 """Classifier training throughput, measured side by side in one process.
 
 CPU mode (default, ``KERAS_BACKEND=tensorflow``): the same model (``models/classifier.py``,
-same architecture and initial weights) on the same rendered demo crops, trained
+same architecture and recipe) on the same rendered demo crops, trained
 
 * the seeds' way: ``keras.utils.image_dataset_from_directory`` over the exported folders
   (``tasks.export.export_folders``: crops as stored, decoded and resized every step) into
@@ -30,8 +30,8 @@ installed): the model alone on in-memory uint8 batches at the requested backbone
 precision and batch (on torch with Keras' own layers and with ``models.fast_layers``
 side by side, and the host syncs a step of each), plus the TensorFlow-free input path's
 decode rate (PIL in a thread pool, as ``tasks.train.python_batches``) on random JPEGs of
-that size; prints img/s, the ratios and the device name. JAX needs ``--jit`` (its step
-without XLA runs op by op).
+that size; prints img/s, the ratios and the device name. On JAX ``--jit`` is the default
+(its step without XLA runs op by op).
 
     python bench/train.py                                   # CPU, TensorFlow
     KERAS_BACKEND=torch python bench/train.py --backend torch --backbone efficientnetb1 \\
@@ -99,7 +99,7 @@ def recipe(a: argparse.Namespace) -> dict:
 
 def compiled_model(keras, a: argparse.Namespace, classes: int, fast: bool = False):
     """The classifier compiled as training compiles it; ``fast``: with
-    :func:`models.fast_layers.accelerate` (the torch backend's fused layers)."""
+    :func:`models.fast_layers.accelerate` (fused layers on TensorFlow and torch)."""
     from models.classifier import build_classifier
     from models.fast_layers import accelerate
 
