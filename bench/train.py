@@ -10,7 +10,8 @@ same architecture and recipe) on the same rendered demo crops, trained
   (``tasks.export.export_tfrecords``, JPEGs resized once at export) through
   ``tasks.train.tfdata_batches`` (interleave, parallel decode, shuffle, prefetch), with
   ``train.fast_layers`` (``models.fast_layers``: TensorFlow's fused BatchNorm kernel,
-  which Keras 2, the seeds' Keras, called itself and Keras 3 does not); ``--fast off``
+  which Keras 2, the seeds' Keras, called itself and Keras 3 does not, and 1x1
+  convolutions as matmuls); ``--fast off``
   trains ours with Keras' own layers, to show the input's share alone;
 
 then each input pipeline alone and the model alone with each kind of layer (one
@@ -100,6 +101,7 @@ def recipe(a: argparse.Namespace) -> dict:
 def compiled_model(keras, a: argparse.Namespace, classes: int, fast: bool = False):
     """The classifier compiled as training compiles it; ``fast``: with
     :func:`models.fast_layers.accelerate` (fused layers on TensorFlow and torch)."""
+    from models.augment import use_xla
     from models.classifier import build_classifier
     from models.fast_layers import accelerate
 
@@ -107,6 +109,7 @@ def compiled_model(keras, a: argparse.Namespace, classes: int, fast: bool = Fals
     model = build_classifier(classes, recipe(a))
     if fast:
         accelerate(model)
+    use_xla(model, bool(a.jit))  # as training: XLA has no kernel for TensorFlow's image warp
     model.compile(optimizer=keras.optimizers.AdamW(1e-3),
                   loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1),
                   metrics=[keras.metrics.CategoricalAccuracy(name="acc")], jit_compile=bool(a.jit))
@@ -129,6 +132,9 @@ def steady_fit(keras, model, data, a: argparse.Namespace) -> float:
     """img/s of one ``model.fit`` call between the end of step ``a.warmup`` and the end of
     step ``a.warmup + a.steps``: the steady state of one running input pipeline, as in a
     training epoch (no pipeline start-up or shuffle-buffer fill in the timed window)."""
+    import gc
+
+    gc.collect()  # the previous measurement's input iterator (its prefetch threads) goes first
     marks: list[float] = []
 
     class Clock(keras.callbacks.Callback):

@@ -454,8 +454,13 @@ def compile_for(model: Any, cfg: TrainSettings, task: str, lr: Any) -> None:
     else:
         loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing)
         metrics = [keras.metrics.CategoricalAccuracy(name="acc")]
-    jit = bool(cfg.xla) or keras.backend.backend() == "jax"  # JAX without jit runs op by op
-    model.compile(optimizer=make_optimizer(cfg, lr), loss=loss, metrics=metrics, jit_compile=jit)
+    model.compile(optimizer=make_optimizer(cfg, lr), loss=loss, metrics=metrics, jit_compile=uses_jit(cfg))
+
+
+def uses_jit(cfg: TrainSettings) -> bool:
+    """Whether training compiles its step (``jit_compile``): ``train.xla``, and always on
+    JAX (whose step without it runs op by op)."""
+    return bool(cfg.xla) or import_keras().backend.backend() == "jax"
 
 
 # ---------------------------------------------------------------------------------------
@@ -765,6 +770,7 @@ def train_one(
     """Train (or resume) one model on ``train_rows`` (from :func:`scan_split`; the records
     of ``train_splits``, restricted to ``keep_train``), validated on ``val_splits``
     (restricted to ``keep_val``, ``n_val`` records)."""
+    from models.augment import use_xla
     from models.classifier import build_classifier, set_phase
     from models.fast_layers import accelerate, fast_fit
 
@@ -805,6 +811,7 @@ def train_one(
             model = build_classifier(num_outputs, cfg, task)
         if cfg.fast_layers:
             accelerate(model)
+        use_xla(model, uses_jit(cfg))  # built or loaded: the switch is not saved with the model
     tb = TensorBoardScalars(store, ckpt.key("tensorboard"), tempfile.mkdtemp(prefix="carflow-tb-"))
     images_per_epoch = steps * global_batch
     try:

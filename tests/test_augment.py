@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from carflow.frameworks import import_keras
-from models.augment import RandomAffine, affine_params, warp
+from models.augment import RandomAffine, affine_params, use_xla, warp
 from models.classifier import build_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,3 +79,29 @@ def test_contrast_clips_to_the_backbones_pixel_range():
         layers = {type(layer).__name__: layer for layer in model.get_layer("augment").layers}
         assert tuple(layers["RandomContrast"].value_range) == expected
         assert "RandomAffine" in layers and "RandomRotation" not in layers
+
+
+def test_xla_warp_equals_keras_affine_transform_and_compiles():
+    """TensorFlow under XLA (``train.xla``): ImageProjectiveTransformV3 has no XLA kernel,
+    so use_xla() switches RandomAffine to four gathers: the same pixels as Keras'
+    affine_transform (borders included), and a jit-compiled fit of the classifier runs."""
+    keras = import_keras()
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    img = rng.random((4, 20, 24, 3)).astype("float32") * 255
+    t = keras.ops.convert_to_numpy(affine_params(4, 20, 24, 0.1, 0.2, 0.15, keras.random.SeedGenerator(1)))
+    ref = keras.ops.convert_to_numpy(keras.ops.image.affine_transform(img, t, "bilinear", "reflect"))
+    compiled = tf.function(lambda x, m: warp(x, m, xla=True), jit_compile=True)
+    got = compiled(tf.constant(img), tf.constant(t)).numpy()
+    assert np.abs(ref - img).mean() > 5  # the transforms really moved pixels
+    np.testing.assert_allclose(got, ref, atol=0.01)  # on a 0..255 scale
+
+    cfg = {"backbone": "mobilenetv2", "alpha": 0.35, "weights": "none", "image_size": 32,
+           "rotation": 0.1, "zoom": 0.1, "translation": 0.1}
+    model = build_classifier(3, cfg)
+    assert use_xla(model) == 1
+    model.compile(optimizer="adam", loss=keras.losses.CategoricalCrossentropy(from_logits=True), jit_compile=True)
+    x = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    history = model.fit(x, np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1, 2]], epochs=1, batch_size=3, verbose=0)
+    assert np.isfinite(history.history["loss"][0])

@@ -204,9 +204,44 @@ def test_tensorflow_batchnorm_is_fused_and_equal(training: bool) -> None:
         assert rel.max() == 0
 
 
+@pytest.mark.parametrize("kwargs", [
+    dict(filters=5, kernel_size=1),
+    dict(filters=4, kernel_size=1, use_bias=False, padding="same", activation="relu6"),
+])
+def test_tensorflow_pointwise_conv_is_a_matmul_and_equal(kwargs: dict) -> None:
+    """On a CPU, a 1x1 stride-1 Conv2D runs as one matmul (oneDNN's 1x1 convolution
+    backward is the slowest op of the CPU step); outputs and gradients are Keras'."""
+    keras = import_keras()
+    tf = pytest.importorskip("tensorflow")
+    rng = np.random.default_rng(4)
+    x = tf.constant(rng.normal(1, 2, (3, 7, 9, 6)).astype(np.float32))
+    a, b = keras.layers.Conv2D(**kwargs), keras.layers.Conv2D(**kwargs)
+    a.build(x.shape)
+    b.build(x.shape)
+    for va, vb in zip(a.weights, b.weights):
+        value = rng.normal(0, 0.5, tuple(va.shape)).astype(np.float32)
+        va.assign(value)
+        vb.assign(value)
+    assert accelerate(keras.Sequential([b])) == 1 and getattr(b, MARK)
+    w = tf.constant(rng.normal(size=(3, 7, 9, kwargs["filters"])).astype(np.float32))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        oa, ob = a(x), b(x)
+        la, lb = tf.reduce_sum(oa * w), tf.reduce_sum(ob * w)
+    assert ob.shape == oa.shape
+    np.testing.assert_allclose(ob.numpy(), oa.numpy(), atol=1e-5)
+    ga, gb = tape.gradient(la, [x, *a.trainable_weights]), tape.gradient(lb, [x, *b.trainable_weights])
+    for p, q in zip(ga, gb):
+        np.testing.assert_allclose(q.numpy(), p.numpy(), atol=1e-4, rtol=1e-5)
+    for other in (dict(filters=3, kernel_size=3), dict(filters=3, kernel_size=1, strides=2)):
+        c = keras.layers.Conv2D(**other)
+        c.build(x.shape)
+        assert accelerate(keras.Sequential([c])) == 0  # only 1x1 at stride 1
+
+
 def test_tensorflow_model_trains_with_fused_batchnorm_and_saves_plain() -> None:
-    """The CPU recipe's model: every BatchNorm fused, same inference outputs, fit runs,
-    the saved file has no trace of the fast path."""
+    """The CPU recipe's model: every BatchNorm fused and every 1x1 convolution a matmul,
+    same inference outputs, fit runs, the saved file has no trace of the fast path."""
     keras = import_keras()
     from models.classifier import build_classifier, load_keras_model
 
@@ -214,9 +249,11 @@ def test_tensorflow_model_trains_with_fused_batchnorm_and_saves_plain() -> None:
     plain = build_classifier(3, cfg)
     fast = build_classifier(3, cfg)
     fast.set_weights(plain.get_weights())
-    bns = [layer for layer in fast._flatten_layers(include_self=False, recursive=True)
-           if type(layer) is keras.layers.BatchNormalization]
-    assert accelerate(fast) == len(bns) > 10
+    layers = list(fast._flatten_layers(include_self=False, recursive=True))
+    bns = [layer for layer in layers if type(layer) is keras.layers.BatchNormalization]
+    pointwise = [layer for layer in layers if type(layer) is keras.layers.Conv2D and layer.kernel_size == (1, 1)]
+    assert len(bns) > 10 and len(pointwise) > 10
+    assert accelerate(fast) == len(bns) + len(pointwise)
     rng = np.random.default_rng(3)
     x = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     np.testing.assert_allclose(fast.predict(x, verbose=0), plain.predict(x, verbose=0), atol=1e-4)
