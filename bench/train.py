@@ -351,7 +351,7 @@ def gpu_mode(a: argparse.Namespace) -> None:
         model = compiled_model(keras, a, a.classes, fast)
         t = time.perf_counter()
         rates[fast] = timed_fit(model, batches(), a, fast)
-        name = "model alone, fused torch layers (models.fast_layers)" if fast else "model alone, Keras' own layers"
+        name = "model alone, fast layers + direct graph calls (fast_layers)" if fast else "model alone, Keras' own layers"
         row(name, rates[fast], rates.get(False) if fast else None,
             f"(compile + warmup + timed {time.perf_counter() - t:.0f}s)")
         if a.backend == "torch" and device != "cpu":

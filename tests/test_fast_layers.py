@@ -95,6 +95,44 @@ with tempfile.TemporaryDirectory() as tmp:
     report["loaded_out"] = float(np.abs(keras.ops.convert_to_numpy(loaded(x, training=False))
                                         - keras.ops.convert_to_numpy(plain(x, training=False))).max())
 
+# direct_forward: the same leaf calls as Keras' graph walk, so bit for bit the same
+# outputs, gradients and moving statistics, in both modes and under a mixed policy
+from models.fast_layers import direct_forward
+det = {"backbone": "efficientnetb1", "weights": "none", "image_size": 32, "dropout": 0.0}
+report["direct"] = {}
+for policy in ("float32", "mixed_bfloat16"):
+    keras.config.set_dtype_policy(policy)
+    walk = build_classifier(3, det)
+    lean = build_classifier(3, det); lean.set_weights(walk.get_weights())
+    accelerate(walk, forward=False)
+    leaves = [l for l in lean._flatten_layers(include_self=False, recursive=True)
+              if not isinstance(l, (keras.Model, keras.layers.InputLayer))]
+    accelerate(lean)
+    r = {"planned_again": direct_forward(lean), "leaves": len(leaves),
+         "walk_planned": direct_forward(walk) == len(leaves)}  # walk gets it last: only the count
+    walk = build_classifier(3, det); walk.set_weights(lean.get_weights()); accelerate(walk, forward=False)
+    for p, q in zip(walk._flatten_layers(), lean._flatten_layers()):  # the same drop-connect draws
+        if getattr(p, "seed_generator", None) is not None:
+            q.seed_generator.state.assign(p.seed_generator.state.value)
+    for training in (False, True):
+        xa = torch.tensor(rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
+        oa, ob = walk(xa, training=training), lean(xa, training=training)
+        (oa.float().square().sum()).backward(); (ob.float().square().sum()).backward()
+        r[str(training)] = {
+            "dtype": [str(oa.dtype), str(ob.dtype)], "out": float((oa - ob).abs().max()),
+            "grad": max(float((p.value.grad - q.value.grad).abs().max())
+                        for p, q in zip(walk.trainable_weights, lean.trainable_weights)),
+            "stats": max(float((p.value - q.value).abs().max())
+                         for p, q in zip(walk.non_trainable_weights, lean.non_trainable_weights)),
+        }
+        lean.zero_grad(); walk.zero_grad()
+    # symbolic calls keep Keras' path
+    r["symbolic"] = list(lean(keras.Input((32, 32, 3), dtype="uint8")).shape)
+    report["direct"][policy] = r
+keras.config.set_dtype_policy("float32")
+two = keras.Input((4,)), keras.Input((4,))
+report["direct_two_inputs"] = direct_forward(keras.Model(list(two), keras.layers.Add()(list(two))))
+
 # fast_fit: scalars keep their dtype and value, random ops run, everything is put back
 convert, seeder = core.convert_to_tensor, trandom.torch_seed_generator
 dtypes = []
@@ -151,6 +189,22 @@ def test_classifier_is_accelerated_and_saves_as_plain_keras(torch_report: dict) 
     assert torch_report["again"] == 0
     assert torch_report["model_out"] < 1e-4
     assert not torch_report["loaded_marked"] and torch_report["loaded_out"] < 1e-4
+
+
+def test_direct_forward_is_keras_graph_walk_bit_for_bit(torch_report: dict) -> None:
+    """direct_forward calls every leaf layer of the model (nested base and augmentation
+    included) with the arguments Keras' graph walk gives it: identical outputs, weight
+    gradients and moving statistics, inference and training, float32 and mixed bf16;
+    symbolic calls and unsupported models keep Keras' path."""
+    for policy, r in torch_report["direct"].items():
+        assert r["walk_planned"] and r["leaves"] > 300  # EfficientNetB1's layers, each planned
+        assert r["planned_again"] == 0
+        for training in ("False", "True"):
+            got = r[training]
+            assert got["dtype"][0] == got["dtype"][1] == "torch.float32"  # the logits layer's policy
+            assert got["out"] == 0 and got["grad"] == 0 and got["stats"] == 0, (policy, training, got)
+        assert r["symbolic"] == [None, 3]
+    assert torch_report["direct_two_inputs"] == 0
 
 
 def test_fast_fit_scalars_random_and_restore(torch_report: dict) -> None:
