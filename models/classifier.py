@@ -28,6 +28,8 @@ its OpenVINO export on a CPU when there is one, the Keras model otherwise.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import tempfile
@@ -289,6 +291,16 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
+def _no_grad() -> Any:
+    """``torch.no_grad()`` on the torch backend (a direct model call records the autograd
+    graph otherwise: memory and time for nothing at inference), else nothing."""
+    if import_keras().backend.backend() == "torch":
+        import torch
+
+        return torch.no_grad()
+    return contextlib.nullcontext()
+
+
 class ClassifierPredictor:
     """Images → logits / probabilities / top-k labels of one classifier version.
 
@@ -308,6 +320,10 @@ class ClassifierPredictor:
         self.config = dict(config or {})
         self.runtime = runtime
         self.batch_size = batch_size
+        if runtime == "keras" and import_keras().backend.backend() == "torch":
+            from models.fast_layers import accelerate
+
+            accelerate(model)  # inference BatchNorm in one kernel, copy-free convs, direct graph calls
 
     # -- loading -------------------------------------------------------------------------
     @classmethod
@@ -355,7 +371,8 @@ class ClassifierPredictor:
                 outs.append(np.asarray(self.model(chunk), np.float32))
             else:
                 keras = import_keras()
-                outs.append(np.asarray(keras.ops.convert_to_numpy(self.model(chunk, training=False)), np.float32))
+                with _no_grad():
+                    outs.append(np.asarray(keras.ops.convert_to_numpy(self.model(chunk, training=False)), np.float32))
         return np.concatenate(outs).reshape(len(x), -1)
 
     def predict_proba(self, images: np.ndarray | Sequence[np.ndarray], calibrated: bool = True) -> np.ndarray:

@@ -305,7 +305,8 @@ def test_early_stopping_watches_from_its_start_epoch(start, stopped_at):
 def test_other_backends_train_without_tensorflow(demo_export, backend):
     """KERAS_BACKEND=torch (with models.fast_layers) and jax (jit): the TensorFlow-free
     reader feeds the same export, a version is registered, the predictor loads it (and
-    resizes 48 px images to the model's 32), and TensorFlow was never imported. (Small:
+    resizes 48 px images to the model's 32) and predicts what the plain Keras model
+    predicts, and TensorFlow was never imported. (Small:
     Keras on torch is ~30x slower than on TensorFlow on these CPUs.)"""
     # As on a GPU machine without TensorFlow: importing it fails. (Where it is installed,
     # Keras' own serializer probes `tensorflow` in model.save even on torch; our code never does.)
@@ -332,9 +333,19 @@ out = train_classifier({demo_export['uri']!r}, cfg, log=print)
 index = open_export({demo_export['uri']!r})
 x = [decode_image(ex["image"], {SIZE}) for ex in iter_examples(index.files("test")[0])]
 p = ClassifierPredictor.load(out["version"], storage={demo_export['uri']!r})
+import keras
+from models.classifier import load_keras_model, resize_batch
+from carflow.registry import Registry
+import tempfile, pathlib
+with tempfile.TemporaryDirectory() as tmp:  # the registered model as plain Keras runs it
+    path = pathlib.Path(tmp, "model.keras")
+    path.write_bytes(Registry({demo_export['uri']!r}).resolve("classifier", out["version"]).get("model.keras"))
+    plain = load_keras_model(path)
+    ref = keras.ops.convert_to_numpy(plain.predict(resize_batch(x, 32), verbose=0))
+got = p.logits(x)
 print(json.dumps({{"out": {{k: out[k] for k in ("version", "epochs", "input", "runtime", "test")}},
-                  "runtime": p.runtime, "shape": list(p.logits(x).shape),
-                  "tensorflow": "tensorflow" in sys.modules}}))
+                  "runtime": p.runtime, "shape": list(got.shape), "vs_plain": float(np.abs(got - ref).max()),
+                  "scale": float(np.abs(ref).max()), "tensorflow": "tensorflow" in sys.modules}}))
 """
     env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
@@ -343,6 +354,7 @@ print(json.dumps({{"out": {{k: out[k] for k in ("version", "epochs", "input", "r
     assert got["out"]["epochs"] == 2 and got["out"]["input"] == "python"
     assert got["out"]["runtime"]["backend"] == backend and got["runtime"] == "keras"
     assert got["shape"][1] == len(demo_export["classes"])
+    assert got["vs_plain"] <= 1e-4 * max(1.0, got["scale"])  # torch: the predictor's fast layers change nothing
     assert got["tensorflow"] is False
     assert got["out"]["test"]["n"] == _counts(demo_export["df"])["test"]
 
