@@ -29,7 +29,6 @@ its OpenVINO export on a CPU when there is one, the Keras model otherwise.
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 import tempfile
