@@ -51,8 +51,8 @@ busy ~100 ms of a ~300 ms step), so larger batches help; JAX (XLA, no fast path 
 ran the same model at 4,482 img/s. :func:`direct_forward` came after those GPU runs: on
 2 CPU cores, where an EfficientNetB1 step of 2 images at 32 px is nearly all host
 overhead, it took the torch step (bf16) from 150–167 ms to 115–122 ms (Keras' own
-layers: 168–186 ms); on a GPU it is not measured yet. MobileNetV2 α 0.35 at 96 px, fp32, on 2 CPU cores:
-TensorFlow 1.6× (the step 88 → 56 ms in the profiler), torch 2.6×.
+layers: 168–186 ms); on a GPU it is not measured yet. MobileNetV2 α 0.35 at 96 px,
+fp32, on 2 CPU cores: TensorFlow 1.6× (the step 88 → 56 ms in the profiler), torch 2.6×.
 
 JAX needs none of it (XLA fuses): :func:`accelerate` returns 0 there.
 ``train.fast_layers`` (on by default) turns both on for ``python -m flows.train``;
@@ -197,8 +197,8 @@ def _tf_on_cpu() -> bool:
 def accelerate(model: Any, forward: bool = True) -> int:
     """Give the layers of ``model`` (nested models included) that have a fused path on
     this backend that path (see the module doc), and on torch (``forward``) run the
-    model's graph by direct calls (:func:`direct_forward`); returns how many layers. A no-op (0) on JAX
-    (XLA fuses) and for layers already done."""
+    model's graph by direct calls (:func:`direct_forward`); returns how many layers. A
+    no-op (0) on JAX (XLA fuses) and for layers already done."""
     keras = import_keras()
     backend = keras.backend.backend()
     if backend not in ("torch", "tensorflow"):
