@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import os
 import sys
@@ -132,8 +133,6 @@ def steady_fit(keras, model, data, a: argparse.Namespace) -> float:
     """img/s of one ``model.fit`` call between the end of step ``a.warmup`` and the end of
     step ``a.warmup + a.steps``: the steady state of one running input pipeline, as in a
     training epoch (no pipeline start-up or shuffle-buffer fill in the timed window)."""
-    import gc
-
     gc.collect()  # the previous measurement's input iterator (its prefetch threads) goes first
     marks: list[float] = []
 
@@ -298,8 +297,6 @@ def sync_sites(per_step: float) -> str:
 
 
 def release_device() -> None:
-    import gc
-
     gc.collect()
     try:
         import torch

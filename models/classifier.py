@@ -290,16 +290,6 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
-def _no_grad() -> Any:
-    """``torch.no_grad()`` on the torch backend (a direct model call records the autograd
-    graph otherwise: memory and time for nothing at inference), else nothing."""
-    if import_keras().backend.backend() == "torch":
-        import torch
-
-        return torch.no_grad()
-    return contextlib.nullcontext()
-
-
 class ClassifierPredictor:
     """Images → logits / probabilities / top-k labels of one classifier version.
 
@@ -319,10 +309,20 @@ class ClassifierPredictor:
         self.config = dict(config or {})
         self.runtime = runtime
         self.batch_size = batch_size
-        if runtime == "keras" and import_keras().backend.backend() == "torch":
+        self._torch = runtime == "keras" and import_keras().backend.backend() == "torch"
+        if self._torch:
             from models.fast_layers import accelerate
 
             accelerate(model)  # inference BatchNorm in one kernel, copy-free convs, direct graph calls
+
+    def _no_grad(self) -> Any:
+        """``torch.no_grad()`` on the torch backend (a direct model call records the
+        autograd graph otherwise: memory and time for nothing at inference)."""
+        if self._torch:
+            import torch
+
+            return torch.no_grad()
+        return contextlib.nullcontext()
 
     # -- loading -------------------------------------------------------------------------
     @classmethod
@@ -370,7 +370,7 @@ class ClassifierPredictor:
                 outs.append(np.asarray(self.model(chunk), np.float32))
             else:
                 keras = import_keras()
-                with _no_grad():
+                with self._no_grad():
                     outs.append(np.asarray(keras.ops.convert_to_numpy(self.model(chunk, training=False)), np.float32))
         return np.concatenate(outs).reshape(len(x), -1)
 

@@ -242,11 +242,12 @@ def _graph_of(layer: Any) -> Any:
     return layer if isinstance(layer, Functional) else None
 
 
-def _forward_plan(model: Any) -> tuple[list[tuple[Any, Any, int, Any]], int] | None:
+def _forward_plan(model: Any) -> tuple[list[tuple[Any, Any, int, Any]], int, int] | None:
     """The leaf-layer calls of a one-input, one-output functional ``model`` in Keras'
     order, nested models expanded: ``[(layer, input id | [ids], output id, training
-    recorded at build)]`` and the output's id; ``None`` where Keras' own path is needed
-    (several inputs or outputs, masks, activity regularizers, other arguments)."""
+    recorded at build)]``, the model input's id and its output's id; ``None`` where
+    Keras' own path is needed (several inputs or outputs, masks, activity regularizers,
+    other arguments)."""
     keras = import_keras()
     graph = _graph_of(model)
     if graph is None or len(graph.inputs) != 1 or len(graph.outputs) != 1:
@@ -293,8 +294,9 @@ def _forward_plan(model: Any) -> tuple[list[tuple[Any, Any, int, Any]], int] | N
                 steps.append((op, spec, id(node.outputs[0]), training))
         return ref(fn.outputs[0])
 
-    out = expand(graph, id(graph.inputs[0]), None)
-    return None if out is None else (steps, out)
+    input_id = id(graph.inputs[0])
+    out = expand(graph, input_id, None)
+    return None if out is None else (steps, input_id, out)
 
 
 def direct_forward(model: Any) -> int:
@@ -313,8 +315,7 @@ def direct_forward(model: Any) -> int:
     planned = _forward_plan(model)
     if planned is None:
         return 0
-    steps, out_id = planned
-    input_id = id(_graph_of(model).inputs[0])
+    steps, input_id, out_id = planned
     prepared = []
     for layer, spec, output_id, default in steps:
         mixed = (layer.autocast and backend.is_float_dtype(layer.compute_dtype)
