@@ -102,18 +102,20 @@ def recipe(a: argparse.Namespace) -> dict:
 def compiled_model(keras, a: argparse.Namespace, classes: int, fast: bool = False):
     """The classifier compiled as training compiles it; ``fast``: with
     :func:`models.fast_layers.accelerate` (fused layers on TensorFlow and torch)."""
+    from carflow.settings import TrainSettings
     from models.augment import use_xla
     from models.classifier import build_classifier
     from models.fast_layers import accelerate
+    from models.recipe import Phase, compile_for, lr_schedule
 
     keras.config.set_dtype_policy({"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[a.precision])
     model = build_classifier(classes, recipe(a))
     if fast:
         accelerate(model)
     use_xla(model, bool(a.jit))  # as training: XLA has no kernel for TensorFlow's image warp
-    model.compile(optimizer=keras.optimizers.AdamW(1e-3),
-                  loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1),
-                  metrics=[keras.metrics.CategoricalAccuracy(name="acc")], jit_compile=bool(a.jit))
+    # the recipe's loss, metric, optimizer (AdamW) and schedule (warmup, then cosine decay)
+    cfg = TrainSettings(**recipe(a), xla=bool(a.jit), label_smoothing=0.1)
+    compile_for(model, cfg, "multiclass", lr_schedule(cfg, Phase("full", 0, 100, cfg.learning_rate), 100))
     return model
 
 
@@ -260,40 +262,17 @@ def cpu_mode(a: argparse.Namespace) -> None:
               f"model's step rate ({'the model is' if ours_in > step else 'the input is'} the bottleneck)")
 
 
-_SYNC_SITES: list[str] = []
-
-
-def host_syncs(model, data, a: argparse.Namespace, fast: bool) -> float:
-    """Host-device synchronisations per training step (``torch.cuda.set_sync_debug_mode``
-    warns at each one): the count over 6 steps minus the count over 2, over 4. Keeps
-    the three commonest call sites for :func:`sync_sites`."""
-    import collections
-    import warnings
-
-    import torch
-
+def host_syncs(model, data, a: argparse.Namespace, fast: bool) -> tuple[float, list[str]]:
+    """Host-device synchronisations per training step, and the commonest call sites
+    (:func:`models.fast_layers.host_syncs`)."""
     from models.fast_layers import fast_fit
+    from models.fast_layers import host_syncs as count
 
-    counts = []
-    sites: collections.Counter = collections.Counter()
-    for steps in (2, 6):
-        with warnings.catch_warnings(record=True) as caught, (fast_fit() if fast else contextlib.nullcontext()):
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        hits = [w for w in caught if "synchroniz" in str(w.message)]
-        counts.append(len(hits))
-        if steps == 6:
-            sites.update(f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}" for w in hits)
-    _SYNC_SITES[:] = [f"{k} x{v}" for k, v in sites.most_common(3)]
-    return (counts[1] - counts[0]) / 4
+    def run(steps: int) -> None:
+        with fast_fit() if fast else contextlib.nullcontext():
+            model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0)
 
-
-def sync_sites(per_step: float) -> str:
-    return f" (commonest: {', '.join(_SYNC_SITES)})" if per_step >= 1 and _SYNC_SITES else ""
+    return count(run)
 
 
 def release_device() -> None:
@@ -331,11 +310,16 @@ def gpu_mode(a: argparse.Namespace) -> None:
     x = rng.integers(0, 256, (n, a.image_size, a.image_size, 3), dtype=np.uint8)
     y = np.eye(a.classes, dtype=np.float32)[rng.integers(0, a.classes, n)]
 
+    from models.fast_layers import pinned, pins_batches
+
+    # on a GPU (torch), page-locked, as tasks.train.python_batches hands batches to fit
+    xb_all, yb_all = pinned((x, y)) if pins_batches() else (x, y)
+
     def batches():
         i = 0
         while True:
             s = (i % 4) * a.batch_size
-            yield x[s:s + a.batch_size], y[s:s + a.batch_size]
+            yield xb_all[s:s + a.batch_size], yb_all[s:s + a.batch_size]
             i += 1
 
     print(f"device: {device}; Keras {keras.__version__} on {keras.backend.backend()}; {a.backbone} at "
@@ -352,8 +336,9 @@ def gpu_mode(a: argparse.Namespace) -> None:
         row(name, rates[fast], rates.get(False) if fast else None,
             f"(compile + warmup + timed {time.perf_counter() - t:.0f}s)")
         if a.backend == "torch" and device != "cpu":
-            per_step = host_syncs(model, batches(), a, fast)
-            print(f"  {'':<58} {per_step:9.1f} host syncs a step{sync_sites(per_step)}")
+            per_step, sites = host_syncs(model, batches(), a, fast)
+            where = f" (commonest: {', '.join(sites)})" if per_step >= 1 and sites else ""
+            print(f"  {'':<58} {per_step:9.1f} host syncs a step{where}")
         if fast is not sides[-1]:
             del model
             release_device()

@@ -46,16 +46,14 @@ def _torch_warp(images: Any, transforms: Any) -> Any:
     n, h, w, _ = images.shape
     x = images.permute(0, 3, 1, 2).float()
     t = transforms.float()
-    ones, zeros = torch.ones_like(t[:, 0]), torch.zeros_like(t[:, 0])
-    # output pixel (x, y) -> input pixel, in pixel coordinates (pixel centres at integers)
-    m = torch.stack([torch.stack([t[:, 0], t[:, 1], t[:, 2]], 1),
-                     torch.stack([t[:, 3], t[:, 4], t[:, 5]], 1),
-                     torch.stack([zeros, zeros, ones], 1)], 1)
-    # grid_sample's normalised coordinates (align_corners=False): u = (2x + 1) / W - 1
-    to_norm = torch.tensor([[2.0 / w, 0.0, 1.0 / w - 1.0], [0.0, 2.0 / h, 1.0 / h - 1.0], [0.0, 0.0, 1.0]],
-                           device=x.device)
-    from_norm = torch.linalg.inv(to_norm)
-    theta = (to_norm @ m @ from_norm)[:, :2, :]
+    # output pixel (x, y) -> input pixel, in grid_sample's normalised coordinates
+    # (align_corners=False: u = a·x + b, a = 2/W, b = 1/W - 1; v = c·y + d): θ = N·T·N⁻¹,
+    # written out with Python scalars so that no constant is copied to the device
+    a, b, c, d = 2.0 / w, 1.0 / w - 1.0, 2.0 / h, 1.0 / h - 1.0
+    t0, t1, t2, t3, t4, t5 = (t[:, i] for i in range(6))
+    theta = torch.stack([
+        torch.stack([t0, (a / c) * t1, a * t2 - b * t0 - (a * d / c) * t1 + b], 1),
+        torch.stack([(c / a) * t3, t4, c * t5 - (c * b / a) * t3 - d * t4 + d], 1)], 1)
     grid = F.affine_grid(theta, [n, x.shape[1], h, w], align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     return out.permute(0, 2, 3, 1).to(images.dtype)

@@ -166,9 +166,11 @@ def build_classifier(num_outputs: int, cfg: Any, task: str = "multiclass") -> An
 
 def load_keras_model(path: str | Path, compile: bool = False) -> Any:
     """``keras.models.load_model`` for a classifier file, training checkpoints included
-    (their ``augment`` sub-model holds :class:`models.augment.RandomAffine`, registered by
-    importing that module first)."""
+    (their ``augment`` sub-model holds :class:`models.augment.RandomAffine`, their optimizer
+    :class:`models.schedules.WarmupCosineDecay`, registered by importing those modules
+    first)."""
     import models.augment  # noqa: F401 - registers carflow>RandomAffine for deserialisation
+    import models.schedules  # noqa: F401 - registers carflow>WarmupCosineDecay (checkpoints' optimizer)
 
     return import_keras().models.load_model(path, compile=compile)
 

@@ -14,7 +14,8 @@ Why (Keras 3.15):
 - **The torch step waits for the GPU ~70 times.** ``torch_seed_generator`` seeds a
   ``torch.Generator`` through ``int()`` of the seed state, which lives on the GPU (one
   wait per dropout layer and augmentation draw), and ``convert_to_tensor`` copies every
-  Python scalar from pageable memory, which CUDA precedes with a wait for the stream.
+  Python scalar, the batch and other host data (a loss's shape) from pageable memory,
+  which torch follows with a wait for the stream.
 
 What :func:`accelerate` does, per layer instance (class, config and weights untouched, so
 a saved model is the same file and loads anywhere, without this module):
@@ -47,7 +48,12 @@ it gives without it), and Python scalars become device tensors by a fill kernel.
 Figures (``bench/train.py``): EfficientNetB1, 240 px, bf16 on one H100, torch: 612 →
 961 img/s at batch 256 (host syncs a step 68 → 7 with :func:`fast_fit`), 1,652 img/s at
 batch 512. The torch step is then bound by Keras' Python overhead per layer (the GPU is
-busy ~100 ms of a ~300 ms step), so larger batches help; JAX (XLA, no fast path needed)
+busy ~100 ms of a ~300 ms step), so larger batches help. The 7 syncs left were then
+traced on a CPU (``tests/test_fast_layers.py`` audits a recipe-compiled step) and
+removed: the batch's two uploads and the loss's shape (:func:`_upload`), the
+augmentation's constant matrix and its checked inverse (:mod:`models.augment`), and,
+outside the bench, Keras' warmup ``CosineDecay`` (:mod:`models.schedules`); not measured on
+a GPU yet; JAX (XLA, no fast path needed)
 ran the same model at 4,482 img/s. :func:`direct_forward` came after those GPU runs: on
 2 CPU cores, where an EfficientNetB1 step of 2 images at 32 px is nearly all host
 overhead, it took the torch step (bf16) from 150–167 ms to 115–122 ms (Keras' own
@@ -346,30 +352,108 @@ def _no_generator(seed: Any) -> None:
     return None  # torch's default generator of the device: no host round trip
 
 
+def _host_numbers(x: Any) -> bool:
+    """A flat list or tuple of Python or NumPy numbers (a shape, a constant vector)."""
+    import numpy as np
+
+    return isinstance(x, (list, tuple)) and bool(x) and all(
+        isinstance(v, (bool, int, float, np.bool_, np.number)) for v in x)
+
+
+def _on_cuda(device: Any) -> bool:
+    return str(device).startswith("cuda")
+
+
+def _upload(t: Any, device: Any) -> Any:
+    """A CPU tensor to ``device`` from page-locked memory, without waiting: a pageable
+    copy (``non_blocking=False``) first waits for everything queued on the stream. The
+    staging block goes back to torch's pinned pool once the copy has run."""
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+
+def pinned(batch: Any) -> Any:
+    """A batch (a tuple of NumPy arrays) as page-locked torch CPU tensors: for the input's
+    background thread when training on a GPU (:func:`pins_batches`), so that the step's
+    upload (:func:`fast_fit`) neither copies on the host first nor waits."""
+    import torch
+
+    return tuple(torch.from_numpy(v).pin_memory() for v in batch)
+
+
+def pins_batches() -> bool:
+    """Whether :func:`pinned` applies: torch backend with a CUDA device."""
+    if not _torch_backend():
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def _filling(convert: Any) -> Any:
     """``convert_to_tensor`` that makes a Python scalar with ``torch.full`` on the device
     (a fill kernel) instead of ``torch.as_tensor`` (a copy from pageable host memory,
-    which waits for the device's queue); the same dtype rules, anything else unchanged."""
+    which waits for the device's queue), and on a CUDA device uploads host data (NumPy
+    arrays, lists of numbers, CPU tensors: the batch, a loss's shape) from page-locked
+    memory without waiting (:func:`_upload`); the same dtype rules (Keras' own
+    conversion on the CPU), anything else unchanged."""
+    import numpy as np
     import torch
     from keras.src.backend.config import floatx
-    from keras.src.backend.torch.core import get_device, to_torch_dtype
+    from keras.src.backend.torch.core import device_scope, get_device, to_torch_dtype
 
     def convert_to_tensor(x: Any, dtype: Any = None, sparse: Any = None, ragged: Any = None) -> Any:
-        if isinstance(x, (bool, int, float)) and not sparse and not ragged:
-            device = get_device()
-            if device != "meta":
-                if dtype is not None:
-                    dt = to_torch_dtype(dtype)
-                elif isinstance(x, bool):
-                    dt = torch.bool
-                elif isinstance(x, int):
-                    dt = torch.int64 if x < -(2**31) or x >= 2**31 else torch.int32
-                else:
-                    dt = to_torch_dtype(floatx())
-                return torch.full((), x, dtype=dt, device=device)
-        return convert(x, dtype=dtype, sparse=sparse, ragged=ragged)
+        if sparse or ragged:
+            return convert(x, dtype=dtype, sparse=sparse, ragged=ragged)
+        device = get_device()
+        if device == "meta":
+            return convert(x, dtype=dtype)
+        if isinstance(x, (bool, int, float)):
+            if dtype is not None:
+                dt = to_torch_dtype(dtype)
+            elif isinstance(x, bool):
+                dt = torch.bool
+            elif isinstance(x, int):
+                dt = torch.int64 if x < -(2**31) or x >= 2**31 else torch.int32
+            else:
+                dt = to_torch_dtype(floatx())
+            return torch.full((), x, dtype=dt, device=device)
+        if _on_cuda(device):
+            if type(x) is torch.Tensor and x.device.type == "cpu":
+                x = _upload(x, device)
+            elif isinstance(x, (np.ndarray, np.generic)) or _host_numbers(x):
+                with device_scope("cpu"):
+                    return _upload(convert(x, dtype=dtype), device)
+        return convert(x, dtype=dtype)
 
     return convert_to_tensor
+
+
+def host_syncs(run: Any, commonest: int = 3) -> tuple[float, list[str]]:
+    """Host-device synchronisations a training step on CUDA, and the commonest call
+    sites: ``run(steps)`` (e.g. a ``fit`` of that many steps) is called for 2 and 6 steps
+    under ``torch.cuda.set_sync_debug_mode("warn")``, which warns at each one; the
+    difference over 4 leaves out what happens once a ``fit``."""
+    import collections
+    import warnings
+    from pathlib import Path
+
+    import torch
+
+    counts = []
+    sites: collections.Counter = collections.Counter()
+    for steps in (2, 6):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                run(steps)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        hits = [w for w in caught if "synchroniz" in str(w.message)]
+        counts.append(len(hits))
+        if steps == 6:
+            sites.update(f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}" for w in hits)
+    return (counts[1] - counts[0]) / 4, [f"{k} x{v}" for k, v in sites.most_common(commonest)]
 
 
 def _swap(name: str, old: Any, new: Any) -> list[tuple[Any, str, Any]]:
@@ -393,7 +477,9 @@ def fast_fit() -> Iterator[bool]:
       ``torch.Generator`` seeded through ``int()`` of the seed state on the device;
     - Python scalars (``x * 0.5``, ``1.0 - rate``, the optimizer's constants) become device
       tensors by a fill kernel, not a copy from pageable memory, which CUDA precedes
-      with a wait for the stream.
+      with a wait for the stream;
+    - host data (the batch, a loss's shape) goes to a CUDA device from page-locked
+      memory with ``non_blocking=True`` (torch's pageable copy waits for the stream).
 
     Yields whether it did anything (False on other backends)."""
     if not _torch_backend():

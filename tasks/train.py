@@ -10,8 +10,8 @@ Pure functions first, then the thin Prefect task:
   Both yield ``(uint8 [B, S, S, 3], float32 targets [B, C], float32 sample weights [B])``
   forever; an epoch is ``ceil(n / global batch)`` steps;
 * **recipe** — balanced class weights (:func:`balanced_class_weights`, scikit-learn) or
-  oversampling (:func:`oversample_copies`), warmup + cosine decay
-  (:func:`lr_schedule`), SGD/Adam/AdamW (:func:`make_optimizer`), label smoothing, the
+  oversampling (:func:`oversample_copies`), warmup + cosine decay, SGD/Adam/AdamW and
+  label smoothing (:mod:`models.recipe`: ``lr_schedule``, ``compile_for``), the
   phases (:func:`plan_phases`: head on a frozen base, then the top layers; ``full`` for
   ``weights=none``), early stopping on the validation loss;
 * **hardware** — :func:`setup_runtime`: mixed precision (bf16 where the GPU supports it),
@@ -63,6 +63,7 @@ from carflow.frameworks import import_keras
 from carflow.registry import Registry, Version
 from carflow.settings import TrainSettings, as_settings
 from carflow.storage import Storage, open_storage
+from models.recipe import Phase, compile_for, lr_schedule, uses_jit
 from tasks.shards import gpu_slot
 
 #: bump when a change here makes an old checkpoint unusable (part of the run key)
@@ -218,11 +219,13 @@ def _labelled(index: Any, path: str, keep_ids: set[str] | None, task: str, names
                 yield ex, int(label)
 
 
-def python_batches(index: Any, feed: Feed, size: int, workers: int = 4, prefetch: int = 4) -> Iterator[tuple]:
+def python_batches(index: Any, feed: Feed, size: int, workers: int = 4, prefetch: int = 4,
+                   finish: Callable[[tuple], tuple] | None = None) -> Iterator[tuple]:
     """The TensorFlow-free pipeline: shard files read with :func:`tasks.export.iter_examples`
     (four interleaved, in a shuffled order), a shuffle buffer, PIL decodes in a thread
-    pool, and a background thread keeping ``prefetch`` batches ready. Every pass over the
-    records ends with its partial batch."""
+    pool, and a background thread keeping ``prefetch`` batches ready (each passed through
+    ``finish`` there, e.g. :func:`models.fast_layers.pinned`). Every pass over the records
+    ends with its partial batch."""
     files = _files(index, feed.splits)
     multilabel = feed.task == "multilabel"
     names = {n: i for i, n in enumerate(index.label_names)}
@@ -303,7 +306,7 @@ def python_batches(index: Any, feed: Feed, size: int, workers: int = 4, prefetch
         try:
             with ThreadPoolExecutor(workers) as pool:
                 for b in batches(pool):
-                    if not put(b):
+                    if not put(finish(b) if finish is not None else b):
                         return
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
             put(exc)
@@ -382,24 +385,18 @@ def pick_input(cfg: TrainSettings, task: str) -> str:
 
 
 def make_input(kind: str, index: Any, feed: Feed, size: int, workers: int) -> Any:
+    """The batches ``fit`` reads; on a CUDA device (torch) the Python pipeline hands them
+    over page-locked, for an upload that does not wait (:mod:`models.fast_layers`)."""
     if kind == "tfdata":
         return tfdata_batches(index, feed, size)
-    return python_batches(index, feed, size, workers)
+    from models.fast_layers import pinned, pins_batches
+
+    return python_batches(index, feed, size, workers, finish=pinned if pins_batches() else None)
 
 
 # ---------------------------------------------------------------------------------------
 # recipe
 # ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Phase:
-    """Epochs ``[start, end)`` of one training phase, at ``learning_rate``."""
-
-    name: str  # head | finetune | full
-    start: int
-    end: int
-    learning_rate: float
-
-
 def plan_phases(cfg: TrainSettings, replicas: int = 1) -> list[Phase]:
     """Phase 1 (``head``, frozen base) for ``head_epochs``, phase 2 (``finetune``) for the
     rest of ``epochs`` at ``finetune_lr_factor`` × the rate; ``weights=none``: one
@@ -416,51 +413,6 @@ def plan_phases(cfg: TrainSettings, replicas: int = 1) -> list[Phase]:
     if cfg.epochs > head:
         phases.append(Phase("finetune", head, cfg.epochs, lr * cfg.finetune_lr_factor))
     return phases
-
-
-def lr_schedule(cfg: TrainSettings, phase: Phase, steps_per_epoch: int) -> Any:
-    """Linear warmup over ``warmup_epochs`` to the phase's rate, then cosine decay to 0 over
-    the rest of the phase (``schedule=cosine``), or the rate after warmup (``constant``)."""
-    keras = import_keras()
-    total = max(1, (phase.end - phase.start) * steps_per_epoch)
-    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
-    if cfg.schedule == "constant" and not warmup:
-        return phase.learning_rate
-    if cfg.schedule == "constant":
-        return keras.optimizers.schedules.PiecewiseConstantDecay(
-            [warmup], [phase.learning_rate * 0.1, phase.learning_rate])
-    return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if warmup else phase.learning_rate,
-        decay_steps=max(1, total - warmup),
-        warmup_target=phase.learning_rate if warmup else None,
-        warmup_steps=warmup,
-    )
-
-
-def make_optimizer(cfg: TrainSettings, lr: Any) -> Any:
-    keras = import_keras()
-    if cfg.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=True)
-    if cfg.optimizer == "adam":
-        return keras.optimizers.Adam(lr)
-    return keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay)
-
-
-def compile_for(model: Any, cfg: TrainSettings, task: str, lr: Any) -> None:
-    keras = import_keras()
-    if task == "multilabel":
-        loss = keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing)
-        metrics = [keras.metrics.BinaryAccuracy(name="acc", threshold=0.0)]
-    else:
-        loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing)
-        metrics = [keras.metrics.CategoricalAccuracy(name="acc")]
-    model.compile(optimizer=make_optimizer(cfg, lr), loss=loss, metrics=metrics, jit_compile=uses_jit(cfg))
-
-
-def uses_jit(cfg: TrainSettings) -> bool:
-    """Whether training compiles its step (``jit_compile``): ``train.xla``, and always on
-    JAX (whose step without it runs op by op)."""
-    return bool(cfg.xla) or import_keras().backend.backend() == "jax"
 
 
 # ---------------------------------------------------------------------------------------

@@ -149,6 +149,50 @@ with fast_fit() as active:
     h = fast.fit(rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), y, epochs=2, batch_size=4, verbose=0)
     report["loss"] = [float(v) for v in h.history["loss"]]
 report["dtypes"] = dtypes
+# host data: Keras' own dtypes and values (on a CUDA device it goes up from pinned memory)
+hosted = []
+with fast_fit():
+    for v, dt in ((np.arange(6, dtype=np.uint8).reshape(2, 3), None), (np.arange(3, dtype=np.uint32), None),
+                  (np.linspace(0, 1, 4), "float32"), ((2, 3, 5), "int32"), ([1.5, 2.5], None),
+                  (torch.arange(4), "float32"), (np.float32(2.5), None)):
+        got, ref = keras.ops.convert_to_tensor(v, dtype=dt), convert(v, dtype=dt)
+        hosted.append([str(got.dtype), str(ref.dtype), got.tolist() == ref.tolist(), str(got.device)])
+report["hosted"] = hosted
+
+# what would make a training step wait for a GPU: a value read back (item, bool, int,
+# numpy), an inverse with its error check, or host data made into a tensor anywhere but
+# fast_fit's upload; counted over fits of 2 and 5 steps (the difference: per step)
+from torch.overrides import TorchFunctionMode
+import traceback
+READS = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "__array__", "cpu",
+         "linalg_inv", "inv", "nonzero"}
+MAKES = {"tensor", "as_tensor", "from_numpy", "asarray"}
+class Waits(TorchFunctionMode):
+    def __init__(self):
+        super().__init__(); self.sites = []
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in READS or (name in MAKES and args and not isinstance(args[0], (torch.Tensor, bool, int, float))):
+            stack = traceback.extract_stack()[:-1]
+            if not any(f.name == "convert_to_tensor" and f.filename.endswith("fast_layers.py") for f in stack):
+                self.sites.append(f"{name} @ {stack[-1].filename.split('/')[-1]}:{stack[-1].lineno}")
+        return func(*args, **(kwargs or {}))
+aug = build_classifier(3, {**cfg, "zoom": 0.1, "translation": 0.1, "dropout": 0.2}); accelerate(aug)
+from carflow.settings import TrainSettings
+from models.recipe import Phase, compile_for, lr_schedule
+recipe = TrainSettings(label_smoothing=0.1, warmup_epochs=1)  # AdamW, warmup then cosine, accuracy
+compile_for(aug, recipe, "multiclass", lr_schedule(recipe, Phase("full", 0, 3, 1e-3), 5))
+xs, ys = rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), np.eye(3, dtype=np.float32)[rng.integers(0, 3, 20)]
+ws = rng.random(20).astype(np.float32)
+waits = {}
+with fast_fit():
+    aug.fit(xs, ys, sample_weight=ws, batch_size=4, epochs=1, verbose=0)
+    for steps in (2, 5):
+        with Waits() as w:
+            aug.fit(xs[:4 * steps], ys[:4 * steps], sample_weight=ws[:4 * steps], batch_size=4, epochs=1, verbose=0)
+        waits[steps] = w.sites
+report["waits_per_step"] = (len(waits[5]) - len(waits[2])) / 3
+report["wait_sites"] = sorted(set(waits[5]))
 report["restored"] = core.convert_to_tensor is convert and trandom.torch_seed_generator is seeder
 print("REPORT " + json.dumps(report))
 """
@@ -214,6 +258,16 @@ def test_fast_fit_scalars_random_and_restore(torch_report: dict) -> None:
     lo, hi = torch_report["uniform"]
     assert 0 <= lo < 0.01 and 0.99 < hi < 1
     assert len(torch_report["loss"]) == 2 and all(np.isfinite(torch_report["loss"]))
+    for got, ref, same, device in torch_report["hosted"]:
+        assert got == ref and same and device == "cpu"
+
+
+def test_torch_training_step_has_nothing_that_waits_for_the_device(torch_report: dict) -> None:
+    """No read-back, no checked inverse and no host-data tensor outside fast_fit's upload
+    in a training step as flows.train compiles it (AdamW, warmup + cosine schedule,
+    accuracy; augmentation, dropout, label smoothing, sample weights): on a GPU each would
+    stall the host until the device catches up (the gpu test counts those)."""
+    assert torch_report["waits_per_step"] == 0, torch_report["wait_sites"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -335,3 +389,48 @@ def test_same_padding_matches_keras_output_sizes() -> None:
                 before, after = same_padding(n, k, s)
                 assert 0 <= after - before <= 1
                 assert (n + before + after - k) // s + 1 == -(-n // s)
+
+
+GPU_SYNCS = r"""
+import json, numpy as np, torch, keras
+if not torch.cuda.is_available():
+    print("NOCUDA"); raise SystemExit(0)
+from models.classifier import build_classifier
+from models.fast_layers import accelerate, fast_fit, host_syncs, pinned
+keras.config.set_dtype_policy("mixed_bfloat16")
+rng = np.random.default_rng(0)
+model = build_classifier(5, {"backbone": "efficientnetb1", "weights": "none", "image_size": 64, "flip": True,
+                             "rotation": 0.05, "zoom": 0.1, "translation": 0.1, "contrast": 0.1, "dropout": 0.2})
+accelerate(model)
+from carflow.settings import TrainSettings
+from models.recipe import Phase, compile_for, lr_schedule
+recipe = TrainSettings(warmup_epochs=1)
+compile_for(model, recipe, "multiclass", lr_schedule(recipe, Phase("full", 0, 3, 1e-3), 5))
+batch = pinned((rng.integers(0, 256, (16, 64, 64, 3), dtype=np.uint8),
+                np.eye(5, dtype=np.float32)[rng.integers(0, 5, 16)], rng.random(16).astype(np.float32)))
+def batches():
+    while True:
+        yield batch
+def run(steps):
+    with fast_fit():
+        model.fit(batches(), epochs=1, steps_per_epoch=steps, verbose=0)
+run(2)
+per_step, sites = host_syncs(run)
+print("REPORT " + json.dumps({"per_step": per_step, "sites": sites}))
+"""
+
+
+@pytest.mark.gpu
+def test_torch_training_step_does_not_wait_for_the_gpu() -> None:
+    """On CUDA, a training step under fast_fit as flows.train compiles it (bf16, AdamW,
+    warmup + cosine, augmentation, dropout, sample weights, page-locked batches) makes no
+    host-device synchronisation
+    (``torch.cuda.set_sync_debug_mode`` counts them)."""
+    env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", GPU_SYNCS], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    if "NOCUDA" in out.stdout:
+        pytest.skip("no CUDA device")
+    report = json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("REPORT ")][-1][len("REPORT "):])
+    assert report["per_step"] == 0, report["sites"]

@@ -131,6 +131,38 @@ def test_recipe_pieces():
         assert not held & rest
 
 
+def test_warmup_cosine_schedule_is_keras_cosine_decay_without_a_branch(tmp_path):
+    """The recipe's schedule gives Keras' CosineDecay's rates at every step (warmup, decay,
+    past the end), picks its branch with ``where`` (no ``cond``: on torch a host read-back
+    a step), and a model saved with it loads in Keras with its optimizer."""
+    from carflow.frameworks import import_keras
+    from carflow.settings import TrainSettings
+    from models.classifier import load_keras_model
+    from models.recipe import Phase, lr_schedule
+    from models.schedules import WarmupCosineDecay
+
+    keras = import_keras()
+    sched = lr_schedule(TrainSettings(warmup_epochs=2, schedule="cosine"), Phase("full", 0, 10, 3e-3), 7)
+    assert isinstance(sched, WarmupCosineDecay) and sched.warmup_steps == 14 and sched.decay_steps == 56
+    ref = keras.optimizers.schedules.CosineDecay(**sched.get_config())
+    steps = np.arange(0, 80)
+    got = np.array([float(sched(s)) for s in steps])
+    want = np.array([float(ref(s)) for s in steps])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
+    assert got[0] == 0 and got[14] == pytest.approx(3e-3) and got[7] == pytest.approx(1.5e-3)
+    assert got[70] == pytest.approx(0, abs=1e-12) and np.all(np.diff(got[14:71]) <= 0)
+    plain = WarmupCosineDecay(1e-3, 10)  # no warmup: Keras' own call
+    assert [float(plain(s)) for s in (0, 5, 10)] == [float(keras.optimizers.schedules.CosineDecay(1e-3, 10)(s))
+                                                     for s in (0, 5, 10)]
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.AdamW(sched), loss="mse")
+    model.fit(np.ones((4, 3)), np.zeros((4, 2)), epochs=1, verbose=0)
+    model.save(tmp_path / "m.keras")
+    loaded = load_keras_model(tmp_path / "m.keras", compile=True)
+    lr = loaded.optimizer._learning_rate
+    assert isinstance(lr, WarmupCosineDecay) and lr.get_config() == sched.get_config()
+
+
 def test_model_takes_uint8_and_freezes_batchnorm_in_finetune():
     from carflow.frameworks import import_keras
     from models.classifier import base_of, build_classifier, inference_model, set_phase
@@ -279,7 +311,8 @@ def test_early_stopping_watches_from_its_start_epoch(start, stopped_at):
     with ``early_stopping_start=3`` epochs 1-3 are not watched, so the best is epoch 4's
     and it stops at 6."""
     from carflow.settings import TrainSettings
-    from tasks.train import Phase, make_epoch_callback
+    from models.recipe import Phase
+    from tasks.train import make_epoch_callback
 
     class Ckpt:
         saved = 0
