@@ -36,7 +36,7 @@ that size; prints img/s, the ratios and the device name. On JAX ``--jit`` is the
 
     python bench/train.py                                   # CPU, TensorFlow
     KERAS_BACKEND=torch python bench/train.py --backend torch --backbone efficientnetb1 \\
-        --image-size 240 --precision bf16 --batch-size 512  # one GPU, torch
+        --image-size 240 --precision bf16 --batch-size 512 [--cuda-graphs]  # one GPU, torch
     KERAS_BACKEND=jax python bench/train.py --backend jax --jit --backbone efficientnetb1 \\
         --image-size 240 --precision bf16 --batch-size 256  # one GPU, JAX
 """
@@ -76,6 +76,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="jit_compile (XLA on TF, torch.compile on torch); default: train.xla (CPU), off (GPU)")
     p.add_argument("--fast", choices=["both", "on", "off"], default="both",
                    help="GPU mode on torch: the model with Keras' own layers (off), with models.fast_layers (on), or both side by side; CPU mode: off trains ours with Keras' own layers too")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="GPU mode on torch: also the fast model with its whole step as one CUDA graph "
+                        "(models.fast_layers.CudaGraphStep, train.cuda_graphs)")
     p.add_argument("--classes", type=int, default=100, help="GPU mode: outputs of the head")
     p.add_argument("--rounds", type=int, default=3,
                    help="CPU mode: alternating seeds/ours rounds, best of each (a shared machine's load varies)")
@@ -343,6 +346,21 @@ def gpu_mode(a: argparse.Namespace) -> None:
             del model
             release_device()
     step = rates[sides[-1]]
+    if a.cuda_graphs and a.backend == "torch" and device != "cpu" and sides[-1]:
+        from models.fast_layers import cuda_graph_steps
+
+        t = time.perf_counter()
+        # captured in the untimed warmup fit (its last step), replayed in the timed one
+        with cuda_graph_steps(model, warmup=max(1, a.warmup - 1)) as graphed:
+            graph_rate = timed_fit(model, batches(), a, True)
+            per_step, sites = host_syncs(model, batches(), a, True)
+        if graphed is not None:
+            how = "" if graphed.replays >= a.steps else " - capture failed: eager"
+            row("model alone, fast layers + the step as one CUDA graph", graph_rate, step,
+                f"(capture + warmup + timed {time.perf_counter() - t:.0f}s{how})")
+            where = f" (commonest: {', '.join(sites)})" if per_step >= 1 and sites else ""
+            print(f"  {'':<58} {per_step:9.1f} host syncs a step{where}")
+            step = max(step, graph_rate)
     # the augmentation sub-model alone (flip, one batched affine warp, contrast) on one batch
     from models.fast_layers import fast_fit
 

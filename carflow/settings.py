@@ -412,6 +412,11 @@ class TrainSettings(_Section):
     #: draws and scalars, where Keras' backend lacks them (``models.fast_layers``; the same
     #: arithmetic, the saved model unchanged); ``false``: Keras' own layers
     fast_layers: bool = True
+    #: torch on a CUDA GPU: capture the whole training step (forward, backward, optimizer,
+    #: metrics) as one CUDA graph and replay it per batch, without Keras' Python per layer
+    #: (``models.fast_layers.CudaGraphStep``; an epoch's partial batch runs eagerly, a
+    #: step that cannot be captured falls back with one line). Off until measured on a GPU
+    cuda_graphs: bool = False
     #: on a machine without a GPU with ``weights=none`` (nothing to transfer: the offline
     #: demo), train ``backbone``/``alpha``/``image_size`` left at their defaults as
     #: MobileNetV2 α 0.35 at 96 px (``tasks.train.CPU_RECIPE``): minutes on 2 cores, where

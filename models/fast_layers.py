@@ -60,6 +60,11 @@ overhead, it took the torch step (bf16) from 150–167 ms to 115–122 ms (Keras
 layers: 168–186 ms); on a GPU it is not measured yet. MobileNetV2 α 0.35 at 96 px,
 fp32, on 2 CPU cores: TensorFlow 1.6× (the step 88 → 56 ms in the profiler), torch 2.6×.
 
+:class:`CudaGraphStep` (``train.cuda_graphs``, off by default; torch on CUDA) goes
+further: with no sync left in the step, the whole step is captured once as a CUDA graph
+and replayed per batch, so no Keras Python runs per step at all (gpu tests check it
+trains as the eager step; not measured on a GPU yet).
+
 JAX needs none of it (XLA fuses): :func:`accelerate` returns 0 there.
 ``train.fast_layers`` (on by default) turns both on for ``python -m flows.train``;
 ``tests/test_fast_layers.py`` checks each fast path against Keras' own layer (outputs,
@@ -364,10 +369,25 @@ def _on_cuda(device: Any) -> bool:
     return str(device).startswith("cuda")
 
 
+#: the most elements a host tensor may have to be rebuilt on the device by fills while a
+#: CUDA graph is captured (a shape, a constant vector; a batch is uploaded before)
+CAPTURED_HOST_ELEMENTS = 64
+
+
 def _upload(t: Any, device: Any) -> Any:
     """A CPU tensor to ``device`` from page-locked memory, without waiting: a pageable
     copy (``non_blocking=False``) first waits for everything queued on the stream. The
-    staging block goes back to torch's pinned pool once the copy has run."""
+    staging block goes back to torch's pinned pool once the copy has run. While a CUDA
+    graph is captured (:class:`CudaGraphStep`) a copy would be replayed from a host buffer
+    freed since, so a small tensor (a loss's shape) is rebuilt on the device by fill
+    kernels, constants of the graph; a larger one is an error (the capture falls back)."""
+    import torch
+
+    if torch.cuda.is_current_stream_capturing():
+        if t.numel() > CAPTURED_HOST_ELEMENTS:
+            raise RuntimeError(f"host data of shape {tuple(t.shape)} inside a captured training step")
+        flat = [torch.full((), v, dtype=t.dtype, device=device) for v in t.reshape(-1).tolist()]
+        return (torch.stack(flat) if flat else torch.empty(0, dtype=t.dtype, device=device)).reshape(t.shape)
     return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
 
@@ -454,6 +474,116 @@ def host_syncs(run: Any, commonest: int = 3) -> tuple[float, list[str]]:
         if steps == 6:
             sites.update(f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}" for w in hits)
     return (counts[1] - counts[0]) / 4, [f"{k} x{v}" for k, v in sites.most_common(commonest)]
+
+
+class CudaGraphStep:
+    """``model.train_function`` as one CUDA graph (torch): the whole step (forward, loss,
+    backward, optimizer update, metrics) is captured once and replayed for every batch
+    of the same shapes, so the host's per-step work is copying the batch into the graph's
+    input buffers and one ``replay``: none of Keras' Python per layer, per gradient and per
+    kernel launch.
+
+    - The first ``warmup`` steps run eagerly on a side stream (cuDNN algorithm choice,
+      optimizer and metric variables built), as torch requires before a capture; the next
+      step is captured with its batch in static device buffers and then replayed.
+    - A batch of other shapes (an epoch's partial last batch) runs eagerly; so does every
+      step if the capture fails (an op that synchronises or copies host data inside the
+      step): one line says why, and training goes on at eager speed.
+    - What changes from step to step stays on the device: the learning rate follows the
+      optimizer's ``iterations``, random draws come from torch's generator (which a graph
+      advances on each replay; use inside :func:`fast_fit`), metrics and BatchNorm
+      statistics are updated in place.
+
+    Use around ``fit`` through :func:`cuda_graph_steps`; Keras' ``compile`` drops it (a new
+    optimizer: a new graph). Not for fp16 (its loss scaling branches on the host)."""
+
+    def __init__(self, model: Any, step: Any, warmup: int = 3, log: Any = None):
+        self.model, self.step, self.warmup, self.log = model, step, warmup, log or print
+        self.calls = 0
+        self.replays = 0
+        self.graph: Any = None
+        self.failed = False
+        self.signature: Any = None
+        self.inputs: list[Any] = []
+        self.outputs: Any = None
+        self.side: Any = None
+
+    @staticmethod
+    def _signature(tensors: list[Any]) -> tuple:
+        return tuple((tuple(t.shape), t.dtype) for t in tensors)
+
+    def _device_batch(self, data: Any) -> tuple[Any, list[Any]]:
+        from keras.src import tree
+        from keras.src.backend.torch.core import convert_to_tensor
+
+        batch = tree.map_structure(lambda v: None if v is None else convert_to_tensor(v), data)
+        return batch, [t for t in tree.flatten(batch) if t is not None]
+
+    def __call__(self, data: Any) -> Any:
+        import torch
+        from keras.src import tree
+
+        self.calls += 1
+        batch, tensors = self._device_batch(data)
+        if self.graph is not None and self._signature(tensors) == self.signature:
+            for dst, src in zip(self.inputs, tensors):
+                dst.copy_(src, non_blocking=True)
+            self.graph.replay()
+            self.replays += 1
+            return self.outputs
+        if self.failed or self.graph is not None:
+            return self.step(batch)
+        if self.calls <= self.warmup:
+            if self.side is None:
+                self.side = torch.cuda.Stream()
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                logs = self.step(batch)
+            torch.cuda.current_stream().wait_stream(self.side)
+            return logs
+        self.inputs = [t.clone() for t in tensors]
+        it = iter(self.inputs)
+        static = tree.map_structure(lambda v: None if v is None else next(it), batch)
+        self.model.zero_grad()  # the backward's gradients are allocated in the graph's pool
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: the input's background thread may pin memory meanwhile
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.outputs = self.step(static)
+        except Exception as exc:  # noqa: BLE001 - any op that cannot be captured: stay eager
+            self.failed, self.inputs, self.outputs = True, [], None
+            self.log(f"CUDA graph capture of the training step failed, training eagerly: "
+                     f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            torch.cuda.synchronize()
+            return self.step(batch)
+        self.graph, self.signature = graph, self._signature(tensors)
+        graph.replay()  # the capture only recorded this step: run it
+        self.replays += 1
+        return self.outputs
+
+
+@contextlib.contextmanager
+def cuda_graph_steps(model: Any, on: bool = True, warmup: int = 3, log: Any = None) -> Iterator[Any]:
+    """While open (around ``fit``), ``model``'s training step is a :class:`CudaGraphStep`
+    where it can be: torch backend, a CUDA device, ``on``, and not under fp16 loss
+    scaling. Yields that step (``.replays``: steps run by the graph), or None; Keras' own
+    train function is put back after."""
+    keras = import_keras()
+    usable = on and _torch_backend() and keras.config.dtype_policy().name != "mixed_float16"
+    if usable:
+        import torch
+
+        usable = torch.cuda.is_available()
+    if not usable:
+        yield None
+        return
+    model.make_train_function()
+    keras_step = model.train_function
+    model.train_function = graphed = CudaGraphStep(model, keras_step, warmup, log)
+    try:
+        yield graphed
+    finally:
+        model.train_function = keras_step
 
 
 def _swap(name: str, old: Any, new: Any) -> list[tuple[Any, str, Any]]:

@@ -72,7 +72,7 @@ STATE = "state.json"
 #: the export must agree with Keras on at least this share of the test split
 EXPORT_AGREEMENT = 0.995
 #: settings that do not change what is trained (not part of the run key)
-NOT_IN_RUN_KEY = ("workers", "input", "export", "work_prefix", "dataset", "fast_layers")
+NOT_IN_RUN_KEY = ("workers", "input", "export", "work_prefix", "dataset", "fast_layers", "cuda_graphs")
 
 Log = Callable[[str], None]
 
@@ -724,7 +724,7 @@ def train_one(
     (restricted to ``keep_val``, ``n_val`` records)."""
     from models.augment import use_xla
     from models.classifier import build_classifier, set_phase
-    from models.fast_layers import accelerate, fast_fit
+    from models.fast_layers import accelerate, cuda_graph_steps, fast_fit
 
     runtime = setup_runtime(cfg)
     names = output_names(index, task)
@@ -779,7 +779,11 @@ def train_one(
                 log(f"{fold}phase {phase.name}: epochs {phase.start + 1}-{phase.end}, lr {phase.learning_rate:g}, "
                     f"{trainable} base layers trainable, {n_train} images, {steps} steps of {global_batch}")
             callback = make_epoch_callback(ckpt, state, phase, cfg, images_per_epoch, log, tb, progress, fold)
-            with fast_fit() if cfg.fast_layers else contextlib.nullcontext():
+            with fast_fit() if cfg.fast_layers else contextlib.nullcontext(), \
+                    cuda_graph_steps(model, cfg.cuda_graphs, log=lambda line: log(f"{fold}{line}")) as graphed:
+                if graphed is not None:
+                    log(f"{fold}the training step runs as one CUDA graph after {graphed.warmup} eager steps "
+                        f"(train.cuda_graphs)")
                 model.fit(
                     train_data, epochs=phase.end, initial_epoch=start, steps_per_epoch=steps,
                     validation_data=val_data, validation_steps=val_steps or None,

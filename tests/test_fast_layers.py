@@ -192,15 +192,26 @@ with fast_fit():
             aug.fit(xs[:4 * steps], ys[:4 * steps], sample_weight=ws[:4 * steps], batch_size=4, epochs=1, verbose=0)
         waits[steps] = w.sites
 report["waits_per_step"] = (len(waits[5]) - len(waits[2])) / 3
+from models.fast_layers import cuda_graph_steps
+step_before = aug.train_function
+with cuda_graph_steps(aug) as graphed:  # no CUDA here: Keras' own step
+    report["graph_on_cpu"] = [graphed is None, aug.train_function is step_before]
 report["wait_sites"] = sorted(set(waits[5]))
 report["restored"] = core.convert_to_tensor is convert and trandom.torch_seed_generator is seeder
 print("REPORT " + json.dumps(report))
 """
 
 
+def torch_env() -> dict:
+    """The environment of a torch-backend subprocess: this checkout first on the path,
+    whatever the path had (a device machine's packages installed with ``--target``)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": path}
+
+
 @pytest.fixture(scope="module")
 def torch_report() -> dict:
-    env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": str(ROOT)}
+    env = torch_env()
     out = subprocess.run([sys.executable, "-c", TORCH_CHECKS], env=env, capture_output=True, text=True,
                          timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -268,6 +279,7 @@ def test_torch_training_step_has_nothing_that_waits_for_the_device(torch_report:
     accuracy; augmentation, dropout, label smoothing, sample weights): on a GPU each would
     stall the host until the device catches up (the gpu test counts those)."""
     assert torch_report["waits_per_step"] == 0, torch_report["wait_sites"]
+    assert torch_report["graph_on_cpu"] == [True, True]  # CUDA graphs: only on a CUDA device
 
 
 # ---------------------------------------------------------------------------------------
@@ -426,7 +438,7 @@ def test_torch_training_step_does_not_wait_for_the_gpu() -> None:
     warmup + cosine, augmentation, dropout, sample weights, page-locked batches) makes no
     host-device synchronisation
     (``torch.cuda.set_sync_debug_mode`` counts them)."""
-    env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": str(ROOT)}
+    env = torch_env()
     out = subprocess.run([sys.executable, "-c", GPU_SYNCS], env=env, capture_output=True, text=True,
                          timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -434,3 +446,93 @@ def test_torch_training_step_does_not_wait_for_the_gpu() -> None:
         pytest.skip("no CUDA device")
     report = json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("REPORT ")][-1][len("REPORT "):])
     assert report["per_step"] == 0, report["sites"]
+
+
+GPU_GRAPH = r"""
+import contextlib, json, numpy as np, torch, keras
+if not torch.cuda.is_available():
+    print("NOCUDA"); raise SystemExit(0)
+from carflow.settings import TrainSettings
+from models.classifier import build_classifier
+from models.fast_layers import accelerate, cuda_graph_steps, fast_fit
+from models.recipe import Phase, compile_for, lr_schedule
+torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+rng = np.random.default_rng(0)
+xs = rng.integers(0, 256, (38, 64, 64, 3), dtype=np.uint8)
+ys = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 38)]
+ws = (rng.random(38) + 0.5).astype(np.float32)
+still = dict(flip=False, rotation=0.0, zoom=0.0, translation=0.0, contrast=0.0)
+
+def model_for(dropout, lr=1e-3):
+    keras.utils.set_random_seed(0)
+    cfg = TrainSettings(weights="none", backbone="mobilenetv2", alpha=0.35, image_size=64, dropout=dropout,
+                        warmup_epochs=1, **still)
+    m = build_classifier(3, cfg); accelerate(m)
+    compile_for(m, cfg, "multiclass", lr_schedule(cfg, Phase("full", 0, 3, lr), 5))
+    return m
+
+report, lines = {}, []
+# the same training eagerly and as a graph (batches of 8, each epoch ending with one of 6)
+runs = {}
+for graph in (False, True):
+    m = model_for(0.0)
+    with fast_fit(), (cuda_graph_steps(m, warmup=2, log=lines.append) if graph else contextlib.nullcontext()) as g:
+        h = m.fit(xs, ys, sample_weight=ws, batch_size=8, epochs=3, verbose=0, shuffle=False)
+    runs[graph] = (m, h.history["loss"], g.replays if g is not None else None)
+a, b = runs[False][0], runs[True][0]
+report["weights"] = max(float(np.abs(p - q).max()) for p, q in zip(a.get_weights(), b.get_weights()))
+report["moved"] = max(float(np.abs(p - q).max()) for p, q in zip(a.get_weights(), model_for(0.0).get_weights()))
+report["loss"] = [runs[False][1], runs[True][1]]
+report["replays"] = runs[True][2]
+report["iterations"] = [int(a.optimizer.iterations), int(b.optimizer.iterations)]
+report["restored"] = not hasattr(b.train_function, "replays")
+
+# replays draw new random numbers: the same batch, a negligible rate, dropout 0.5
+m = model_for(0.5, lr=1e-9)
+seen = []
+class Seen(keras.callbacks.Callback):
+    def on_train_batch_end(self, i, logs=None):
+        seen.append(float(logs["loss"]))
+def same():
+    while True:
+        yield xs[:8], ys[:8]
+with fast_fit(), cuda_graph_steps(m, warmup=2, log=lines.append) as g:
+    m.fit(same(), steps_per_epoch=8, epochs=1, verbose=0, callbacks=[Seen()])
+step_losses = [seen[0]] + [k * seen[k - 1] - (k - 1) * seen[k - 2] for k in range(2, 9)]  # from running means
+report["dropout_losses"] = step_losses[3:]
+report["dropout_replays"] = g.replays
+
+# a step that cannot be captured (it reads a value back) falls back with one line
+inp = keras.Input((8, 8, 3), dtype="uint8")
+x = keras.layers.Rescaling(1 / 255)(inp)
+x = keras.layers.Lambda(lambda t: t * float(t.mean() > 0))(x)
+s = keras.Model(inp, keras.layers.Dense(3)(keras.layers.Flatten()(x)))
+compile_for(s, TrainSettings(), "multiclass", 1e-3)
+with fast_fit(), cuda_graph_steps(s, warmup=1, log=lines.append) as g:
+    h = s.fit(xs[:32, :8, :8], ys[:32], batch_size=8, epochs=1, verbose=0)
+report["fallback"] = {"failed": g.failed, "replays": g.replays, "loss": h.history["loss"]}
+report["lines"] = lines
+print("REPORT " + json.dumps(report))
+"""
+
+
+@pytest.mark.gpu
+def test_cuda_graph_step_trains_as_the_eager_step() -> None:
+    """On CUDA, the training step as one CUDA graph (``train.cuda_graphs``) trains as the
+    eager step does (weights, losses, optimizer iterations; the partial batches run
+    eagerly), replays draw new random numbers, and a step that cannot be captured falls
+    back with one line."""
+    env = torch_env()
+    out = subprocess.run([sys.executable, "-c", GPU_GRAPH], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    if "NOCUDA" in out.stdout:
+        pytest.skip("no CUDA device")
+    r = json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("REPORT ")][-1][len("REPORT "):])
+    assert r["moved"] > 1e-3 and r["weights"] < 1e-4, r
+    np.testing.assert_allclose(r["loss"][0], r["loss"][1], rtol=1e-4)
+    assert r["iterations"] == [15, 15] and r["replays"] == 15 - 2 - 3 and r["restored"]  # 3 partial batches eager
+    assert r["dropout_replays"] == 6 and np.std(r["dropout_losses"]) > 1e-4, r["dropout_losses"]
+    fb = r["fallback"]
+    assert fb["failed"] and fb["replays"] == 0 and np.isfinite(fb["loss"]).all()
+    assert sum("capture" in line and "failed" in line for line in r["lines"]) == 1, r["lines"]
