@@ -209,14 +209,21 @@ def torch_env() -> dict:
     return {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": path}
 
 
-@pytest.fixture(scope="module")
-def torch_report() -> dict:
-    env = torch_env()
-    out = subprocess.run([sys.executable, "-c", TORCH_CHECKS], env=env, capture_output=True, text=True,
+def run_torch(script: str) -> dict:
+    """Run ``script`` on the torch backend in a subprocess and return its ``REPORT`` line's
+    JSON; skips the test where the script says ``NOCUDA``."""
+    out = subprocess.run([sys.executable, "-c", script], env=torch_env(), capture_output=True, text=True,
                          timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
+    if "NOCUDA" in out.stdout:
+        pytest.skip("no CUDA device")
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("REPORT ")][-1]
     return json.loads(line[len("REPORT "):])
+
+
+@pytest.fixture(scope="module")
+def torch_report() -> dict:
+    return run_torch(TORCH_CHECKS)
 
 
 def test_torch_layers_compute_what_keras_computes(torch_report: dict) -> None:
@@ -436,15 +443,8 @@ print("REPORT " + json.dumps({"per_step": per_step, "sites": sites}))
 def test_torch_training_step_does_not_wait_for_the_gpu() -> None:
     """On CUDA, a training step under fast_fit as flows.train compiles it (bf16, AdamW,
     warmup + cosine, augmentation, dropout, sample weights, page-locked batches) makes no
-    host-device synchronisation
-    (``torch.cuda.set_sync_debug_mode`` counts them)."""
-    env = torch_env()
-    out = subprocess.run([sys.executable, "-c", GPU_SYNCS], env=env, capture_output=True, text=True,
-                         timeout=600, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
-    if "NOCUDA" in out.stdout:
-        pytest.skip("no CUDA device")
-    report = json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("REPORT ")][-1][len("REPORT "):])
+    host-device synchronisation (``torch.cuda.set_sync_debug_mode`` counts them)."""
+    report = run_torch(GPU_SYNCS)
     assert report["per_step"] == 0, report["sites"]
 
 
@@ -522,13 +522,7 @@ def test_cuda_graph_step_trains_as_the_eager_step() -> None:
     eager step does (weights, losses, optimizer iterations; the partial batches run
     eagerly), replays draw new random numbers, and a step that cannot be captured falls
     back with one line."""
-    env = torch_env()
-    out = subprocess.run([sys.executable, "-c", GPU_GRAPH], env=env, capture_output=True, text=True,
-                         timeout=600, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
-    if "NOCUDA" in out.stdout:
-        pytest.skip("no CUDA device")
-    r = json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("REPORT ")][-1][len("REPORT "):])
+    r = run_torch(GPU_GRAPH)
     assert r["moved"] > 1e-3 and r["weights"] < 1e-4, r
     np.testing.assert_allclose(r["loss"][0], r["loss"][1], rtol=1e-4)
     assert r["iterations"] == [15, 15] and r["replays"] == 15 - 2 - 3 and r["restored"]  # 3 partial batches eager
