@@ -388,7 +388,12 @@ def _upload(t: Any, device: Any) -> Any:
             raise RuntimeError(f"host data of shape {tuple(t.shape)} inside a captured training step")
         flat = [torch.full((), v, dtype=t.dtype, device=device) for v in t.reshape(-1).tolist()]
         return (torch.stack(flat) if flat else torch.empty(0, dtype=t.dtype, device=device)).reshape(t.shape)
-    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+    if not t.is_pinned():
+        try:
+            t = t.pin_memory()
+        except RuntimeError:  # no page-locked memory to be had: the waiting copy
+            return t.to(device)
+    return t.to(device, non_blocking=True)
 
 
 def pinned(batch: Any) -> Any:
@@ -397,7 +402,10 @@ def pinned(batch: Any) -> Any:
     upload (:func:`fast_fit`) neither copies on the host first nor waits."""
     import torch
 
-    return tuple(torch.from_numpy(v).pin_memory() for v in batch)
+    try:
+        return tuple(torch.from_numpy(v).pin_memory() for v in batch)
+    except RuntimeError:  # no page-locked memory to be had: as it came (uploaded waiting)
+        return batch
 
 
 def pins_batches() -> bool:

@@ -196,6 +196,9 @@ from models.fast_layers import cuda_graph_steps
 step_before = aug.train_function
 with cuda_graph_steps(aug) as graphed:  # no CUDA here: Keras' own step
     report["graph_on_cpu"] = [graphed is None, aug.train_function is step_before]
+from models.fast_layers import pinned, pins_batches
+plain_batch = (xs[:2], ys[:2])
+report["pinning_on_cpu"] = [pins_batches(), pinned(plain_batch) is plain_batch]  # no page-locked memory: as it came
 report["wait_sites"] = sorted(set(waits[5]))
 report["restored"] = core.convert_to_tensor is convert and trandom.torch_seed_generator is seeder
 print("REPORT " + json.dumps(report))
@@ -287,6 +290,7 @@ def test_torch_training_step_has_nothing_that_waits_for_the_device(torch_report:
     stall the host until the device catches up (the gpu test counts those)."""
     assert torch_report["waits_per_step"] == 0, torch_report["wait_sites"]
     assert torch_report["graph_on_cpu"] == [True, True]  # CUDA graphs: only on a CUDA device
+    assert torch_report["pinning_on_cpu"] == [False, True]
 
 
 # ---------------------------------------------------------------------------------------

@@ -105,13 +105,14 @@ class FaultyS3:
 
             body = moto_app(environ, capture)
             if method == "PUT" and status and status[0].startswith("200"):
-                for pattern, fn in list(self._after):
-                    if pattern.search(path):
-                        fn(path)
+                # counted first: a hook may read the count at once (from another thread)
                 for pattern in {p for p, _ in self._after} | ({self._hold[0]} if self._hold else set()):
                     if pattern.search(path):
                         with self._lock:
                             self.stored[pattern.pattern] = self.stored.get(pattern.pattern, 0) + 1
+                for pattern, fn in list(self._after):
+                    if pattern.search(path):
+                        fn(path)
             return body
 
         return app
