@@ -21,8 +21,8 @@ and int labels:
 (c)  TFRecord shards of JPEGs pre-resized at export to ``size``×``size`` (``fit="square"``:
      the export ``flows/dataset.py`` writes by default), same reader;
 (c2) the same shards read without TensorFlow's reader: ``ExportIndex.examples``
-     (``tasks.tfrecord``: pure-Python framing + protobuf) and a PIL decode on a thread
-     pool, batched in NumPy — the path of Keras on the torch/JAX backends (wrapped in
+     (``tasks.tfrecord``: pure-Python framing + protobuf) and ``carflow.imageio.decode_square``
+     (as training decodes) on a thread pool, batched in NumPy — the path of Keras on the torch/JAX backends (wrapped in
      ``from_generator`` here only to be timed like the others);
 (d)  sharded uint8 ``.npy`` arrays ``[k, size, size, 3]`` (no decode at all), read by
      memory-mapping each shard.
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from PIL import Image
 
+    from carflow.imageio import decode_square
     from carflow.keys import image_key
     from carflow.storage import LocalStorage
     from tasks.export import (
@@ -222,10 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             pool = ThreadPoolExecutor(args.threads or workers)
 
             def decode(data: bytes) -> np.ndarray:
-                im = Image.open(io.BytesIO(data)).convert("RGB")
-                if im.size != (size, size):
-                    im = im.resize((size, size), Image.Resampling.BILINEAR)
-                return np.asarray(im)
+                return decode_square(data, size)  # as training's TF-free reader decodes
 
             def gen():
                 batch: list = []
@@ -242,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             sig = (tf.TensorSpec((None, size, size, 3), tf.uint8), tf.TensorSpec((None,), tf.int64))
             return tf.data.Dataset.from_generator(gen, output_signature=sig).prefetch(auto)
 
-        layouts["(c2) our export, TF-free reader + PIL decode"] = (tf_free_pipeline,
+        layouts["(c2) our export, TF-free reader + decode_square"] = (tf_free_pipeline,
                                                                     sorted(tfr["square"][0].rglob("*.tfrecord")))
         if not args.no_npy:
             layouts["(d)  sharded uint8 .npy arrays, memory-mapped"] = (npy_pipeline, sorted(npy.glob("*.npy")))

@@ -30,7 +30,8 @@ GPU mode (``--backend torch`` or ``jax``; no TensorFlow is imported, none needs 
 installed): the model alone on in-memory uint8 batches at the requested backbone, size,
 precision and batch (on torch with Keras' own layers and with ``models.fast_layers``
 side by side, and the host syncs a step of each), plus the TensorFlow-free input path's
-decode rate (PIL in a thread pool, as ``tasks.train.python_batches``) on random JPEGs of
+decode rate (``carflow.imageio.decode_square`` in a thread pool, as
+``tasks.train.python_batches``) on random JPEGs of
 that size; prints img/s, the ratios and the device name. On JAX ``--jit`` is the default
 (its step without XLA runs op by op).
 
@@ -385,9 +386,10 @@ def gpu_mode(a: argparse.Namespace) -> None:
         Image.fromarray(x[i]).save(buf, "JPEG", quality=90)
         jpegs.append(buf.getvalue())
 
+    from carflow.imageio import decode_square, opencv
+
     def decode(b: bytes) -> np.ndarray:
-        with Image.open(io.BytesIO(b)) as im:
-            return np.asarray(im.convert("RGB"))
+        return decode_square(b, a.image_size)
 
     workers = os.cpu_count() or 4
     with ThreadPoolExecutor(workers) as pool:
@@ -397,7 +399,9 @@ def gpu_mode(a: argparse.Namespace) -> None:
         while time.perf_counter() - t < 3.0:
             count += len(list(pool.map(decode, jpegs * 4)))
         rate = count / (time.perf_counter() - t)
-    row(f"TF-free input: PIL decode of {a.image_size}px JPEGs, {workers} threads", rate, step, "x the model's rate")
+    how = "OpenCV" if opencv() is not None else "PIL"
+    row(f"TF-free input: {how} decode of {a.image_size}px JPEGs, {workers} threads", rate, step,
+        "x the model's rate")
     print(f"\n=> {step:.0f} img/s training on {device} (aim: >= 2000 img/s on one H100 for EfficientNetB1 at 240px "
           f"bf16); noise JPEGs are the worst case for decode")
     assert "tensorflow" not in sys.modules

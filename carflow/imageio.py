@@ -17,11 +17,14 @@ so the helpers are safe to call from many threads at once.
   really decoded (the grey fill is found whether or not the file ends with EOI: a file
   cut short and given an EOI by a broken uploader decodes "successfully" with it).
 - :func:`jpeg_scans` counts a JPEG's scans (a progressive JPEG cut short has fewer).
+- :func:`decode_rgb` decodes a stored image whole (crop stage, serving);
+  :func:`decode_square` an exported training image (OpenCV where installed).
 """
 
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -357,6 +360,47 @@ def decode_rgb(data: bytes, max_pixels: int = DECODE_MAX_PIXELS) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+# ---------------------------------------------------------------------------------------
+# the decode of an exported training image (training's and evaluation's TF-free reader)
+# ---------------------------------------------------------------------------------------
+_OPENCV: list = []
+
+
+def opencv() -> Any:
+    """OpenCV, where it is installed (ultralytics installs it), else None; imported once."""
+    if not _OPENCV:
+        try:
+            import cv2
+        except ImportError:
+            cv2 = None
+        _OPENCV.append(cv2)
+    return _OPENCV[0]
+
+
+def decode_square(data: bytes, size: int) -> np.ndarray:
+    """An exported image (an RGB JPEG, ``size``×``size`` by default) → uint8
+    ``[size, size, 3]`` RGB, resized bilinearly when it is another size; no EXIF
+    rotation (the export's pixels as stored). What the TensorFlow-free training input and
+    evaluation read the export with.
+
+    An image already ``size``×``size`` is decoded by OpenCV where it is installed: the same
+    libjpeg-turbo decode as Pillow's, the same pixels (tested), in one call that releases
+    the GIL (240-px JPEGs on this 2-core box: 1.2–1.6× Pillow's rate, noise to smooth).
+    Pillow does the rest (draft mode for a JPEG more than twice the size)."""
+    cv2 = opencv()
+    if cv2 is not None:
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        if arr is not None and arr.shape[:2] == (size, size):
+            return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+    with Image.open(io.BytesIO(data)) as im:
+        if im.format == "JPEG" and (im.width > 2 * size and im.height > 2 * size):
+            im.draft("RGB", (size, size))
+        rgb = im.convert("RGB")
+        if rgb.size != (size, size):
+            rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(rgb)
+
+
 __all__ = [
     "IMAGE_FORMATS",
     "NOT_IMAGE_FORMATS",
@@ -365,6 +409,7 @@ __all__ = [
     "UnidentifiedImageError",
     "DECODE_MAX_PIXELS",
     "decode_rgb",
+    "decode_square",
     "decode_small",
     "decoded_rows",
     "draft_request",

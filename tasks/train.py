@@ -60,6 +60,7 @@ from prefect.cache_policies import NO_CACHE
 from carflow import keys
 from carflow.errors import UserError
 from carflow.frameworks import import_keras
+from carflow.imageio import decode_square
 from carflow.registry import Registry, Version
 from carflow.settings import TrainSettings, as_settings
 from carflow.storage import Storage, open_storage
@@ -179,19 +180,6 @@ class Feed:
     repeat: bool = True
 
 
-def decode_image(jpeg: bytes, size: int) -> np.ndarray:
-    """JPEG bytes → uint8 ``[size, size, 3]`` (bilinear when the size differs)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(jpeg)) as im:
-        if im.format == "JPEG" and (im.width > 2 * size and im.height > 2 * size):
-            im.draft("RGB", (size, size))
-        rgb = im.convert("RGB")
-        if rgb.size != (size, size):
-            rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(rgb)
-
-
 def _files(index: Any, splits: tuple[str, ...]) -> list[str]:
     return [f for sp in splits if sp in index.splits for f in index.files(sp)]
 
@@ -271,7 +259,7 @@ def python_batches(index: Any, feed: Feed, size: int, workers: int = 4, prefetch
                 return
 
     def assemble(pool: ThreadPoolExecutor, chunk: list) -> tuple:
-        x = np.stack(list(pool.map(lambda it: decode_image(it[0], size), chunk)))
+        x = np.stack(list(pool.map(lambda it: decode_square(it[0], size), chunk)))
         if multilabel:
             y = np.stack([it[1] for it in chunk]).astype(np.float32)
         else:
@@ -822,7 +810,7 @@ def predict_logits(model: Any, index: Any, splits: tuple[str, ...] | str, size: 
 
     for path in _files(index, splits):
         for ex, y in _labelled(index, path, keep_ids, index.task, names, width):
-            xs.append(decode_image(ex["image"], size))
+            xs.append(decode_square(ex["image"], size))
             ys.append(y)
             ids.append(ex["image_id"])
             if len(xs) == batch:

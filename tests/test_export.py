@@ -608,3 +608,39 @@ def test_dataset_flow_exports_crops_as_tfrecord(tmp_path, prefect_server):
     again = dataset(storage=uri, min_images=2, tfrecord=True, tfrecord_size=SIZE, run="r2")
     assert again["exports"]["tfrecord"]["skipped"] is True and "folders" not in again["exports"]
     assert again["exports"]["tfrecord"]["per_split"] == per_split and again["exports"]["tfrecord"]["encoded"] == 0
+
+
+def test_decode_square_gives_pillows_pixels_with_opencv(monkeypatch):
+    """The training reader's decode (``carflow.imageio.decode_square``) takes OpenCV's
+    faster path for an image already at the size and gives exactly Pillow's pixels (RGB
+    order, grey and alpha images, EXIF orientation ignored as Pillow's path ignores it);
+    other sizes are resized by Pillow."""
+    import carflow.imageio as imageio
+
+    assert imageio.opencv() is not None  # ultralytics installs it: the fast path is what runs here
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:24, 0:24]
+
+    def encoded(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, fmt, **kw)
+        return buf.getvalue()
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    smooth = np.stack([xx * 10, yy * 10, (xx + yy) * 5], -1).astype(np.uint8)
+    cases = {
+        "noise": encoded(Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)), quality=90),
+        "smooth": encoded(Image.fromarray(smooth), quality=75),
+        "grey": encoded(Image.fromarray(smooth[..., 0]), quality=90),
+        "rgba_png": encoded(Image.fromarray(rng.integers(0, 256, (24, 24, 4), dtype=np.uint8)), "PNG"),
+        "exif_rotated": encoded(Image.fromarray(smooth), quality=90, exif=exif),
+        "other_size": encoded(Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)), quality=90),
+    }
+    fast = {k: imageio.decode_square(v, 24) for k, v in cases.items()}
+    monkeypatch.setattr(imageio, "_OPENCV", [None])  # Pillow only
+    for name, data in cases.items():
+        slow = imageio.decode_square(data, 24)
+        assert fast[name].shape == slow.shape == (24, 24, 3) and fast[name].dtype == np.uint8, name
+        assert np.array_equal(fast[name], slow), name
+    assert np.abs(fast["smooth"].astype(int) - smooth).mean() < 3  # RGB, not BGR

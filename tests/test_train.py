@@ -224,9 +224,9 @@ import numpy as np
 sys.path.insert(0, {str(ROOT)!r})
 from models.classifier import ClassifierPredictor
 from tasks.export import open_export, iter_examples
-from tasks.train import decode_image
+from carflow.imageio import decode_square
 index = open_export({uri!r})
-x = np.stack([decode_image(ex["image"], {SIZE}) for f in index.files("test") for ex in iter_examples(f)])
+x = np.stack([decode_square(ex["image"], {SIZE}) for f in index.files("test") for ex in iter_examples(f)])
 ov = ClassifierPredictor.load({out['version']!r}, storage={uri!r})
 ks = ClassifierPredictor.load({out['version']!r}, storage={uri!r}, runtime="keras")
 a, b = ov.logits(x), ks.logits(x)
@@ -359,12 +359,12 @@ sys.path.insert(0, {str(ROOT)!r})
 from tasks.train import train_classifier
 from models.classifier import ClassifierPredictor
 from tasks.export import open_export, iter_examples
-from tasks.train import decode_image
+from carflow.imageio import decode_square
 import numpy as np
 cfg = json.loads({json.dumps(json.dumps({**FAST, "epochs": 2, "export": "none", "image_size": 32, "flip": False}))})
 out = train_classifier({demo_export['uri']!r}, cfg, log=print)
 index = open_export({demo_export['uri']!r})
-x = [decode_image(ex["image"], {SIZE}) for ex in iter_examples(index.files("test")[0])]
+x = [decode_square(ex["image"], {SIZE}) for ex in iter_examples(index.files("test")[0])]
 p = ClassifierPredictor.load(out["version"], storage={demo_export['uri']!r})
 import keras
 from models.classifier import load_keras_model, resize_batch
