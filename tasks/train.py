@@ -5,7 +5,7 @@ Pure functions first, then the thin Prefect task:
 * **input** — a dataset export (:func:`tasks.export.open_export`) read either through
   tf.data (:func:`tasks.export.tfrecord_dataset`: interleaved shards, parallel decode,
   shuffle, prefetch) on the TensorFlow backend, or through the TensorFlow-free reader
-  (:func:`tasks.export.iter_examples`, PIL decodes in a thread pool, a shuffle buffer
+  (:func:`tasks.export.iter_examples`, decodes in a thread pool, a shuffle buffer
   and a prefetch queue: :func:`python_batches`) on torch/JAX or with ``train.input=python``.
   Both yield ``(uint8 [B, S, S, 3], float32 targets [B, C], float32 sample weights [B])``
   forever; an epoch is ``ceil(n / global batch)`` steps;
@@ -210,8 +210,8 @@ def _labelled(index: Any, path: str, keep_ids: set[str] | None, task: str, names
 def python_batches(index: Any, feed: Feed, size: int, workers: int = 4, prefetch: int = 4,
                    finish: Callable[[tuple], tuple] | None = None) -> Iterator[tuple]:
     """The TensorFlow-free pipeline: shard files read with :func:`tasks.export.iter_examples`
-    (four interleaved, in a shuffled order), a shuffle buffer, PIL decodes in a thread
-    pool, and a background thread keeping ``prefetch`` batches ready (each passed through
+    (four interleaved, in a shuffled order), a shuffle buffer, decodes
+    (:func:`carflow.imageio.decode_square`) in a thread pool, and a background thread keeping ``prefetch`` batches ready (each passed through
     ``finish`` there, e.g. :func:`models.fast_layers.pinned`). Every pass over the records
     ends with its partial batch."""
     files = _files(index, feed.splits)
