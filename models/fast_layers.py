@@ -48,9 +48,10 @@ it gives without it), and Python scalars become device tensors by a fill kernel.
 Figures (``bench/train.py``): EfficientNetB1, 240 px, bf16 on one H100, torch: 612 →
 961 img/s at batch 256 (host syncs a step 68 → 7 with :func:`fast_fit`), 1,652 img/s at
 batch 512. The torch step is then bound by Keras' Python overhead per layer (the GPU is
-busy ~100 ms of a ~300 ms step), so larger batches help. The 7 syncs left were then
-traced on a CPU (``tests/test_fast_layers.py`` audits a recipe-compiled step) and
-removed: the batch's two uploads and the loss's shape (:func:`_upload`), the
+busy ~100 ms of a ~300 ms step), so larger batches help. Of the 7 syncs left, 5 were
+then traced on a CPU (``tests/test_fast_layers.py`` audits a recipe-compiled step; the
+other 2 may be CUDA-only) and removed: the batch's two uploads and the loss's shape
+(:func:`_upload`), the
 augmentation's constant matrix and its checked inverse (:mod:`models.augment`), and,
 outside the bench, Keras' warmup ``CosineDecay`` (:mod:`models.schedules`); not measured on
 a GPU yet; JAX (XLA, no fast path needed)
