@@ -21,9 +21,10 @@ and int labels:
 (c)  TFRecord shards of JPEGs pre-resized at export to ``size``×``size`` (``fit="square"``:
      the export ``flows/dataset.py`` writes by default), same reader;
 (c2) the same shards read without TensorFlow's reader: ``ExportIndex.examples``
-     (``tasks.tfrecord``: pure-Python framing + protobuf) and ``carflow.imageio.decode_square``
-     (as training decodes) on a thread pool, batched in NumPy — the path of Keras on the torch/JAX backends (wrapped in
-     ``from_generator`` here only to be timed like the others);
+     (``tasks.tfrecord``: pure-Python framing + protobuf) and
+     ``carflow.imageio.decode_square`` (as training decodes) on a thread pool, batched in
+     NumPy — the path of Keras on the torch/JAX backends (wrapped in ``from_generator``
+     here only to be timed like the others);
 (d)  sharded uint8 ``.npy`` arrays ``[k, size, size, 3]`` (no decode at all), read by
      memory-mapping each shard.
 
@@ -39,6 +40,7 @@ one thread: per-core costs, less sensitive to other load on the machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import io
 import os
@@ -222,8 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             index = open_export(tfr["square"][0], "bench")
             pool = ThreadPoolExecutor(args.threads or workers)
 
-            def decode(data: bytes) -> np.ndarray:
-                return decode_square(data, size)  # as training's TF-free reader decodes
+            decode = functools.partial(decode_square, size=size)  # as training's TF-free reader decodes
 
             def gen():
                 batch: list = []

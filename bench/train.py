@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import io
 import os
@@ -279,6 +280,11 @@ def host_syncs(model, data, a: argparse.Namespace, fast: bool) -> tuple[float, l
     return count(run)
 
 
+def print_syncs(per_step: float, sites: list[str]) -> None:
+    where = f" (commonest: {', '.join(sites)})" if per_step >= 1 and sites else ""
+    print(f"  {'':<58} {per_step:9.1f} host syncs a step{where}")
+
+
 def release_device() -> None:
     gc.collect()
     try:
@@ -314,10 +320,10 @@ def gpu_mode(a: argparse.Namespace) -> None:
     x = rng.integers(0, 256, (n, a.image_size, a.image_size, 3), dtype=np.uint8)
     y = np.eye(a.classes, dtype=np.float32)[rng.integers(0, a.classes, n)]
 
-    from models.fast_layers import pinned, pins_batches
+    from models.fast_layers import pinned, torch_on_cuda
 
     # on a GPU (torch), page-locked, as tasks.train.python_batches hands batches to fit
-    xb_all, yb_all = pinned((x, y)) if pins_batches() else (x, y)
+    xb_all, yb_all = pinned((x, y)) if torch_on_cuda() else (x, y)
 
     def batches():
         i = 0
@@ -340,9 +346,7 @@ def gpu_mode(a: argparse.Namespace) -> None:
         row(name, rates[fast], rates.get(False) if fast else None,
             f"(compile + warmup + timed {time.perf_counter() - t:.0f}s)")
         if a.backend == "torch" and device != "cpu":
-            per_step, sites = host_syncs(model, batches(), a, fast)
-            where = f" (commonest: {', '.join(sites)})" if per_step >= 1 and sites else ""
-            print(f"  {'':<58} {per_step:9.1f} host syncs a step{where}")
+            print_syncs(*host_syncs(model, batches(), a, fast))
         if fast is not sides[-1]:
             del model
             release_device()
@@ -359,8 +363,7 @@ def gpu_mode(a: argparse.Namespace) -> None:
             how = "" if graphed.replays >= a.steps else " - capture failed: eager"
             row("model alone, fast layers + the step as one CUDA graph", graph_rate, step,
                 f"(capture + warmup + timed {time.perf_counter() - t:.0f}s{how})")
-            where = f" (commonest: {', '.join(sites)})" if per_step >= 1 and sites else ""
-            print(f"  {'':<58} {per_step:9.1f} host syncs a step{where}")
+            print_syncs(per_step, sites)
             step = max(step, graph_rate)
     # the augmentation sub-model alone (flip, one batched affine warp, contrast) on one batch
     from models.fast_layers import fast_fit
@@ -388,8 +391,7 @@ def gpu_mode(a: argparse.Namespace) -> None:
 
     from carflow.imageio import decode_square, opencv
 
-    def decode(b: bytes) -> np.ndarray:
-        return decode_square(b, a.image_size)
+    decode = functools.partial(decode_square, size=a.image_size)
 
     workers = os.cpu_count() or 4
     with ThreadPoolExecutor(workers) as pool:

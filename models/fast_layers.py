@@ -399,7 +399,7 @@ def _upload(t: Any, device: Any) -> Any:
 
 def pinned(batch: Any) -> Any:
     """A batch (a tuple of NumPy arrays) as page-locked torch CPU tensors: for the input's
-    background thread when training on a GPU (:func:`pins_batches`), so that the step's
+    background thread when training on a GPU (:func:`torch_on_cuda`), so that the step's
     upload (:func:`fast_fit`) neither copies on the host first nor waits."""
     import torch
 
@@ -409,8 +409,9 @@ def pinned(batch: Any) -> Any:
         return batch
 
 
-def pins_batches() -> bool:
-    """Whether :func:`pinned` applies: torch backend with a CUDA device."""
+def torch_on_cuda() -> bool:
+    """The torch backend with a CUDA device: where :func:`pinned` batches and
+    :class:`CudaGraphStep` apply."""
     if not _torch_backend():
         return False
     import torch
@@ -577,13 +578,7 @@ def cuda_graph_steps(model: Any, on: bool = True, warmup: int = 3, log: Any = No
     where it can be: torch backend, a CUDA device, ``on``, and not under fp16 loss
     scaling. Yields that step (``.replays``: steps run by the graph), or None; Keras' own
     train function is put back after."""
-    keras = import_keras()
-    usable = on and _torch_backend() and keras.config.dtype_policy().name != "mixed_float16"
-    if usable:
-        import torch
-
-        usable = torch.cuda.is_available()
-    if not usable:
+    if not (on and torch_on_cuda() and import_keras().config.dtype_policy().name != "mixed_float16"):
         yield None
         return
     model.make_train_function()

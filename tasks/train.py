@@ -377,9 +377,9 @@ def make_input(kind: str, index: Any, feed: Feed, size: int, workers: int) -> An
     over page-locked, for an upload that does not wait (:mod:`models.fast_layers`)."""
     if kind == "tfdata":
         return tfdata_batches(index, feed, size)
-    from models.fast_layers import pinned, pins_batches
+    from models.fast_layers import pinned, torch_on_cuda
 
-    return python_batches(index, feed, size, workers, finish=pinned if pins_batches() else None)
+    return python_batches(index, feed, size, workers, finish=pinned if torch_on_cuda() else None)
 
 
 # ---------------------------------------------------------------------------------------

@@ -196,9 +196,9 @@ from models.fast_layers import cuda_graph_steps
 step_before = aug.train_function
 with cuda_graph_steps(aug) as graphed:  # no CUDA here: Keras' own step
     report["graph_on_cpu"] = [graphed is None, aug.train_function is step_before]
-from models.fast_layers import pinned, pins_batches
+from models.fast_layers import pinned, torch_on_cuda
 plain_batch = (xs[:2], ys[:2])
-report["pinning_on_cpu"] = [pins_batches(), pinned(plain_batch) is plain_batch]  # no page-locked memory: as it came
+report["pinning_on_cpu"] = [torch_on_cuda(), pinned(plain_batch) is plain_batch]  # no page-locked memory: as it came
 report["wait_sites"] = sorted(set(waits[5]))
 report["restored"] = core.convert_to_tensor is convert and trandom.torch_seed_generator is seeder
 print("REPORT " + json.dumps(report))
