@@ -367,7 +367,8 @@ _OPENCV: list = []
 
 
 def opencv() -> Any:
-    """OpenCV, where it is installed (ultralytics installs it), else None; imported once."""
+    """OpenCV (a dependency; absent on a machine that installed only part of ours), else
+    None; imported once."""
     if not _OPENCV:
         try:
             import cv2

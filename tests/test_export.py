@@ -617,7 +617,7 @@ def test_decode_square_gives_pillows_pixels_with_opencv(monkeypatch):
     other sizes are resized by Pillow."""
     import carflow.imageio as imageio
 
-    assert imageio.opencv() is not None  # ultralytics installs it: the fast path is what runs here
+    assert imageio.opencv() is not None  # a dependency: the fast path is what runs here
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:24, 0:24]
 
