@@ -772,6 +772,9 @@ def train_one(
                 if graphed is not None:
                     log(f"{fold}the training step runs as one CUDA graph after {graphed.warmup} eager steps "
                         f"(train.cuda_graphs)")
+                elif cfg.cuda_graphs:
+                    log(f"{fold}train.cuda_graphs needs KERAS_BACKEND=torch on a CUDA GPU, not fp16: training "
+                        f"without it (drop --cuda-graphs to silence this)")
                 model.fit(
                     train_data, epochs=phase.end, initial_epoch=start, steps_per_epoch=steps,
                     validation_data=val_data, validation_steps=val_steps or None,

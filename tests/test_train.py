@@ -361,7 +361,8 @@ from models.classifier import ClassifierPredictor
 from tasks.export import open_export, iter_examples
 from carflow.imageio import decode_square
 import numpy as np
-cfg = json.loads({json.dumps(json.dumps({**FAST, "epochs": 2, "export": "none", "image_size": 32, "flip": False}))})
+cfg = json.loads({json.dumps(json.dumps({**FAST, "epochs": 2, "export": "none", "image_size": 32, "flip": False,
+                                         "cuda_graphs": True}))})
 out = train_classifier({demo_export['uri']!r}, cfg, log=print)
 index = open_export({demo_export['uri']!r})
 x = [decode_square(ex["image"], {SIZE}) for ex in iter_examples(index.files("test")[0])]
@@ -390,6 +391,9 @@ print(json.dumps({{"out": {{k: out[k] for k in ("version", "epochs", "input", "r
     assert got["vs_plain"] <= 1e-4 * max(1.0, got["scale"])  # torch: the predictor's fast layers change nothing
     assert got["tensorflow"] is False
     assert got["out"]["test"]["n"] == _counts(demo_export["df"])["test"]
+    # --cuda-graphs: used on torch with CUDA, else one line says it is not (never on JAX)
+    used, skipped = "runs as one CUDA graph" in proc.stdout, "train.cuda_graphs needs" in proc.stdout
+    assert skipped if backend == "jax" else used != skipped
 
 
 @pytest.mark.integration
