@@ -5,10 +5,10 @@
 #   bash bench/gpu.sh prepare   # here (PyPI reachable): the wheels the device lacks -> .whl/
 #   bash bench/gpu.sh run       # there: run(command="bash bench/gpu.sh run", carry=[".whl"])
 #
-# The device image has torch, numpy, Pillow, OpenCV, PyYAML, pytest and the rest of Keras' needs
-# (absl-py, h5py, ml-dtypes, rich) for Python 3.12 but
-# not Keras or pydantic, and reaches no package index; `prepare` downloads those at the
-# versions requirements.lock pins (so the device runs what CI tests), `run` installs them
+# The device image (Python 3.12) has torch, numpy, Pillow, OpenCV, PyYAML, pytest and the rest
+# of Keras' needs (absl-py, h5py, ml-dtypes, rich) but not Keras or pydantic, and reaches no
+# package index; `prepare` downloads those at the versions requirements.lock pins (so the
+# device runs what CI tests), `run` installs them
 # with --no-index into /tmp/site, runs the `gpu` tests of tests/test_fast_layers.py (host
 # syncs a step on CUDA; the CUDA-graph step trains as the eager one), then bench/train.py
 # on torch with the fast layers, eager and as one CUDA graph, at each batch in BATCHES.
@@ -64,8 +64,7 @@ case "${1:-}" in
     prepare) prepare ;;
     run)
         if [[ -n "${OUT:-}" ]]; then
-            set -o pipefail
-            run 2>&1 | tee "$OUT/gpu.log"
+            run 2>&1 | tee "$OUT/gpu.log"  # pipefail (above): run's status, not tee's
         else
             run
         fi ;;
